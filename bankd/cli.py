@@ -1,0 +1,183 @@
+"""The `bankd` command.
+
+    bankd demo-data --out data/shapes --n 2000
+    bankd build --data data/shapes/data.json --image-folder data/shapes --out bank/bank.faiss
+    bankd serve --index bank/bank.faiss --port 50051 --metrics-port 9100
+    bankd info  --target localhost:50051
+    bankd query --target localhost:50051 --image data/shapes/images/00001.png -k 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from bankd_client import BankClient, BankError
+
+from . import __version__
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, help="bank index file written by `bankd build`")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port; -1 disables")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics")
+    p.add_argument("--device", default="auto", help="search device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=64,
+                   help="RPCs answered at once; more get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-batch", type=int, default=8192, help="query rows per request")
+    p.add_argument("--max-k", type=int, default=1024, help="largest k a request may ask for")
+    p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit")
+    p.add_argument("--merge-wait-us", type=float, default=500,
+                   help="how long to wait for concurrent requests to merge into one search")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
+    p.add_argument("--no-verify", action="store_true", help="skip checksums at load (sizes still checked)")
+    p.add_argument("--encoder", default=None, help="encoder for Embed (default: the bank's own)")
+    p.add_argument("--no-embed", action="store_true", help="do not load an encoder; Embed is off")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import BankServer, ServerConfig
+    from .service import ServiceLimits
+
+    limits = replace(
+        ServiceLimits(),
+        max_batch=args.max_batch,
+        max_k=args.max_k,
+        max_message_bytes=args.max_message_mb * 1024 * 1024,
+        merge_wait_s=args.merge_wait_us / 1e6,
+    )
+    config = ServerConfig(
+        index=args.index, host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host, device=args.device,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, grace_s=args.grace,
+        verify=not args.no_verify, encoder=args.encoder, no_embed=args.no_embed, limits=limits,
+    )
+    server = BankServer(config)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        logging.info("signal %d: draining for up to %.0f s", signum, config.grace_s)
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.start()
+    except BankError as e:
+        print(f"bankd serve: {e}", file=sys.stderr)
+        server.stop(grace=0)
+        return 2
+    print(f"bankd serving {args.index} on {args.host}:{server.port}"
+          + (f", metrics on {args.metrics_host}:{server.metrics_port}" if server.metrics_port else ""),
+          flush=True)
+    server.wait()
+    return 0
+
+
+def _client(args: argparse.Namespace) -> BankClient:
+    return BankClient(args.target, timeout=args.timeout)
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="localhost:50051", help="bankd address host:port")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+
+
+def _info(args: argparse.Namespace) -> int:
+    with _client(args) as bank:
+        print(json.dumps(bank.info().summary(), indent=2))
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    with _client(args) as bank:
+        keys = bank.embed([Path(p) for p in args.image])
+        exclude = [args.exclude] * len(keys) if args.exclude else None
+        hits = bank.search(keys, k=args.k, exclude_ids=exclude, with_values=True)
+    captions = _captions(args.data) if args.data else {}
+    for i, path in enumerate(args.image):
+        print(f"{path}:")
+        for rank, (eid, score) in enumerate(zip(hits.ids[i], hits.scores[i]), 1):
+            v = hits.values[i, rank - 1]
+            text = captions.get(int(eid), "")
+            print(f"  {rank}. id={int(eid):<8d} score={float(score):.4f}  "
+                  f"value[{'x'.join(map(str, v.shape))}] |v|={float((v.astype('float32') ** 2).sum() ** 0.5):.2f}"
+                  + (f"  {text}" if text else ""))
+    return 0
+
+
+def _captions(path: str) -> dict[int, str]:
+    from bankd_client import sample_id_to_int
+
+    out = {}
+    for s in json.loads(Path(path).read_text()):
+        turns = [t["value"] for t in s.get("conversations", []) if t.get("from") == "gpt"]
+        if turns:
+            out[sample_id_to_int(s["id"])] = turns[0]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import build, demo_data
+
+    parser = argparse.ArgumentParser(prog="bankd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bankd {__version__}")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="generate the synthetic image-caption dataset")
+    demo_data.add_arguments(p)
+    p.set_defaults(func=demo_data.run)
+
+    p = sub.add_parser("build", help="build a bank from LLaVA-format data")
+    build.add_arguments(p)
+    p.set_defaults(func=build.run)
+
+    p = sub.add_parser("serve", help="serve a bank over gRPC")
+    _add_serve(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("info", help="describe a running bank")
+    _add_target(p)
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("query", help="top-k entries for images (embedded by the server)")
+    _add_target(p)
+    p.add_argument("--image", required=True, nargs="+", help="image file(s)")
+    p.add_argument("-k", type=int, default=5, help="hits per image")
+    p.add_argument("--exclude", type=int, nargs="*", default=None, help="entry ids to exclude")
+    p.add_argument("--data", default=None, help="LLaVA JSON to print the hits' captions from")
+    p.set_defaults(func=_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except BankError as e:
+        print(f"bankd {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bankd {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Top-k maximum-inner-product search over a bank's keys, with exact exclusion.
+
+The index is a FAISS factory string ("Flat" by default; "HNSW32", "IVF1024,Flat",
+"IVF4096,PQ64" for large banks). Where search runs:
+
+* CPU: the FAISS index itself.
+* CUDA with a FAISS GPU build: the index cloned to the GPU.
+* CUDA without one: exact search with torch (keys on the GPU, one matmul + topk),
+  for flat indexes; other index types stay on the CPU.
+
+Exclusion (a training sample must not retrieve itself) is done by over-fetching
+k + max(len(exclude)) hits and filtering, which is exact on every index type, GPU
+ones included (FAISS GPU indexes ignore ID selectors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# faiss-cpu 1.15 ships a very high threshold, so a 128-query batch on a flat index
+# takes a per-pair path about 6x slower than the matrix-multiply path. Any batch of
+# more than a handful of queries should use BLAS.
+faiss.cvar.distance_compute_blas_threshold = 16
+
+MAX_K_CPU = 4096
+MAX_K_GPU = 2048  # FAISS GPU and our torch path both cap k here
+_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+
+
+def build_index(
+    keys: np.ndarray, factory: str, metric: str = "ip", *, train_sample: int = 100_000, seed: int = 0
+) -> Any:
+    """FAISS index over keys [N, d] from a factory string; trained on a seeded sample."""
+    if metric not in _METRICS:
+        raise ValueError(f"unknown metric {metric!r} (choose from {sorted(_METRICS)})")
+    n, d = keys.shape
+    try:
+        index = faiss.index_factory(d, factory, _METRICS[metric])
+    except RuntimeError as e:
+        raise ValueError(f"bad FAISS factory string {factory!r}: {e}") from None
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=min(n, train_sample), replace=False))
+        index.train(np.ascontiguousarray(keys[rows], dtype=np.float32))
+    chunk = 65_536
+    for s in range(0, n, chunk):
+        index.add(np.ascontiguousarray(keys[s : s + chunk], dtype=np.float32))
+    return index
+
+
+def write_index(index: Any, path: os.PathLike) -> None:
+    faiss.write_index(index, str(path))
+
+
+def read_index(path: os.PathLike) -> Any:
+    return faiss.read_index(str(path))
+
+
+def describe(index: Any) -> str:
+    """Short type name of a FAISS index (for logs and GetInfo)."""
+    return type(faiss.downcast_index(index)).__name__
+
+
+def _torch_cuda() -> Any | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k of B queries: entry ids, scores, and bank rows (for value gathers)."""
+
+    ids: np.ndarray  # (B, k) int64, -1 where fewer than k hits
+    scores: np.ndarray  # (B, k) float32, -inf where ids is -1
+    rows: np.ndarray  # (B, k) int64, -1 where ids is -1
+
+
+class Searcher:
+    """Searches one bank's keys on the best device available.
+
+    Args:
+        index: the bank's FAISS index (labels are row numbers).
+        keys: the bank's keys [N, d] (memory-mapped; used only by the torch path).
+        ids: entry id of each row [N].
+        device: "auto", "cpu", or "cuda[:n]".
+        params: FAISS search parameters to set, e.g. {"efSearch": 64, "nprobe": 16}.
+    """
+
+    def __init__(
+        self,
+        index: Any,
+        keys: np.ndarray,
+        ids: np.ndarray,
+        *,
+        device: str = "auto",
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        self.ids = ids
+        self.n, self.d = index.ntotal, index.d
+        self.is_flat = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+        torch = _torch_cuda() if device != "cpu" else None
+        if device.startswith("cuda") and torch is None:
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+        self.device = "cpu"
+        self._torch_keys = None
+        self._index = index
+        if params:
+            ps = faiss.ParameterSpace()
+            for name, value in params.items():
+                ps.set_index_parameter(index, name, value)
+        if torch is not None:
+            gpu = int(device.split(":")[1]) if ":" in device else 0
+            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+                self._res = faiss.StandardGpuResources()
+                self._index = faiss.index_cpu_to_gpu(self._res, gpu, index)
+                self.device = f"cuda:{gpu}"
+            elif self.is_flat:
+                # Exact search in torch; fp16 keys halve memory traffic, fp32 accumulate.
+                dev = torch.device(f"cuda:{gpu}")
+                self._torch_keys = torch.from_numpy(np.asarray(keys)).to(dev, torch.float16)
+                self.device = f"cuda:{gpu}"
+            else:
+                log.warning("no FAISS GPU build: %s index searched on the CPU", describe(index))
+        self.max_k = min(MAX_K_GPU if self.device != "cpu" else MAX_K_CPU, self.n)
+
+    def raw_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best `fetch` (scores, rows) per query [B, d] float32; rows are -1 where none."""
+        if self._torch_keys is not None:
+            import torch
+
+            q = torch.from_numpy(np.ascontiguousarray(queries)).to(
+                self._torch_keys.device, torch.float16
+            )
+            top = torch.topk((q @ self._torch_keys.T).float(), fetch, dim=1)
+            return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
+        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+
+    def select(
+        self,
+        scores: np.ndarray,
+        rows: np.ndarray,
+        k: int,
+        exclude: list[list[int]] | None = None,
+    ) -> SearchResult:
+        """Top-k of raw hits [B, fetch] after dropping excluded ids and missing hits.
+
+        With fetch >= k + len(exclude[b]) this is exact: at most len(exclude[b]) of
+        the raw hits are dropped for row b.
+        """
+        b = len(rows)
+        widest = max((len(e) for e in exclude), default=0) if exclude else 0
+        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        drop = rows < 0
+        if widest:
+            excl = np.full((b, widest), -2, dtype=np.int64)  # -2 never matches an id
+            for i, e in enumerate(exclude):
+                excl[i, : len(e)] = e
+            drop = drop | (ids[:, :, None] == excl[:, None, :]).any(-1)
+        if drop.any():
+            # A stable sort puts kept hits first, in their original best-first order.
+            order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+            ids, scores, rows, drop = (
+                np.take_along_axis(a, order, axis=1) for a in (ids, scores, rows, drop)
+            )
+        else:
+            ids, scores, rows, drop = ids[:, :k], scores[:, :k], rows[:, :k], drop[:, :k]
+        pad = k - ids.shape[1]
+        if pad or drop.any():
+            fill = ((0, 0), (0, pad))
+            ids = np.pad(np.where(drop, -1, ids), fill, constant_values=-1)
+            rows = np.pad(np.where(drop, -1, rows), fill, constant_values=-1)
+            scores = np.pad(np.where(drop, -np.inf, scores), fill, constant_values=-np.inf)
+        return SearchResult(ids.astype(np.int64), scores.astype(np.float32), rows.astype(np.int64))
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: list[list[int]] | None = None
+    ) -> SearchResult:
+        """Top-k for queries [B, d], never returning an id in exclude[b] for row b."""
+        widest = max((len(e) for e in exclude), default=0) if exclude else 0
+        scores, rows = self.raw_search(queries, min(k + widest, self.n))
+        return self.select(scores, rows, k, exclude)
+
+
+def gather_values(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Values of rows [B, k] from the (memory-mapped) value array; zeros where row is -1."""
+    flat = rows.reshape(-1)
+    out = np.empty((len(flat), *values.shape[1:]), dtype=values.dtype)
+    valid = flat >= 0
+    if valid.all():
+        # Sorted reads touch the memory map in file order; put rows back afterwards.
+        order = np.argsort(flat, kind="stable")
+        out[order] = values[flat[order]]
+    else:
+        out[~valid] = 0
+        out[valid] = values[flat[valid]]
+    return out.reshape(*rows.shape, *values.shape[1:])

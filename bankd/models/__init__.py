@@ -1,0 +1,1 @@
+"""Model-side code shared by the bank builder and the trainer: encoders, key function, value compressor. No server, faiss or grpc imports here."""

@@ -1,0 +1,339 @@
+"""The gRPC edge of bankd: servicer, health, reflection, limits, lifecycle.
+
+    server = BankServer(ServerConfig(index="bank/bank.faiss", port=0)).start()
+    server.wait_loaded(); ...; server.stop()
+
+The server listens before the bank is loaded and reports NOT_SERVING on the standard
+health service until it is (MemoryBank calls answer UNAVAILABLE meanwhile). gRPC's own
+``maximum_concurrent_rpcs`` answers RESOURCE_EXHAUSTED past the concurrency limit.
+On SIGTERM the health status turns NOT_SERVING and requests in flight drain for up
+to ``grace_s`` before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from functools import wraps
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bankd_client import errors, tensors
+from bankd_client.proto import bankd_pb2 as pb
+from bankd_client.proto import bankd_pb2_grpc as pb_grpc
+from bankd_client.types import Hits
+
+from .metrics import Metrics
+from .service import BankService, ServiceLimits
+from .store import Bank
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name
+STREAM_WINDOW = 64  # requests one stream may have in flight
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `bankd serve` takes; logged at start."""
+
+    index: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = 9100
+    metrics_host: str = "127.0.0.1"
+    device: str = "auto"
+    max_concurrent_rpcs: int = 64
+    workers: int = 0  # gRPC handler threads; 0 = max_concurrent_rpcs + 8
+    grace_s: float = 10.0
+    verify: bool = True
+    encoder: str | None = None  # load this encoder for Embed instead of the bank's
+    no_embed: bool = False
+    limits: ServiceLimits = ServiceLimits()
+
+
+def _rpc(method: str) -> Callable:
+    """Wrap a unary handler: metrics, and BankError/ValueError -> status code."""
+
+    def deco(fn: Callable) -> Callable:
+        @wraps(fn)
+        def handler(self: MemoryBankServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            m = self.metrics
+            code = grpc.StatusCode.OK
+            m.inflight.inc()
+            t0 = time.perf_counter()
+            try:
+                service = self.service_or_unavailable()
+                return fn(self, service, request, context)
+            except Exception as e:  # one place maps every failure to a status
+                err = _as_bank_error(e)
+                code = err.code
+                context.abort(code, err.message)
+            finally:
+                m.inflight.dec()
+                m.requests.labels(method=method, code=code.name).inc()
+                if method == "Search":
+                    m.search_latency.labels(method="Search").observe(time.perf_counter() - t0)
+
+        return handler
+
+    return deco
+
+
+def _as_bank_error(e: Exception) -> errors.BankError:
+    if isinstance(e, errors.BankError):
+        return e
+    if isinstance(e, ValueError):
+        return errors.InvalidArgument(str(e))
+    log.exception("internal error")
+    return errors.Internal(f"{type(e).__name__}: {e}")
+
+
+def _exclude_lists(request: pb.SearchRequest) -> list[list[int]] | None:
+    return [list(e.ids) for e in request.exclude] if len(request.exclude) else None
+
+
+class MemoryBankServicer(pb_grpc.MemoryBankServicer):
+    """Converts between protobuf and the pb-free BankService."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.service: BankService | None = None
+
+    def service_or_unavailable(self) -> BankService:
+        if self.service is None:
+            raise errors.Unavailable("the bank is still loading")
+        return self.service
+
+    def _timeout(self, context: grpc.ServicerContext) -> float | None:
+        left = context.time_remaining()
+        return None if left is None or left > 1e6 else left
+
+    @_rpc("GetInfo")
+    def GetInfo(self, service: BankService, request: Any, context: Any) -> pb.GetInfoResponse:
+        return service.info().to_pb()
+
+    @_rpc("Search")
+    def Search(self, service: BankService, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
+        keys = tensors.decode(request.keys, name="keys")
+        result, values = service.search(
+            keys, request.k, _exclude_lists(request),
+            with_values=request.with_values, timeout=self._timeout(context),
+        )
+        self.metrics.query_rows.inc(len(keys))
+        return Hits(result.ids, result.scores, values, request.request_id).to_pb()
+
+    def SearchStream(
+        self, request_iterator: Iterator[pb.SearchRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.SearchStreamResponse]:
+        """Requests are queued as they arrive; answers go out as searches complete."""
+        m = self.metrics
+        try:
+            service = self.service_or_unavailable()
+        except errors.BankError as e:
+            m.requests.labels(method="SearchStream", code=e.code.name).inc()
+            context.abort(e.code, e.message)
+        done: queue.Queue = queue.Queue()
+        window = threading.Semaphore(STREAM_WINDOW)
+        m.inflight.inc()
+
+        def reader() -> None:
+            submitted = 0
+            try:
+                for req in request_iterator:
+                    window.acquire()
+                    submitted += 1
+                    t0 = time.perf_counter()
+                    try:
+                        keys = tensors.decode(req.keys, name="keys")
+                        fut = service.submit(keys, req.k, _exclude_lists(req))
+                    except Exception as e:
+                        done.put((req, t0, None, _as_bank_error(e)))
+                        continue
+                    fut.add_done_callback(lambda f, r=req, t=t0: done.put((r, t, f, None)))
+            except Exception:  # the client went away; answer what was submitted
+                pass
+            finally:
+                done.put(submitted)
+
+        threading.Thread(target=reader, name="bankd-stream-reader", daemon=True).start()
+        answered, total = 0, None
+        try:
+            while total is None or answered < total:
+                try:
+                    item = done.get(timeout=1.0)
+                except queue.Empty:
+                    if not context.is_active():
+                        return
+                    continue
+                if isinstance(item, int):
+                    total = item
+                    continue
+                req, t0, fut, err = item
+                yield self._stream_answer(service, req, fut, err, t0)
+                answered += 1
+                window.release()
+        finally:
+            m.inflight.dec()
+            m.requests.labels(method="SearchStream", code="OK").inc()
+
+    def _stream_answer(
+        self, service: BankService, req: pb.SearchRequest, fut: Any, err: Any, t0: float
+    ) -> pb.SearchStreamResponse:
+        m = self.metrics
+        if err is None:
+            try:
+                result = fut.result()
+                values = service.values_for(result) if req.with_values else None
+                out = pb.SearchStreamResponse(
+                    request_id=req.request_id,
+                    result=Hits(result.ids, result.scores, values, req.request_id).to_pb(),
+                )
+                m.query_rows.inc(len(result.ids))
+                m.search_latency.labels(method="SearchStream").observe(time.perf_counter() - t0)
+                m.requests.labels(method="SearchStream.message", code="OK").inc()
+                return out
+            except Exception as e:
+                err = _as_bank_error(e)
+        m.requests.labels(method="SearchStream.message", code=err.code.name).inc()
+        return pb.SearchStreamResponse(
+            request_id=req.request_id, error=pb.Error(code=err.code.value[0], message=err.message)
+        )
+
+    @_rpc("Fetch")
+    def Fetch(self, service: BankService, request: pb.FetchRequest, context: Any) -> pb.FetchResponse:
+        values, keys = service.fetch(list(request.ids), request.with_keys)
+        msg = pb.FetchResponse(values=tensors.encode(values, name="values"))
+        if keys is not None:
+            msg.keys.CopyFrom(tensors.encode(keys, name="keys"))
+        return msg
+
+    @_rpc("Embed")
+    def Embed(self, service: BankService, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        keys = service.embed(list(request.images), list(request.texts))
+        return pb.EmbedResponse(keys=tensors.encode(np.ascontiguousarray(keys), name="keys"))
+
+
+class BankServer:
+    """A bankd process's server: gRPC + health + reflection + metrics endpoint."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.health = health.HealthServicer()
+        self.servicer = MemoryBankServicer(self.metrics)
+        self.loaded = threading.Event()
+        self.load_error: BaseException | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_http: Any = None
+        limit = config.limits.max_message_bytes
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=config.workers or config.max_concurrent_rpcs + 8,
+                thread_name_prefix="bankd-rpc",
+            ),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+
+    def start(self, *, load_in_background: bool = False) -> BankServer:
+        log.info("bankd config: %s", asdict(self.config))
+        pb_grpc.add_MemoryBankServicer_to_server(self.servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        self.port = self._grpc.add_insecure_port(address)
+        if not self.port:
+            raise errors.Unavailable(f"cannot bind {address}")
+        self._grpc.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http, self.metrics_port = self.metrics.serve_http(
+                self.config.metrics_port, self.config.metrics_host
+            )
+        log.info("listening on %s:%d (metrics on %s)", self.config.host, self.port, self.metrics_port)
+        if load_in_background:
+            threading.Thread(target=self._load, name="bankd-load", daemon=True).start()
+        else:
+            self._load()
+        return self
+
+    def _load(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            bank = Bank.load(self.config.index, verify=self.config.verify)
+            embedder = None if self.config.no_embed else _load_embedder(bank, self.config)
+            self.servicer.service = BankService(
+                bank, device=self.config.device, limits=self.config.limits,
+                metrics=self.metrics, embedder=embedder,
+            )
+            log.info(
+                "loaded %s: %d entries, key dim %d, search on %s, embed %s (%.1f s)",
+                self.config.index, bank.entries, bank.key_dim, self.servicer.service.searcher.device,
+                "on" if embedder else "off", time.perf_counter() - t0,
+            )
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.metrics.ready.set(1)
+        except BaseException as e:
+            self.load_error = e
+            raise
+        finally:
+            self.loaded.set()
+
+    def wait_loaded(self, timeout: float | None = None) -> None:
+        if not self.loaded.wait(timeout):
+            raise TimeoutError("bank not loaded in time")
+        if self.load_error is not None:
+            raise self.load_error
+
+    def stop(self, grace: float | None = None) -> None:
+        """Turn NOT_SERVING, drain requests in flight for up to grace seconds, stop."""
+        self.health.enter_graceful_shutdown()
+        self.metrics.ready.set(0)
+        self._grpc.stop(self.config.grace_s if grace is None else grace).wait()
+        if self.servicer.service is not None:
+            self.servicer.service.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    def wait(self) -> None:
+        self._grpc.wait_for_termination()
+
+
+def _load_embedder(bank: Bank, config: ServerConfig) -> Any:
+    """The bank's encoder + key function for Embed, or None (logged) if unavailable."""
+    kf = bank.key_function()
+    vision = bank.fingerprint("vision_encoder")
+    if kf is None or vision is None:
+        log.warning("bank has no key function or encoder fingerprint: Embed is off")
+        return None
+    name = config.encoder or vision.model_id
+    try:
+        from .models.embedder import Embedder
+
+        seed = int(bank.manifest.get("config", {}).get("seed", 0))
+        return Embedder.from_bank(
+            name, seed=seed, key_config=kf[0], key_weights=kf[1], expected_vision=vision,
+            device="cpu",
+        )
+    except Exception as e:
+        log.warning("cannot load encoder %r for Embed (%s): Embed is off", name, e)
+        return None

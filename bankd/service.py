@@ -1,0 +1,272 @@
+"""The bank service without the wire: validation, merged search, fetch, embed.
+
+``BankService`` owns a loaded bank and its searcher. Its methods take and return
+numpy arrays and raise ``bankd_client.errors`` classes with messages that say what
+was wrong; the gRPC servicer (``bankd.server``) only converts at the edge.
+
+Concurrent searches are merged: a single worker thread takes the first waiting
+request, waits up to ``merge_wait_s`` for more (up to ``merge_max_rows`` rows), runs
+ONE index search over all their rows and hands each caller its slice. Many small
+trainer batches then cost about what one big batch costs. Values are gathered in
+the callers' threads, in parallel, after the search.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bankd_client import errors
+from bankd_client.types import BankInfo, KeyFunctionSpec
+
+from . import __version__
+from .index import Searcher, SearchResult, gather_values
+from .metrics import Metrics
+from .store import Bank
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may ask for."""
+
+    max_batch: int = 8192
+    max_k: int = 1024
+    max_exclude_per_query: int = 1024
+    max_fetch: int = 65_536
+    max_embed: int = 256
+    merge_wait_s: float = 0.0005
+    merge_max_rows: int = 8192
+    max_message_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass
+class _Pending:
+    keys: np.ndarray
+    k: int
+    exclude: list[list[int]] | None
+    deadline: float | None
+    future: Future
+
+
+class BankService:
+    """A served bank: validated search (merged across callers), fetch, embed, info."""
+
+    def __init__(
+        self,
+        bank: Bank,
+        *,
+        device: str = "auto",
+        limits: ServiceLimits = ServiceLimits(),
+        metrics: Metrics | None = None,
+        embedder: Any = None,
+        search_params: dict[str, Any] | None = None,
+    ) -> None:
+        self.bank = bank
+        self.limits = limits
+        self.metrics = metrics or Metrics()
+        self.embedder = embedder
+        self.searcher = Searcher(bank.index, bank.keys, bank.ids, device=device, params=search_params)
+        self.max_k = min(limits.max_k, self.searcher.max_k)
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._merge_loop, name="bankd-search", daemon=True)
+        self._worker.start()
+        self.metrics.bank_entries.set(bank.entries)
+        for name, meta in bank.manifest["files"].items():
+            self.metrics.bank_bytes.labels(part=name.rsplit(".", 2)[-2]).set(meta["bytes"])
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=5)
+
+    # -- info --------------------------------------------------------------------------
+
+    def info(self) -> BankInfo:
+        m = self.bank.manifest
+        kf = self.bank.key_function()
+        return BankInfo(
+            entries=self.bank.entries,
+            key_dim=self.bank.key_dim,
+            value_shape=self.bank.value_shape,
+            value_dtype="float16",
+            index_type=m.get("index_factory", ""),
+            metric=m.get("metric", "ip"),
+            vision_encoder=self.bank.fingerprint("vision_encoder"),
+            text_encoder=self.bank.fingerprint("text_encoder"),
+            key_function=KeyFunctionSpec(kf[0].get("name", ""), kf[0], kf[1]) if kf else None,
+            max_k=self.max_k,
+            max_batch=self.limits.max_batch,
+            bank_id=self.bank.bank_id,
+            server_version=__version__,
+            embed_available=self.embedder is not None,
+            search_device=self.searcher.device,
+            max_message_bytes=self.limits.max_message_bytes,
+        )
+
+    # -- search ------------------------------------------------------------------------
+
+    def validate_search(self, keys: np.ndarray, k: int, exclude: list[list[int]] | None) -> None:
+        """Raise InvalidArgument for anything a search must not be run with."""
+        lim = self.limits
+        if keys.ndim != 2:
+            raise errors.InvalidArgument(f"keys must be [B, d], got shape {list(keys.shape)}")
+        b, d = keys.shape
+        if b == 0:
+            raise errors.InvalidArgument("empty batch: keys has 0 rows")
+        if b > lim.max_batch:
+            raise errors.InvalidArgument(f"batch of {b} queries is over the limit of {lim.max_batch}")
+        if d != self.bank.key_dim:
+            raise errors.InvalidArgument(
+                f"keys have dimension {d}, the bank's keys have {self.bank.key_dim}"
+            )
+        if keys.dtype not in (np.float32, np.float16):
+            raise errors.InvalidArgument(f"keys dtype {keys.dtype} unsupported; use float32 or float16")
+        if not np.isfinite(keys).all():
+            bad = int(np.flatnonzero(~np.isfinite(keys).all(axis=1))[0])
+            raise errors.InvalidArgument(f"keys contain NaN or inf (first in row {bad})")
+        if not 1 <= k <= self.max_k:
+            raise errors.InvalidArgument(f"k={k} is out of range; it must be 1..{self.max_k}")
+        if exclude:
+            if len(exclude) != b:
+                raise errors.InvalidArgument(
+                    f"exclude has {len(exclude)} lists for {b} queries (give none or one per query)"
+                )
+            widest = max(len(e) for e in exclude)
+            if widest > lim.max_exclude_per_query:
+                raise errors.InvalidArgument(
+                    f"a query excludes {widest} ids; the limit is {lim.max_exclude_per_query}"
+                )
+        if b * k * int(np.prod(self.bank.value_shape)) * 2 > lim.max_message_bytes:
+            raise errors.InvalidArgument(
+                f"B={b}, k={k} needs more than the {lim.max_message_bytes}-byte message limit; "
+                "split the batch"
+            )
+
+    def submit(
+        self,
+        keys: np.ndarray,
+        k: int,
+        exclude: list[list[int]] | None = None,
+        deadline: float | None = None,
+    ) -> Future:
+        """Validate and queue a search; the Future gives a SearchResult."""
+        self.validate_search(keys, k, exclude)
+        fut: Future = Future()
+        self._queue.put(_Pending(keys.astype(np.float32, copy=False), k, exclude or None, deadline, fut))
+        return fut
+
+    def search(
+        self,
+        keys: np.ndarray,
+        k: int,
+        exclude: list[list[int]] | None = None,
+        *,
+        with_values: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[SearchResult, np.ndarray | None]:
+        """Blocking search: (ids/scores/rows, values [B, k, 32, 96] or None)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        result = self.submit(keys, k, exclude, deadline).result()
+        return result, self.values_for(result) if with_values else None
+
+    def values_for(self, result: SearchResult) -> np.ndarray:
+        return gather_values(self.bank.values, result.rows)
+
+    def _merge_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, rows = [first], len(first.keys)
+            wait_until = time.monotonic() + self.limits.merge_wait_s
+            while rows < self.limits.merge_max_rows:
+                try:
+                    item = self._queue.get(timeout=max(wait_until - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                batch.append(item)
+                rows += len(item.keys)
+            self._run_merged(batch)
+
+    def _run_merged(self, batch: list[_Pending]) -> None:
+        now = time.monotonic()
+        live = []
+        for p in batch:
+            if p.deadline is not None and now > p.deadline:
+                p.future.set_exception(errors.DeadlineExceeded("deadline passed before search"))
+            elif p.future.set_running_or_notify_cancel():
+                live.append(p)
+        if not live:
+            return
+        try:
+            t0 = time.perf_counter()
+            queries = live[0].keys if len(live) == 1 else np.concatenate([p.keys for p in live])
+            fetch = max(p.k + max((len(e) for e in p.exclude or []), default=0) for p in live)
+            fetch = min(fetch, self.searcher.n)
+            scores, rows = self.searcher.raw_search(queries, fetch)
+            self.metrics.index_search_latency.observe(time.perf_counter() - t0)
+            self.metrics.merged_rows.observe(len(queries))
+            start = 0
+            for p in live:
+                end = start + len(p.keys)
+                p.future.set_result(
+                    self.searcher.select(scores[start:end], rows[start:end], p.k, p.exclude)
+                )
+                start = end
+        except Exception as e:  # never let a bad batch kill the worker
+            log.exception("index search failed")
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(errors.Internal(f"index search failed: {e}"))
+
+    # -- fetch and embed ---------------------------------------------------------------
+
+    def fetch(self, ids: list[int], with_keys: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if not ids:
+            raise errors.InvalidArgument("fetch needs at least one id")
+        if len(ids) > self.limits.max_fetch:
+            raise errors.InvalidArgument(f"{len(ids)} ids is over the fetch limit of {self.limits.max_fetch}")
+        rows = self.bank.rows_of(np.asarray(ids, dtype=np.int64))
+        if (rows < 0).any():
+            missing = [ids[i] for i in np.flatnonzero(rows < 0)[:10]]
+            raise errors.NotFound(f"unknown entry ids: {missing}")
+        values = gather_values(self.bank.values, rows[None, :])[0]
+        keys = np.asarray(self.bank.keys[rows], dtype=np.float32) if with_keys else None
+        return values, keys
+
+    def embed(self, images: list[bytes], texts: list[str]) -> np.ndarray:
+        if self.embedder is None:
+            raise errors.FailedPrecondition(
+                "this server has no encoder loaded, so it cannot embed; start it with the "
+                "bank's encoder available (bankd serve --encoder <id|dir>)"
+            )
+        if not images:
+            raise errors.InvalidArgument("embed needs at least one image")
+        if len(images) > self.limits.max_embed:
+            raise errors.InvalidArgument(f"{len(images)} images is over the embed limit of {self.limits.max_embed}")
+        if texts and len(texts) != len(images):
+            raise errors.InvalidArgument(f"{len(texts)} texts for {len(images)} images")
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        decoded = []
+        for i, blob in enumerate(images):
+            try:
+                im = Image.open(io.BytesIO(blob))
+                im.load()
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise errors.InvalidArgument(f"image {i} cannot be decoded: {e}") from None
+            decoded.append(im.convert("RGB"))
+        return np.asarray(self.embedder.embed(decoded, list(texts) or None), dtype=np.float32)

@@ -1,0 +1,335 @@
+"""BankClient: the typed Python facade over a remote bankd.
+
+    from bankd_client import BankClient
+    with BankClient("localhost:50051") as bank:
+        info = bank.info()
+        hits = bank.search(keys, k=5, exclude_ids=[[3], [17]])   # keys [B, d]
+        hits.ids, hits.scores, hits.values    # [B, k] int64, [B, k] float32, [B, k, 32, 96] fp16
+
+numpy in, numpy out; torch in, torch out. UNAVAILABLE is retried by gRPC's own retry
+policy (service config), status codes come back as ``bankd_client.errors`` classes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from . import errors, tensors
+from .identity import EncoderFingerprint, fingerprint_encoder
+from .proto import bankd_pb2 as pb
+from .proto import bankd_pb2_grpc as pb_grpc
+from .types import BankInfo, Hits, SearchQuery, exclude_to_pb
+
+SERVICE_NAME = "bankd.v1.MemoryBank"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def _retry_service_config(max_attempts: int) -> str:
+    """gRPC service config: retry UNAVAILABLE with exponential backoff (client side)."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE_NAME}],
+                    "retryPolicy": {
+                        "maxAttempts": max_attempts,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _read_bytes(value: bytes | str | os.PathLike | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+class BankClient:
+    """Client of one bankd (or a load-balanced set of replicas behind one target).
+
+    Args:
+        target: "host:port", or any gRPC target ("dns:///bankd:50051" for round-robin
+            over the addresses a headless service resolves to).
+        timeout: default deadline of each call, in seconds (None: no deadline).
+        tls: use TLS. Implied by root_certificates / client cert options.
+        root_certificates: PEM (bytes or path) of the CA that signed the server's
+            certificate; None with tls=True uses the system roots.
+        client_certificate, client_key: PEM (bytes or path) for mutual TLS.
+        token: bearer token sent as "authorization: Bearer <token>" on every call.
+        max_message_bytes: send and receive limit (must cover the largest response:
+            B * k * 32 * 96 * 2 bytes of values).
+        retry_attempts: attempts per call when the server answers UNAVAILABLE.
+        load_balancing: gRPC load-balancing policy, e.g. "round_robin".
+        options: extra channel options, overriding the defaults.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike | None = None,
+        client_certificate: bytes | str | os.PathLike | None = None,
+        client_key: bytes | str | os.PathLike | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry_attempts: int = 5,
+        load_balancing: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if not 1 <= retry_attempts <= 5:
+            raise ValueError("retry_attempts must be between 1 and 5 (gRPC caps it at 5)")
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        opts: dict[str, Any] = {
+            "grpc.max_send_message_length": max_message_bytes,
+            "grpc.max_receive_message_length": max_message_bytes,
+            "grpc.enable_retries": 1,
+            "grpc.service_config": _retry_service_config(retry_attempts),
+            "grpc.keepalive_time_ms": 30_000,
+            "grpc.keepalive_timeout_ms": 10_000,
+        }
+        if load_balancing:
+            opts["grpc.lb_policy_name"] = load_balancing
+        if server_name:
+            opts["grpc.ssl_target_name_override"] = server_name
+        opts.update(dict(options))
+        secure = tls or root_certificates is not None or client_certificate is not None
+        if secure:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read_bytes(root_certificates),
+                private_key=_read_bytes(client_key),
+                certificate_chain=_read_bytes(client_certificate),
+            )
+            self._channel = grpc.secure_channel(target, creds, options=list(opts.items()))
+        else:
+            self._channel = grpc.insecure_channel(target, options=list(opts.items()))
+        self._stub = pb_grpc.MemoryBankStub(self._channel)
+        self._info: BankInfo | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> BankClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server reports SERVING on the standard health service."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = _Deadline(timeout)
+        while True:
+            try:
+                resp = stub.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                    timeout=max(deadline.left(), 0.05),
+                    wait_for_ready=True,
+                )
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as e:
+                if deadline.left() <= 0:
+                    raise errors.Unavailable(f"{self.target} not ready: {e.details()}") from None
+            if deadline.left() <= 0:
+                raise errors.Unavailable(f"{self.target} not SERVING after {timeout:.0f} s")
+            deadline.sleep(0.05)
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+
+    def info(self, *, timeout: float | None = None, refresh: bool = False) -> BankInfo:
+        """Entries, key dim, value shape, encoder fingerprint, key function, limits."""
+        if self._info is None or refresh:
+            self._info = BankInfo.from_pb(self._call(self._stub.GetInfo, pb.GetInfoRequest(), timeout))
+        return self._info
+
+    def _search_request(
+        self, keys: Any, k: int, exclude_ids: Any, with_values: bool, request_id: str = ""
+    ) -> pb.SearchRequest:
+        arr = tensors.as_numpy(keys, name="keys")
+        if arr.dtype not in (np.float32, np.float16):
+            arr = arr.astype(np.float32)
+        if arr.ndim != 2:
+            raise errors.InvalidArgument(f"keys must be [B, d], got shape {list(arr.shape)}")
+        return pb.SearchRequest(
+            keys=tensors.encode(arr, name="keys"),
+            k=int(k),
+            exclude=exclude_to_pb(exclude_ids, arr.shape[0]),
+            with_values=with_values,
+            request_id=request_id,
+        )
+
+    def search(
+        self,
+        keys: Any,
+        k: int = 5,
+        *,
+        exclude_ids: Any = None,
+        with_values: bool = True,
+        timeout: float | None = None,
+    ) -> Hits:
+        """Top-k entries for each of B query keys [B, d] (numpy or torch, fp32 or fp16).
+
+        exclude_ids: None, or B lists of entry ids the matching query must not get
+        (e.g. ``[[own_id] for own_id in batch_ids]``).
+        """
+        request = self._search_request(keys, k, exclude_ids, with_values)
+        hits = Hits.from_pb(self._call(self._stub.Search, request, timeout))
+        return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
+
+    def stream_search(
+        self,
+        queries: Iterable[Any],
+        k: int = 5,
+        *,
+        with_values: bool = True,
+        timeout: float | None = None,
+    ) -> Iterator[Hits]:
+        """Search a stream of batches over one SearchStream call; yields in input order.
+
+        Each item is a keys array [B, d] or a ``SearchQuery(keys, exclude_ids, k)``. The
+        server works on several batches at once and may answer out of order; answers
+        are put back in request order here by request id.
+        """
+        torch_out: list[bool] = []
+
+        def requests() -> Iterator[pb.SearchRequest]:
+            for i, q in enumerate(queries):
+                if not isinstance(q, SearchQuery):
+                    q = SearchQuery(keys=q)
+                torch_out.append(tensors.is_torch_tensor(q.keys))
+                yield self._search_request(
+                    q.keys, q.k or k, q.exclude_ids, with_values, request_id=str(i)
+                )
+
+        call = self._stub.SearchStream(
+            requests(), timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
+        )
+        pending: dict[int, pb.SearchStreamResponse] = {}
+        next_id = 0
+        try:
+            for response in call:
+                pending[int(response.request_id)] = response
+                while next_id in pending:
+                    yield self._stream_result(pending.pop(next_id), torch_out[next_id])
+                    next_id += 1
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+        if pending:
+            raise errors.Internal(f"stream ended with unanswered requests {sorted(pending)}")
+
+    @staticmethod
+    def _stream_result(response: pb.SearchStreamResponse, as_torch: bool) -> Hits:
+        if response.HasField("error"):
+            code = errors.code_from_int(response.error.code)
+            raise errors.error_for_code(code, response.error.message)
+        hits = Hits.from_pb(response.result)
+        return hits.to_torch() if as_torch else hits
+
+    def fetch(
+        self, ids: Any, *, with_keys: bool = False, timeout: float | None = None
+    ) -> Any:
+        """Values [n, 32, 96] fp16 of entries by id (and keys [n, d] with with_keys)."""
+        id_list = [int(i) for i in tensors.as_numpy(ids, name="ids").reshape(-1)]
+        msg = self._call(self._stub.Fetch, pb.FetchRequest(ids=id_list, with_keys=with_keys), timeout)
+        values = tensors.decode(msg.values, name="values")
+        as_torch = tensors.is_torch_tensor(ids)
+        conv = tensors.to_torch if as_torch else (lambda a: a)
+        if with_keys:
+            return conv(values), conv(tensors.decode(msg.keys, name="keys"))
+        return conv(values)
+
+    def embed(
+        self,
+        images: Sequence[Any],
+        texts: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Query keys [n, d] for images (PIL images, encoded bytes or file paths)."""
+        encoded = [_encode_image(im) for im in images]
+        request = pb.EmbedRequest(images=encoded, texts=list(texts or []))
+        return tensors.decode(self._call(self._stub.Embed, request, timeout).keys, name="keys")
+
+    def check_encoder(
+        self, encoder: Any, *, allow_mismatch: bool = False, model_id: str | None = None
+    ) -> EncoderFingerprint:
+        """Check that a vision encoder (torch module or fingerprint) is the bank's.
+
+        Raises EncoderMismatch unless allow_mismatch; returns the encoder's fingerprint.
+        """
+        fp = encoder if isinstance(encoder, EncoderFingerprint) else fingerprint_encoder(encoder, model_id)
+        bank_fp = self.info().vision_encoder
+        if bank_fp is None:
+            if not allow_mismatch:
+                raise errors.EncoderMismatch(
+                    "encoder mismatch: the bank records no vision encoder fingerprint"
+                )
+        elif not fp.matches(bank_fp) and not allow_mismatch:
+            raise errors.EncoderMismatch(
+                f"encoder mismatch: the bank's keys come from {bank_fp.short()}, "
+                f"this encoder is {fp.short()}; retrieval with another encoder collapses "
+                "accuracy (pass allow_mismatch=True to use it anyway)"
+            )
+        return fp
+
+
+def _encode_image(image: Any) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    if hasattr(image, "save"):  # PIL.Image
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise ValueError(f"cannot send {type(image).__name__} as an image (PIL image, bytes or path)")
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        import time
+
+        self._time = time
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self._end - self._time.monotonic()
+
+    def sleep(self, s: float) -> None:
+        self._time.sleep(min(s, max(self.left(), 0)))

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of proto/bankd/v1/bankd.proto (do not edit)."""

@@ -1,0 +1,100 @@
+"""Tensors on the wire: dtype + shape + raw little-endian row-major bytes.
+
+Decoding is a view over the received bytes (no copy) and validates that the byte
+count matches the shape; torch tensors are converted when torch is installed,
+without importing it otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from .proto import bankd_pb2 as pb
+
+# numpy has no bfloat16: on the wire it is the upper 16 bits of a float32, and it is
+# decoded to float32 (values are sent as fp16 by default, so this is the rare path).
+_NUMPY_BY_DTYPE = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_BFLOAT16: np.dtype("<u2"),
+}
+_DTYPE_BY_NUMPY = {
+    np.dtype("float32"): pb.DTYPE_FLOAT32,
+    np.dtype("float16"): pb.DTYPE_FLOAT16,
+    np.dtype("int64"): pb.DTYPE_INT64,
+}
+DTYPE_NAMES = {v: pb.DType.Name(v).removeprefix("DTYPE_").lower() for v in pb.DType.values()}
+MAX_DIMS = 8
+
+
+def _torch_module() -> Any | None:
+    """torch if the caller already imported it (never imports it ourselves)."""
+    return sys.modules.get("torch")
+
+
+def is_torch_tensor(x: Any) -> bool:
+    torch = _torch_module()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def as_numpy(x: Any, *, name: str = "tensor") -> np.ndarray:
+    """numpy view of a numpy array, torch tensor (any device) or nested list."""
+    if is_torch_tensor(x):
+        torch = _torch_module()
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.to(torch.float32)
+        return t.cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise ValueError(f"{name} is not array-like: {e}") from None
+
+
+def encode(array: Any, *, dtype: np.dtype | None = None, name: str = "tensor") -> pb.Tensor:
+    """Tensor message from an array (optionally cast to dtype first)."""
+    a = as_numpy(array, name=name)
+    if dtype is not None and a.dtype != dtype:
+        a = a.astype(dtype)
+    wire = _DTYPE_BY_NUMPY.get(a.dtype)
+    if wire is None:
+        raise ValueError(f"{name} has dtype {a.dtype}; supported: float32, float16, int64")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return pb.Tensor(dtype=wire, shape=list(a.shape), data=a.tobytes())
+
+
+def decode(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
+    """Read-only numpy view of a Tensor message's bytes, validated against its shape."""
+    np_dtype = _NUMPY_BY_DTYPE.get(t.dtype)
+    if np_dtype is None:
+        raise ValueError(f"{name} has unsupported dtype {t.dtype} ({DTYPE_NAMES.get(t.dtype, '?')})")
+    shape = tuple(int(s) for s in t.shape)
+    if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+        raise ValueError(f"{name} has invalid shape {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    expected = count * np_dtype.itemsize
+    if len(t.data) != expected:
+        raise ValueError(
+            f"{name} has {len(t.data)} bytes but shape {list(shape)} of "
+            f"{DTYPE_NAMES[t.dtype]} needs {expected}"
+        )
+    a = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    if t.dtype == pb.DTYPE_BFLOAT16:
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    return a
+
+
+def to_torch(a: np.ndarray) -> Any:
+    """torch tensor sharing memory with a (copied only when a is read-only)."""
+    torch = _torch_module()
+    if torch is None:  # pragma: no cover - callers check first
+        import torch
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a)
