@@ -1,10 +1,10 @@
 """The `bankd` command.
 
-    bankd demo-data --out data/shapes --n 2000
-    bankd build --data data/shapes/data.json --image-folder data/shapes --out bank/bank.faiss
-    bankd serve --index bank/bank.faiss --port 50051 --metrics-port 9100
-    bankd info  --target localhost:50051
-    bankd query --target localhost:50051 --image data/shapes/images/00001.png -k 5
+bankd demo-data --out data/shapes --n 2000
+bankd build --data data/shapes/data.json --image-folder data/shapes --out bank/bank.faiss
+bankd serve --index bank/bank.faiss --port 50051 --metrics-port 9100
+bankd info  --target localhost:50051
+bankd query --target localhost:50051 --image data/shapes/images/00001.png -k 5
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from bankd_client import BankClient, BankError
 
 from . import __version__
@@ -27,18 +29,30 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, help="bank index file written by `bankd build`")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
-    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port; -1 disables")
+    p.add_argument(
+        "--metrics-port", type=int, default=9100, help="Prometheus /metrics port; -1 disables"
+    )
     p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics")
     p.add_argument("--device", default="auto", help="search device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=64,
-                   help="RPCs answered at once; more get RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=64,
+        help="RPCs answered at once; more get RESOURCE_EXHAUSTED",
+    )
     p.add_argument("--max-batch", type=int, default=8192, help="query rows per request")
     p.add_argument("--max-k", type=int, default=1024, help="largest k a request may ask for")
     p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit")
-    p.add_argument("--merge-wait-us", type=float, default=500,
-                   help="how long to wait for concurrent requests to merge into one search")
+    p.add_argument(
+        "--merge-wait-us",
+        type=float,
+        default=500,
+        help="how long to wait for concurrent requests to merge into one search",
+    )
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
-    p.add_argument("--no-verify", action="store_true", help="skip checksums at load (sizes still checked)")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip checksums at load (sizes still checked)"
+    )
     p.add_argument("--encoder", default=None, help="encoder for Embed (default: the bank's own)")
     p.add_argument("--no-embed", action="store_true", help="do not load an encoder; Embed is off")
 
@@ -55,11 +69,18 @@ def _serve(args: argparse.Namespace) -> int:
         merge_wait_s=args.merge_wait_us / 1e6,
     )
     config = ServerConfig(
-        index=args.index, host=args.host, port=args.port,
+        index=args.index,
+        host=args.host,
+        port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        metrics_host=args.metrics_host, device=args.device,
-        max_concurrent_rpcs=args.max_concurrent_rpcs, grace_s=args.grace,
-        verify=not args.no_verify, encoder=args.encoder, no_embed=args.no_embed, limits=limits,
+        metrics_host=args.metrics_host,
+        device=args.device,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        grace_s=args.grace,
+        verify=not args.no_verify,
+        encoder=args.encoder,
+        no_embed=args.no_embed,
+        limits=limits,
     )
     server = BankServer(config)
     stopping = threading.Event()
@@ -79,9 +100,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"bankd serve: {e}", file=sys.stderr)
         server.stop(grace=0)
         return 2
-    print(f"bankd serving {args.index} on {args.host}:{server.port}"
-          + (f", metrics on {args.metrics_host}:{server.metrics_port}" if server.metrics_port else ""),
-          flush=True)
+    print(
+        f"bankd serving {args.index} on {args.host}:{server.port}"
+        + (
+            f", metrics on {args.metrics_host}:{server.metrics_port}" if server.metrics_port else ""
+        ),
+        flush=True,
+    )
     server.wait()
     return 0
 
@@ -109,12 +134,14 @@ def _query(args: argparse.Namespace) -> int:
     captions = _captions(args.data) if args.data else {}
     for i, path in enumerate(args.image):
         print(f"{path}:")
-        for rank, (eid, score) in enumerate(zip(hits.ids[i], hits.scores[i]), 1):
+        for rank, (eid, score) in enumerate(zip(hits.ids[i], hits.scores[i], strict=True), 1):
             v = hits.values[i, rank - 1]
             text = captions.get(int(eid), "")
-            print(f"  {rank}. id={int(eid):<8d} score={float(score):.4f}  "
-                  f"value[{'x'.join(map(str, v.shape))}] |v|={float((v.astype('float32') ** 2).sum() ** 0.5):.2f}"
-                  + (f"  {text}" if text else ""))
+            norm = float(np.linalg.norm(v.astype(np.float32)))
+            shape = "x".join(map(str, v.shape))
+            line = f"  {rank}. id={int(eid):<8d} score={float(score):.4f}"
+            line += f"  value[{shape}] |v|={norm:.2f}"
+            print(line + (f"  {text}" if text else ""))
     return 0
 
 
@@ -132,8 +159,9 @@ def _captions(path: str) -> dict[int, str]:
 def build_parser() -> argparse.ArgumentParser:
     from . import build, demo_data
 
-    parser = argparse.ArgumentParser(prog="bankd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bankd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"bankd {__version__}")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)

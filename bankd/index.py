@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
+
+from .topk import SearchResult, fetch_count, gather_values, select
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,12 @@ _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 def build_index(
-    keys: np.ndarray, factory: str, metric: str = "ip", *, train_sample: int = 100_000, seed: int = 0
+    keys: np.ndarray,
+    factory: str,
+    metric: str = "ip",
+    *,
+    train_sample: int = 100_000,
+    seed: int = 0,
 ) -> Any:
     """FAISS index over keys [N, d] from a factory string; trained on a seeded sample."""
     if metric not in _METRICS:
@@ -75,15 +81,6 @@ def _torch_cuda() -> Any | None:
     except ImportError:
         return None
     return torch if torch.cuda.is_available() else None
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Top-k of B queries: entry ids, scores, and bank rows (for value gathers)."""
-
-    ids: np.ndarray  # (B, k) int64, -1 where fewer than k hits
-    scores: np.ndarray  # (B, k) float32, -inf where ids is -1
-    rows: np.ndarray  # (B, k) int64, -1 where ids is -1
 
 
 class Searcher:
@@ -153,55 +150,15 @@ class Searcher:
         k: int,
         exclude: list[list[int]] | None = None,
     ) -> SearchResult:
-        """Top-k of raw hits [B, fetch] after dropping excluded ids and missing hits.
-
-        With fetch >= k + len(exclude[b]) this is exact: at most len(exclude[b]) of
-        the raw hits are dropped for row b.
-        """
-        b = len(rows)
-        widest = max((len(e) for e in exclude), default=0) if exclude else 0
-        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
-        drop = rows < 0
-        if widest:
-            excl = np.full((b, widest), -2, dtype=np.int64)  # -2 never matches an id
-            for i, e in enumerate(exclude):
-                excl[i, : len(e)] = e
-            drop = drop | (ids[:, :, None] == excl[:, None, :]).any(-1)
-        if drop.any():
-            # A stable sort puts kept hits first, in their original best-first order.
-            order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-            ids, scores, rows, drop = (
-                np.take_along_axis(a, order, axis=1) for a in (ids, scores, rows, drop)
-            )
-        else:
-            ids, scores, rows, drop = ids[:, :k], scores[:, :k], rows[:, :k], drop[:, :k]
-        pad = k - ids.shape[1]
-        if pad or drop.any():
-            fill = ((0, 0), (0, pad))
-            ids = np.pad(np.where(drop, -1, ids), fill, constant_values=-1)
-            rows = np.pad(np.where(drop, -1, rows), fill, constant_values=-1)
-            scores = np.pad(np.where(drop, -np.inf, scores), fill, constant_values=-np.inf)
-        return SearchResult(ids.astype(np.int64), scores.astype(np.float32), rows.astype(np.int64))
+        """Top-k of raw hits [B, fetch] after dropping excluded ids (see topk.select)."""
+        return select(self.ids, scores, rows, k, exclude)
 
     def search(
         self, queries: np.ndarray, k: int, exclude: list[list[int]] | None = None
     ) -> SearchResult:
         """Top-k for queries [B, d], never returning an id in exclude[b] for row b."""
-        widest = max((len(e) for e in exclude), default=0) if exclude else 0
-        scores, rows = self.raw_search(queries, min(k + widest, self.n))
+        scores, rows = self.raw_search(queries, fetch_count(k, exclude, self.n))
         return self.select(scores, rows, k, exclude)
 
 
-def gather_values(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Values of rows [B, k] from the (memory-mapped) value array; zeros where row is -1."""
-    flat = rows.reshape(-1)
-    out = np.empty((len(flat), *values.shape[1:]), dtype=values.dtype)
-    valid = flat >= 0
-    if valid.all():
-        # Sorted reads touch the memory map in file order; put rows back afterwards.
-        order = np.argsort(flat, kind="stable")
-        out[order] = values[flat[order]]
-    else:
-        out[~valid] = 0
-        out[valid] = values[flat[valid]]
-    return out.reshape(*rows.shape, *values.shape[1:])
+__all__ = ["SearchResult", "Searcher", "build_index", "gather_values", "read_index", "write_index"]

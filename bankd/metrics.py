@@ -20,8 +20,26 @@ from prometheus_client import (
 # Search on a small flat bank takes tens of microseconds; a 1M-entry CPU search of a
 # big batch takes seconds. Buckets cover both ends.
 SEARCH_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01,
-    0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -54,9 +72,7 @@ class Metrics:
             ["method", "code"],
             registry=r,
         )
-        self.query_rows = Counter(
-            "bankd_query_rows_total", "Query keys searched.", registry=r
-        )
+        self.query_rows = Counter("bankd_query_rows_total", "Query keys searched.", registry=r)
         self.merged_rows = Histogram(
             "bankd_merged_batch_rows",
             "Query rows per index search after merging concurrent requests.",
@@ -67,9 +83,7 @@ class Metrics:
         self.bank_bytes = Gauge(
             "bankd_bank_bytes", "Bytes of the served bank's files, by part.", ["part"], registry=r
         )
-        self.inflight = Gauge(
-            "bankd_inflight_requests", "Requests being answered now.", registry=r
-        )
+        self.inflight = Gauge("bankd_inflight_requests", "Requests being answered now.", registry=r)
         self.ready = Gauge("bankd_ready", "1 once the bank is loaded and serving.", registry=r)
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> tuple[object, int]:

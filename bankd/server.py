@@ -122,11 +122,16 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         return service.info().to_pb()
 
     @_rpc("Search")
-    def Search(self, service: BankService, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
+    def Search(
+        self, service: BankService, request: pb.SearchRequest, context: Any
+    ) -> pb.SearchResponse:
         keys = tensors.decode(request.keys, name="keys")
         result, values = service.search(
-            keys, request.k, _exclude_lists(request),
-            with_values=request.with_values, timeout=self._timeout(context),
+            keys,
+            request.k,
+            _exclude_lists(request),
+            with_values=request.with_values,
+            timeout=self._timeout(context),
         )
         self.metrics.query_rows.inc(len(keys))
         return Hits(result.ids, result.scores, values, request.request_id).to_pb()
@@ -209,7 +214,9 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         )
 
     @_rpc("Fetch")
-    def Fetch(self, service: BankService, request: pb.FetchRequest, context: Any) -> pb.FetchResponse:
+    def Fetch(
+        self, service: BankService, request: pb.FetchRequest, context: Any
+    ) -> pb.FetchResponse:
         values, keys = service.fetch(list(request.ids), request.with_keys)
         msg = pb.FetchResponse(values=tensors.encode(values, name="values"))
         if keys is not None:
@@ -217,7 +224,9 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         return msg
 
     @_rpc("Embed")
-    def Embed(self, service: BankService, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+    def Embed(
+        self, service: BankService, request: pb.EmbedRequest, context: Any
+    ) -> pb.EmbedResponse:
         keys = service.embed(list(request.images), list(request.texts))
         return pb.EmbedResponse(keys=tensors.encode(np.ascontiguousarray(keys), name="keys"))
 
@@ -267,7 +276,9 @@ class BankServer:
             self._metrics_http, self.metrics_port = self.metrics.serve_http(
                 self.config.metrics_port, self.config.metrics_host
             )
-        log.info("listening on %s:%d (metrics on %s)", self.config.host, self.port, self.metrics_port)
+        log.info(
+            "listening on %s:%d (metrics on %s)", self.config.host, self.port, self.metrics_port
+        )
         if load_in_background:
             threading.Thread(target=self._load, name="bankd-load", daemon=True).start()
         else:
@@ -280,13 +291,20 @@ class BankServer:
             bank = Bank.load(self.config.index, verify=self.config.verify)
             embedder = None if self.config.no_embed else _load_embedder(bank, self.config)
             self.servicer.service = BankService(
-                bank, device=self.config.device, limits=self.config.limits,
-                metrics=self.metrics, embedder=embedder,
+                bank,
+                device=self.config.device,
+                limits=self.config.limits,
+                metrics=self.metrics,
+                embedder=embedder,
             )
             log.info(
                 "loaded %s: %d entries, key dim %d, search on %s, embed %s (%.1f s)",
-                self.config.index, bank.entries, bank.key_dim, self.servicer.service.searcher.device,
-                "on" if embedder else "off", time.perf_counter() - t0,
+                self.config.index,
+                bank.entries,
+                bank.key_dim,
+                self.servicer.service.searcher.device,
+                "on" if embedder else "off",
+                time.perf_counter() - t0,
             )
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -331,7 +349,11 @@ def _load_embedder(bank: Bank, config: ServerConfig) -> Any:
 
         seed = int(bank.manifest.get("config", {}).get("seed", 0))
         return Embedder.from_bank(
-            name, seed=seed, key_config=kf[0], key_weights=kf[1], expected_vision=vision,
+            name,
+            seed=seed,
+            key_config=kf[0],
+            key_weights=kf[1],
+            expected_vision=vision,
             device="cpu",
         )
     except Exception as e:

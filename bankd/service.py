@@ -74,7 +74,9 @@ class BankService:
         self.limits = limits
         self.metrics = metrics or Metrics()
         self.embedder = embedder
-        self.searcher = Searcher(bank.index, bank.keys, bank.ids, device=device, params=search_params)
+        self.searcher = Searcher(
+            bank.index, bank.keys, bank.ids, device=device, params=search_params
+        )
         self.max_k = min(limits.max_k, self.searcher.max_k)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._worker = threading.Thread(target=self._merge_loop, name="bankd-search", daemon=True)
@@ -122,13 +124,17 @@ class BankService:
         if b == 0:
             raise errors.InvalidArgument("empty batch: keys has 0 rows")
         if b > lim.max_batch:
-            raise errors.InvalidArgument(f"batch of {b} queries is over the limit of {lim.max_batch}")
+            raise errors.InvalidArgument(
+                f"batch of {b} queries is over the limit of {lim.max_batch}"
+            )
         if d != self.bank.key_dim:
             raise errors.InvalidArgument(
                 f"keys have dimension {d}, the bank's keys have {self.bank.key_dim}"
             )
         if keys.dtype not in (np.float32, np.float16):
-            raise errors.InvalidArgument(f"keys dtype {keys.dtype} unsupported; use float32 or float16")
+            raise errors.InvalidArgument(
+                f"keys dtype {keys.dtype} unsupported; use float32 or float16"
+            )
         if not np.isfinite(keys).all():
             bad = int(np.flatnonzero(~np.isfinite(keys).all(axis=1))[0])
             raise errors.InvalidArgument(f"keys contain NaN or inf (first in row {bad})")
@@ -160,7 +166,9 @@ class BankService:
         """Validate and queue a search; the Future gives a SearchResult."""
         self.validate_search(keys, k, exclude)
         fut: Future = Future()
-        self._queue.put(_Pending(keys.astype(np.float32, copy=False), k, exclude or None, deadline, fut))
+        self._queue.put(
+            _Pending(keys.astype(np.float32, copy=False), k, exclude or None, deadline, fut)
+        )
         return fut
 
     def search(
@@ -236,7 +244,9 @@ class BankService:
         if not ids:
             raise errors.InvalidArgument("fetch needs at least one id")
         if len(ids) > self.limits.max_fetch:
-            raise errors.InvalidArgument(f"{len(ids)} ids is over the fetch limit of {self.limits.max_fetch}")
+            raise errors.InvalidArgument(
+                f"{len(ids)} ids is over the fetch limit of {self.limits.max_fetch}"
+            )
         rows = self.bank.rows_of(np.asarray(ids, dtype=np.int64))
         if (rows < 0).any():
             missing = [ids[i] for i in np.flatnonzero(rows < 0)[:10]]
@@ -254,7 +264,9 @@ class BankService:
         if not images:
             raise errors.InvalidArgument("embed needs at least one image")
         if len(images) > self.limits.max_embed:
-            raise errors.InvalidArgument(f"{len(images)} images is over the embed limit of {self.limits.max_embed}")
+            raise errors.InvalidArgument(
+                f"{len(images)} images is over the embed limit of {self.limits.max_embed}"
+            )
         if texts and len(texts) != len(images):
             raise errors.InvalidArgument(f"{len(texts)} texts for {len(images)} images")
         import io

@@ -132,7 +132,9 @@ class BankWriter:
         if keys.shape != (n, self.d):
             raise ValueError(f"keys chunk has shape {keys.shape}, expected ({n}, {self.d})")
         if values.shape != (n, *self.value_shape):
-            raise ValueError(f"values chunk has shape {values.shape}, expected ({n}, {self.value_shape})")
+            raise ValueError(
+                f"values chunk has shape {values.shape}, expected ({n}, {self.value_shape})"
+            )
         if ids.shape != (n,):
             raise ValueError(f"ids chunk has shape {ids.shape}, expected ({n},)")
         if not np.isfinite(keys).all():
@@ -173,8 +175,11 @@ class BankWriter:
         staged: dict[str, Path] = {"faiss": self.tmp / "index.faiss"}
         write_index(index, staged["faiss"])
         staged.update(
-            {"keys.npy": self.tmp / "keys.npy", "values.npy": self.tmp / "values.npy",
-             "ids.npy": self.tmp / "ids.npy"}
+            {
+                "keys.npy": self.tmp / "keys.npy",
+                "values.npy": self.tmp / "values.npy",
+                "ids.npy": self.tmp / "ids.npy",
+            }
         )
         if source_ids is not None:
             staged["sources.json"] = self.tmp / "sources.json"
@@ -189,14 +194,19 @@ class BankWriter:
         if key_function is not None:
             (self.tmp / "keyfn.safetensors").write_bytes(key_function.get("weights", b""))
             staged["keyfn.safetensors"] = self.tmp / "keyfn.safetensors"
-            kf = {"config": key_function["config"],
-                  "weights_file": self.paths.file("keyfn.safetensors").name}
+            kf = {
+                "config": key_function["config"],
+                "weights_file": self.paths.file("keyfn.safetensors").name,
+            }
         self.keys = self.values = self.ids = None  # close memmaps before renames
 
         files = {}
         for part, p in staged.items():
             _fsync(p)
-            files[self.paths.file(part).name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            files[self.paths.file(part).name] = {
+                "bytes": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }
         manifest = {
             "format": FORMAT,
             "created_unix": int(time.time()),
@@ -226,8 +236,13 @@ class BankWriter:
         os.replace(tmp_manifest, self.paths.manifest)
         self.committed = True
         shutil.rmtree(self.tmp, ignore_errors=True)
-        log.info("wrote bank %s: %d entries, key dim %d, index %s",
-                 self.paths.index, self.n, self.d, index_factory)
+        log.info(
+            "wrote bank %s: %d entries, key dim %d, index %s",
+            self.paths.index,
+            self.n,
+            self.d,
+            index_factory,
+        )
         return self.paths.index
 
 
@@ -243,11 +258,12 @@ def write_bank(
     if keys.ndim != 2:
         raise ValueError(f"keys must be [N, d], got shape {keys.shape}")
     ids = np.arange(len(keys), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
-    with BankWriter(index_path, n_entries=len(keys), key_dim=keys.shape[1],
-                    value_shape=tuple(values.shape[1:])) as w:
+    with BankWriter(
+        index_path, n_entries=len(keys), key_dim=keys.shape[1], value_shape=tuple(values.shape[1:])
+    ) as w:
         chunk = 65_536
         for s in range(0, len(keys), chunk):
-            w.add(keys[s:s + chunk], values[s:s + chunk], ids[s:s + chunk])
+            w.add(keys[s : s + chunk], values[s : s + chunk], ids[s : s + chunk])
         return w.finish(**finish_kwargs)
 
 
@@ -302,14 +318,15 @@ class Bank:
         self._sorted_rows = order.astype(np.int64)
 
     @classmethod
-    def load(cls, index_path: str | os.PathLike, *, verify: bool = True) -> Bank:
+    def load(
+        cls, index_path: str | os.PathLike, *, verify: bool = True, load_index: bool = True
+    ) -> Bank:
         """Open a bank, refusing a missing, corrupt or inconsistent one.
 
         verify: check SHA-256 checksums of every file (sizes are always checked).
+        load_index: read the FAISS index (False: keys and values only, no faiss import).
         Raises BankFileError naming the file and the problem.
         """
-        from .index import read_index
-
         paths = BankPaths(Path(index_path))
         if not paths.index.exists():
             raise BankFileError(f"{paths.index}: index file not found")
@@ -359,11 +376,15 @@ class Bank:
         keys = array("keys.npy", np.dtype(np.float32), (n, d), True)
         values = array("values.npy", np.dtype(np.float16), (n, *value_shape), True)
         ids = array("ids.npy", np.dtype(np.int64), (n,), False)
-        try:
-            index = read_index(paths.index)
-        except Exception as e:
-            raise BankFileError(f"{paths.index}: cannot read the FAISS index ({e})") from None
-        if index.ntotal != n or index.d != d:
+        index = None
+        if load_index:
+            from .index import read_index
+
+            try:
+                index = read_index(paths.index)
+            except Exception as e:
+                raise BankFileError(f"{paths.index}: cannot read the FAISS index ({e})") from None
+        if index is not None and (index.ntotal != n or index.d != d):
             raise BankFileError(
                 f"{paths.index}: index holds {index.ntotal} vectors of dim {index.d}, "
                 f"the manifest says {n} of dim {d}"

@@ -173,7 +173,9 @@ class BankClient:
     def info(self, *, timeout: float | None = None, refresh: bool = False) -> BankInfo:
         """Entries, key dim, value shape, encoder fingerprint, key function, limits."""
         if self._info is None or refresh:
-            self._info = BankInfo.from_pb(self._call(self._stub.GetInfo, pb.GetInfoRequest(), timeout))
+            self._info = BankInfo.from_pb(
+                self._call(self._stub.GetInfo, pb.GetInfoRequest(), timeout)
+            )
         return self._info
 
     def _search_request(
@@ -236,7 +238,9 @@ class BankClient:
                 )
 
         call = self._stub.SearchStream(
-            requests(), timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
+            requests(),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata,
         )
         pending: dict[int, pb.SearchStreamResponse] = {}
         next_id = 0
@@ -261,12 +265,12 @@ class BankClient:
         hits = Hits.from_pb(response.result)
         return hits.to_torch() if as_torch else hits
 
-    def fetch(
-        self, ids: Any, *, with_keys: bool = False, timeout: float | None = None
-    ) -> Any:
+    def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:
         """Values [n, 32, 96] fp16 of entries by id (and keys [n, d] with with_keys)."""
         id_list = [int(i) for i in tensors.as_numpy(ids, name="ids").reshape(-1)]
-        msg = self._call(self._stub.Fetch, pb.FetchRequest(ids=id_list, with_keys=with_keys), timeout)
+        msg = self._call(
+            self._stub.Fetch, pb.FetchRequest(ids=id_list, with_keys=with_keys), timeout
+        )
         values = tensors.decode(msg.values, name="values")
         as_torch = tensors.is_torch_tensor(ids)
         conv = tensors.to_torch if as_torch else (lambda a: a)
@@ -293,7 +297,11 @@ class BankClient:
 
         Raises EncoderMismatch unless allow_mismatch; returns the encoder's fingerprint.
         """
-        fp = encoder if isinstance(encoder, EncoderFingerprint) else fingerprint_encoder(encoder, model_id)
+        fp = (
+            encoder
+            if isinstance(encoder, EncoderFingerprint)
+            else fingerprint_encoder(encoder, model_id)
+        )
         bank_fp = self.info().vision_encoder
         if bank_fp is None:
             if not allow_mismatch:

@@ -19,9 +19,20 @@ _INT64_MAX = 2**63 - 1
 
 # Config keys that change with the library or the save location, not with the model.
 _VOLATILE_CONFIG_KEYS = frozenset(
-    {"transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype",
-     "_commit_hash", "_attn_implementation_autoset", "_attn_implementation", "output_attentions",
-     "output_hidden_states", "return_dict", "use_return_dict"}
+    {
+        "transformers_version",
+        "_name_or_path",
+        "architectures",
+        "torch_dtype",
+        "dtype",
+        "_commit_hash",
+        "_attn_implementation_autoset",
+        "_attn_implementation",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "use_return_dict",
+    }
 )
 
 
@@ -64,7 +75,8 @@ class EncoderFingerprint:
         )
 
     def short(self) -> str:
-        return f"{self.model_id} (config {self.config_sha256[:12]}, weights {self.weights_sha256[:12]})"
+        cfg, weights = self.config_sha256[:12], self.weights_sha256[:12]
+        return f"{self.model_id} (config {cfg}, weights {weights})"
 
     def to_dict(self) -> dict[str, str]:
         return {

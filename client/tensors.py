@@ -73,7 +73,9 @@ def decode(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     """Read-only numpy view of a Tensor message's bytes, validated against its shape."""
     np_dtype = _NUMPY_BY_DTYPE.get(t.dtype)
     if np_dtype is None:
-        raise ValueError(f"{name} has unsupported dtype {t.dtype} ({DTYPE_NAMES.get(t.dtype, '?')})")
+        raise ValueError(
+            f"{name} has unsupported dtype {t.dtype} ({DTYPE_NAMES.get(t.dtype, '?')})"
+        )
     shape = tuple(int(s) for s in t.shape)
     if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
         raise ValueError(f"{name} has invalid shape {list(shape)}")

@@ -190,10 +190,10 @@ class SearchQuery:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def exclude_to_pb(exclude_ids: Any, batch: int) -> list[pb.ExcludeIds]:
-    """Per-query exclusion lists: None, or B sequences of ids (ints)."""
+def exclude_lists(exclude_ids: Any, batch: int) -> list[list[int]] | None:
+    """Per-query exclusion lists from None, B sequences of ids, or a [B] / [B, m] array."""
     if exclude_ids is None:
-        return []
+        return None
     if tensors.is_torch_tensor(exclude_ids) or isinstance(exclude_ids, np.ndarray):
         arr = tensors.as_numpy(exclude_ids, name="exclude_ids")
         if arr.ndim == 1:
@@ -203,4 +203,9 @@ def exclude_to_pb(exclude_ids: Any, batch: int) -> list[pb.ExcludeIds]:
         rows = [list(map(int, r)) if r is not None else [] for r in exclude_ids]
     if len(rows) != batch:
         raise ValueError(f"exclude_ids has {len(rows)} rows for a batch of {batch} queries")
-    return [pb.ExcludeIds(ids=r) for r in rows]
+    return rows
+
+
+def exclude_to_pb(exclude_ids: Any, batch: int) -> list[pb.ExcludeIds]:
+    """Per-query exclusion lists as protobuf (empty when there are none)."""
+    return [pb.ExcludeIds(ids=r) for r in exclude_lists(exclude_ids, batch) or []]
