@@ -259,10 +259,6 @@ class BankServer:
                 # answering GOAWAY "too many pings".
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-                # Reconnect clients now and then so new replicas behind a headless
-                # service get traffic (clients re-resolve DNS on reconnect).
-                ("grpc.max_connection_age_ms", 30 * 60 * 1000),
-                ("grpc.max_connection_age_grace_ms", 60 * 1000),
             ],
         )
 
