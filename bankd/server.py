@@ -159,7 +159,9 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                     t0 = time.perf_counter()
                     try:
                         keys = tensors.decode(req.keys, name="keys")
-                        fut = service.submit(keys, req.k, _exclude_lists(req))
+                        fut = service.submit(
+                            keys, req.k, _exclude_lists(req), with_values=req.with_values
+                        )
                     except Exception as e:
                         done.put((req, t0, None, _as_bank_error(e)))
                         continue

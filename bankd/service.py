@@ -82,8 +82,8 @@ class BankService:
         self._worker = threading.Thread(target=self._merge_loop, name="bankd-search", daemon=True)
         self._worker.start()
         self.metrics.bank_entries.set(bank.entries)
-        for name, meta in bank.manifest["files"].items():
-            self.metrics.bank_bytes.labels(part=name.rsplit(".", 2)[-2]).set(meta["bytes"])
+        for part, size in bank.bytes_by_part().items():
+            self.metrics.bank_bytes.labels(part=part).set(size)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -115,7 +115,18 @@ class BankService:
 
     # -- search ------------------------------------------------------------------------
 
-    def validate_search(self, keys: np.ndarray, k: int, exclude: list[list[int]] | None) -> None:
+    def response_bytes(self, batch: int, k: int, with_values: bool) -> int:
+        """Upper bound of a Search response's size: ids, scores, values, framing."""
+        per_hit = 8 + 4 + (2 * int(np.prod(self.bank.value_shape)) if with_values else 0)
+        return batch * k * per_hit + 4096
+
+    def validate_search(
+        self,
+        keys: np.ndarray,
+        k: int,
+        exclude: list[list[int]] | None,
+        with_values: bool = True,
+    ) -> None:
         """Raise InvalidArgument for anything a search must not be run with."""
         lim = self.limits
         if keys.ndim != 2:
@@ -150,10 +161,10 @@ class BankService:
                 raise errors.InvalidArgument(
                     f"a query excludes {widest} ids; the limit is {lim.max_exclude_per_query}"
                 )
-        if b * k * int(np.prod(self.bank.value_shape)) * 2 > lim.max_message_bytes:
+        if self.response_bytes(b, k, with_values) > lim.max_message_bytes:
             raise errors.InvalidArgument(
-                f"B={b}, k={k} needs more than the {lim.max_message_bytes}-byte message limit; "
-                "split the batch"
+                f"B={b}, k={k} needs a response over the {lim.max_message_bytes}-byte message "
+                "limit; split the batch"
             )
 
     def submit(
@@ -162,9 +173,10 @@ class BankService:
         k: int,
         exclude: list[list[int]] | None = None,
         deadline: float | None = None,
+        with_values: bool = True,
     ) -> Future:
         """Validate and queue a search; the Future gives a SearchResult."""
-        self.validate_search(keys, k, exclude)
+        self.validate_search(keys, k, exclude, with_values)
         fut: Future = Future()
         self._queue.put(
             _Pending(keys.astype(np.float32, copy=False), k, exclude or None, deadline, fut)
@@ -182,7 +194,7 @@ class BankService:
     ) -> tuple[SearchResult, np.ndarray | None]:
         """Blocking search: (ids/scores/rows, values [B, k, 32, 96] or None)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        result = self.submit(keys, k, exclude, deadline).result()
+        result = self.submit(keys, k, exclude, deadline, with_values).result()
         return result, self.values_for(result) if with_values else None
 
     def values_for(self, result: SearchResult) -> np.ndarray:

@@ -209,7 +209,6 @@ class BankWriter:
             }
         manifest = {
             "format": FORMAT,
-            "created_unix": int(time.time()),
             "entries": self.n,
             "key_dim": self.d,
             "value_shape": list(self.value_shape),
@@ -303,6 +302,20 @@ class Bank:
 
     def weights(self, name: str) -> bytes:
         return (self.paths.index.parent / self.manifest["weights"][name]).read_bytes()
+
+    def bytes_by_part(self) -> dict[str, int]:
+        """File sizes summed by a fixed set of parts: index, keys, values, ids, ..."""
+        stem = self.paths.stem.name
+        out: dict[str, int] = {}
+        for name, meta in self.manifest["files"].items():
+            if name == self.paths.index.name:
+                part = "index"
+            elif name.endswith(".safetensors"):
+                part = "weights"
+            else:
+                part = name[len(stem) + 1 :].split(".")[0]
+            out[part] = out.get(part, 0) + int(meta["bytes"])
+        return out
 
     def rows_of(self, entry_ids: np.ndarray) -> np.ndarray:
         """Row numbers of entry ids; -1 for ids the bank does not hold."""

@@ -102,11 +102,12 @@ class BankClient:
         opts: dict[str, Any] = {
             "grpc.max_send_message_length": max_message_bytes,
             "grpc.max_receive_message_length": max_message_bytes,
-            "grpc.enable_retries": 1,
-            "grpc.service_config": _retry_service_config(retry_attempts),
+            "grpc.enable_retries": int(retry_attempts > 1),
             "grpc.keepalive_time_ms": 30_000,
             "grpc.keepalive_timeout_ms": 10_000,
         }
+        if retry_attempts > 1:  # gRPC refuses a retry policy of fewer than 2 attempts
+            opts["grpc.service_config"] = _retry_service_config(retry_attempts)
         if load_balancing:
             opts["grpc.lb_policy_name"] = load_balancing
         if server_name:
@@ -186,10 +187,14 @@ class BankClient:
             arr = arr.astype(np.float32)
         if arr.ndim != 2:
             raise errors.InvalidArgument(f"keys must be [B, d], got shape {list(arr.shape)}")
+        try:
+            exclude = exclude_to_pb(exclude_ids, arr.shape[0])
+        except ValueError as e:
+            raise errors.InvalidArgument(str(e)) from None
         return pb.SearchRequest(
             keys=tensors.encode(arr, name="keys"),
             k=int(k),
-            exclude=exclude_to_pb(exclude_ids, arr.shape[0]),
+            exclude=exclude,
             with_values=with_values,
             request_id=request_id,
         )

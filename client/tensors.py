@@ -62,7 +62,7 @@ def encode(array: Any, *, dtype: np.dtype | None = None, name: str = "tensor") -
     a = as_numpy(array, name=name)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
-    wire = _DTYPE_BY_NUMPY.get(a.dtype)
+    wire = _DTYPE_BY_NUMPY.get(np.dtype(a.dtype.name))  # any byte order
     if wire is None:
         raise ValueError(f"{name} has dtype {a.dtype}; supported: float32, float16, int64")
     a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
