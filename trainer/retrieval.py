@@ -1,0 +1,162 @@
+"""Retrieval for TinyAlign: query keys from the frozen features, top-k values from bankd.
+
+    bank = open_bank("localhost:50051")           # or "bank/bank.faiss" for an in-process bank
+    retriever = Retriever.from_bank(bank, vision, k=5)
+    pending = retriever.submit(features, sample_ids)   # search runs in the background
+    ...                                                # the current step computes meanwhile
+    got = pending.result()                             # values (Bi, k, 32, 96), mask (Bi, k)
+
+Query keys come from the features the VLM already computed, through the bank's own
+key function (config and weights from GetInfo), so the trainer runs the vision tower
+once per batch. Each sample excludes its own entry (self-exclusion: no label leakage).
+Queries carry no text, hence never the answer.
+
+An unreachable bank (restarting, rescheduled) is waited for with exponential backoff
+for up to ``retry_for_s`` seconds; then ``RetrievalUnavailable`` says so clearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bankd.models.keys import KeyFunction
+from bankd_client import BankClient, errors
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalUnavailable(errors.Unavailable):
+    """The bank stayed unreachable for longer than the configured patience."""
+
+
+def open_bank(target: str, **client_options: Any) -> Any:
+    """A bank by address ("host:port", "dns:///...") or by index path (in-process)."""
+    if target.endswith(".faiss") or Path(target).exists():
+        from bankd.local import LocalBank  # in-process: no server, no grpc round trip
+
+        return LocalBank(target)
+    return BankClient(target, **client_options)
+
+
+@dataclass
+class Retrieved:
+    """Top-k of the image rows of one batch."""
+
+    values: torch.Tensor  # (Bi, k, 32, 96) float16
+    mask: torch.Tensor  # (Bi, k) bool, False where the bank had no hit
+    ids: torch.Tensor  # (Bi, k) int64 entry ids
+    seconds: float  # wall time of the search (for logs / benchmarks)
+
+
+class Retriever:
+    """Keys from features, searches in a background thread, waits out bank outages."""
+
+    def __init__(
+        self,
+        bank: Any,
+        key_function: KeyFunction,
+        k: int,
+        *,
+        retry_for_s: float = 300.0,
+        backoff_s: tuple[float, float] = (0.5, 10.0),
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"top-k must be >= 1, got {k}")
+        self.bank = bank
+        self.key_function = key_function.eval()
+        self.k = k
+        self.retry_for_s = retry_for_s
+        self.backoff_s = backoff_s
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinyalign-retrieval")
+
+    @classmethod
+    def from_bank(
+        cls,
+        bank: Any,
+        vision: Any,
+        k: int,
+        *,
+        feature_layer: int = -2,
+        allow_encoder_mismatch: bool = False,
+        retry_for_s: float = 300.0,
+    ) -> Retriever:
+        """Check the encoder against the bank and take the bank's key function."""
+        info = bank.info()
+        fp = vision.vision_fingerprint()
+        try:
+            bank.check_encoder(fp, allow_mismatch=allow_encoder_mismatch)
+        except errors.EncoderMismatch as e:
+            raise errors.EncoderMismatch(
+                f"{e} (pass --allow-encoder-mismatch to train anyway)"
+            ) from None
+        if info.key_function is None:
+            raise errors.FailedPrecondition("the bank publishes no key function")
+        kf = KeyFunction.from_config_and_weights(
+            info.key_function.config, info.key_function.weights
+        )
+        if kf.config.feature_layer != feature_layer:
+            raise ValueError(
+                f"the bank's keys use vision layer {kf.config.feature_layer}, "
+                f"the VLM uses layer {feature_layer}"
+            )
+        if kf.dim != info.key_dim:
+            raise ValueError(f"key function dim {kf.dim} != bank key dim {info.key_dim}")
+        log.info(
+            "retrieval: %d entries, key dim %d, top-%d, encoder %s",
+            info.entries,
+            info.key_dim,
+            k,
+            fp.short(),
+        )
+        return cls(bank, kf.to(vision.device), k, retry_for_s=retry_for_s)
+
+    def keys(self, features: torch.Tensor) -> torch.Tensor:
+        """Query keys (Bi, d) float32 from patch features (Bi, P, D)."""
+        return self.key_function(features)
+
+    def submit(self, features: torch.Tensor, sample_ids: torch.Tensor) -> Future:
+        """Start the search for image rows; returns a Future of ``Retrieved``."""
+        keys = self.keys(features).detach().cpu().numpy()
+        exclude = [[int(i)] for i in sample_ids.tolist()]
+        return self._pool.submit(self._search, keys, exclude)
+
+    def retrieve(self, features: torch.Tensor, sample_ids: torch.Tensor) -> Retrieved:
+        return self.submit(features, sample_ids).result()
+
+    def _search(self, keys: np.ndarray, exclude: list[list[int]]) -> Retrieved:
+        t0 = time.perf_counter()
+        delay, give_up = self.backoff_s[0], time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                hits = self.bank.search(keys, k=self.k, exclude_ids=exclude, with_values=True)
+                break
+            except (errors.Unavailable, errors.DeadlineExceeded) as e:
+                if time.monotonic() + delay > give_up:
+                    raise RetrievalUnavailable(
+                        f"the memory bank has been unreachable for {self.retry_for_s:.0f} s "
+                        f"(last error: {e}); training stops here — restart it from the last "
+                        "checkpoint with --resume once the bank is back"
+                    ) from None
+                log.warning("bank unavailable (%s); retrying in %.1f s", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.backoff_s[1])
+        ids = np.asarray(hits.ids)
+        return Retrieved(
+            values=torch.from_numpy(np.array(hits.values, copy=True)),
+            mask=torch.from_numpy(ids >= 0),
+            ids=torch.from_numpy(np.array(ids, copy=True)),
+            seconds=time.perf_counter() - t0,
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self.bank, "close"):
+            self.bank.close()
