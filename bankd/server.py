@@ -97,6 +97,10 @@ def _as_bank_error(e: Exception) -> errors.BankError:
     return errors.Internal(f"{type(e).__name__}: {e}")
 
 
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
 def _exclude_lists(request: pb.SearchRequest) -> list[list[int]] | None:
     return [list(e.ids) for e in request.exclude] if len(request.exclude) else None
 
@@ -125,14 +129,17 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
     def Search(
         self, service: BankService, request: pb.SearchRequest, context: Any
     ) -> pb.SearchResponse:
-        keys = tensors.decode(request.keys, name="keys")
-        result, values = service.search(
-            keys,
-            request.k,
-            _exclude_lists(request),
-            with_values=request.with_values,
-            timeout=self._timeout(context),
-        )
+        with service.arriving():
+            keys = tensors.decode(request.keys, name="keys")
+            pending = service.submit(
+                keys,
+                request.k,
+                _exclude_lists(request),
+                _deadline(self._timeout(context)),
+                request.with_values,
+            )
+        result = pending.result()
+        values = service.values_for(result) if request.with_values else None
         self.metrics.query_rows.inc(len(keys))
         return Hits(result.ids, result.scores, values, request.request_id).to_pb()
 
@@ -158,10 +165,11 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                     submitted += 1
                     t0 = time.perf_counter()
                     try:
-                        keys = tensors.decode(req.keys, name="keys")
-                        fut = service.submit(
-                            keys, req.k, _exclude_lists(req), with_values=req.with_values
-                        )
+                        with service.arriving():
+                            keys = tensors.decode(req.keys, name="keys")
+                            fut = service.submit(
+                                keys, req.k, _exclude_lists(req), with_values=req.with_values
+                            )
                     except Exception as e:
                         done.put((req, t0, None, _as_bank_error(e)))
                         continue

@@ -13,10 +13,12 @@ the callers' threads, in parallel, after the search.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +81,10 @@ class BankService:
         )
         self.max_k = min(limits.max_k, self.searcher.max_k)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        # Requests being decoded right now (see `arriving`): the merge loop waits for
+        # them, and does not wait at all when nobody else is on the way.
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
         self._worker = threading.Thread(target=self._merge_loop, name="bankd-search", daemon=True)
         self._worker.start()
         self.metrics.bank_entries.set(bank.entries)
@@ -167,6 +173,17 @@ class BankService:
                 "limit; split the batch"
             )
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way to ``submit`` (decoding, validating)."""
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
+
     def submit(
         self,
         keys: np.ndarray,
@@ -209,9 +226,17 @@ class BankService:
             wait_until = time.monotonic() + self.limits.merge_wait_s
             while rows < self.limits.merge_max_rows:
                 try:
-                    item = self._queue.get(timeout=max(wait_until - time.monotonic(), 0))
+                    item = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    # Wait (boundedly) only while another request is being decoded; a
+                    # lone caller pays no merge latency.
+                    left = wait_until - time.monotonic()
+                    if self._arriving == 0 or left <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=min(left, 0.0001))
+                    except queue.Empty:
+                        continue
                 if item is None:
                     self._queue.put(None)
                     break

@@ -70,9 +70,7 @@ def gather_values(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out = np.empty((len(flat), *values.shape[1:]), dtype=values.dtype)
     valid = flat >= 0
     if valid.all():
-        # Sorted reads touch the memory map in file order; put rows back afterwards.
-        order = np.argsort(flat, kind="stable")
-        out[order] = values[flat[order]]
+        np.take(values, flat, axis=0, out=out)
     else:
         out[~valid] = 0
         out[valid] = values[flat[valid]]

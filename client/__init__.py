@@ -17,7 +17,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .identity import EncoderFingerprint, fingerprint_encoder, sample_id_to_int
+from .identity import EncoderFingerprint, fingerprint_encoder, sample_id_to_int, tune_allocator
 from .types import BankInfo, Hits, KeyFunctionSpec, SearchQuery
 
 __version__ = "0.1.0"
@@ -41,4 +41,5 @@ __all__ = [
     "Unavailable",
     "fingerprint_encoder",
     "sample_id_to_int",
+    "tune_allocator",
 ]

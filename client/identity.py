@@ -6,6 +6,7 @@
 * ``EncoderFingerprint`` / ``fingerprint_encoder``: what identifies a vision (or text)
   encoder. A bank built with one encoder is useless to a VLM using another (the
   mismatched-encoder collapse), so clients compare fingerprints before retrieving.
+* ``tune_allocator``: process setting both server and trainer processes want.
 """
 
 from __future__ import annotations
@@ -134,3 +135,26 @@ def fingerprint_encoder(model: Any, model_id: str | None = None) -> EncoderFinge
     if model_id is None:
         model_id = str(getattr(config, "_name_or_path", "") or type(model).__name__)
     return EncoderFingerprint(model_id, config_sha, h.hexdigest())
+
+
+def tune_allocator() -> bool:
+    """Keep glibc from returning multi-megabyte buffers to the OS after every call.
+
+    Each Search response carries megabytes of values; by default glibc maps and unmaps
+    such buffers per call, and the page faults of touching fresh pages cost several
+    milliseconds per response. Raising the mmap and trim thresholds (64 MiB / 256 MiB)
+    keeps them in the heap. Linux/glibc only; returns whether it was applied. Servers
+    call it at start; long-running clients (trainers) may call it too.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 64 << 20) == 1
+    return libc.mallopt(m_trim_threshold, 256 << 20) == 1 and ok

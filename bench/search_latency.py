@@ -1,0 +1,514 @@
+"""Search latency: bankd's Search RPC against in-process FAISS on the same bank.
+
+    source .venv/bin/activate                            # after `make install`
+    python bench/search_latency.py                       # N=100000, d=768, B=128, k=5, Flat
+    python bench/search_latency.py --n 20000 --d 256     # quick check, well under a minute
+    python bench/search_latency.py --index HNSW32 --json search_latency.json
+    python bench/search_latency.py --workdir /tmp/bench-bank   # keep the bank, reuse it next run
+
+It writes a synthetic bank with cluster structure (unit keys scattered around
+`--clusters` random centres, random fp16 values [N, 32, 96]) and queries that are
+noisy copies of bank keys, starts `bankd serve` on that bank in a separate process
+(as deployed: client and server do not share a GIL), and then, batch by batch,
+interleaves:
+
+* reference: in-process ``faiss`` search of the same index file plus a numpy gather
+  of the values from the memory-mapped values file: the floor a remote bank can
+  only approach;
+* bankd: ``BankClient.search(keys, k, with_values=True)``, the trainer's call;
+* bankd without values (``with_values=False``), to split off the cost of moving
+  B * k * 32 * 96 fp16 values (3.9 MB at the defaults) over the wire.
+
+Both processes set ``faiss.cvar.distance_compute_blas_threshold = 16`` (the server
+does it in ``bankd.index``), so a batch search takes the BLAS path in each. The
+server's own histograms (scraped from its /metrics after every call) split each
+RPC into the server's handler time and its index search. The last line printed is
+``ratio(bankd/in-process) = X.XX``, the ratio of the median latencies; the project's
+target at the defaults is <= 1.5. Progress goes to stderr; exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from bankd.store import VALUE_SHAPE, BankPaths, BankWriter
+
+BLAS_THRESHOLD = 16  # the value bankd.index sets; faiss 1.15's default is far higher
+CHUNK = 16_384  # entries generated and written at a time
+ID_OFFSET = 1_000_000  # entry ids differ from row numbers, so id mapping is checked
+KEY_NOISE = 0.7  # norm of the noise around a key's cluster centre
+QUERY_NOISE = 0.3  # norm of the noise added to a bank key to make a query
+SERVER_START_S = 300.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one run measures; filled from the command line, saved with the figures."""
+
+    n: int = 100_000
+    d: int = 768
+    batch: int = 128
+    k: int = 5
+    repeats: int = 20
+    warmup: int = 3
+    index: str = "Flat"
+    clusters: int = 1000
+    seed: int = 0
+    merge_wait_us: float | None = None  # None: `bankd serve`'s default
+    threads: int = 0  # OpenMP threads of FAISS in each process; 0 = FAISS's default
+    workdir: str | None = None
+    json: str | None = None
+
+    def bank_spec(self) -> dict[str, Any]:
+        """The fields that decide the bank's content (a kept bank is reused if they match)."""
+        return {
+            "n": self.n,
+            "d": self.d,
+            "index": self.index,
+            "clusters": self.clusters,
+            "seed": self.seed,
+            "generator": "bench/search_latency.py v1",
+        }
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, ...], norm: float) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(norm / np.sqrt(shape[-1]))
+
+
+# -- the bank ------------------------------------------------------------------------
+
+
+def write_synthetic_bank(cfg: BenchConfig, index_path: Path) -> Path:
+    """Clustered unit keys [N, d], random finite fp16 values [N, 32, 96], written in chunks."""
+    rng = np.random.default_rng(cfg.seed)
+    centres = _unit(rng.standard_normal((cfg.clusters, cfg.d), dtype=np.float32))
+    with BankWriter(index_path, n_entries=cfg.n, key_dim=cfg.d) as w:
+        for s in range(0, cfg.n, CHUNK):
+            n = min(CHUNK, cfg.n - s)
+            centre = centres[rng.integers(cfg.clusters, size=n)]
+            keys = _unit(centre + _noise(rng, (n, cfg.d), KEY_NOISE))
+            # Random bits with the top exponent bit cleared: finite fp16 in (-2, 2), fast.
+            bits = np.frombuffer(rng.bytes(n * int(np.prod(VALUE_SHAPE)) * 2), dtype=np.uint16)
+            values = (bits & np.uint16(0xBFFF)).view(np.float16).reshape(n, *VALUE_SHAPE)
+            w.add(keys, values, ID_OFFSET + np.arange(s, s + n, dtype=np.int64))
+            progress(f"  generated {s + n}/{cfg.n} entries")
+        return w.finish(index_factory=cfg.index, config=cfg.bank_spec(), seed=cfg.seed)
+
+
+def bank_for(cfg: BenchConfig, workdir: Path) -> Path:
+    """The bank at workdir/bank.faiss, reused when a kept one was made with the same spec."""
+    index_path = workdir / "bank.faiss"
+    paths = BankPaths(index_path)
+    if paths.manifest.exists():
+        if json.loads(paths.manifest.read_text()).get("config") == cfg.bank_spec():
+            progress(f"reusing the bank at {index_path}")
+            return index_path
+    progress(f"writing a {cfg.n} x {cfg.d} bank ({cfg.index}) to {index_path}")
+    t0 = time.perf_counter()
+    write_synthetic_bank(cfg, index_path)
+    progress(f"bank written in {time.perf_counter() - t0:.1f} s")
+    return index_path
+
+
+def make_queries(cfg: BenchConfig, index_path: Path) -> list[np.ndarray]:
+    """warmup + repeats batches [B, d] of unit queries, each near a random bank key."""
+    keys = np.load(BankPaths(index_path).file("keys.npy"), mmap_mode="r")
+    rng = np.random.default_rng(cfg.seed + 1)
+    total = (cfg.warmup + cfg.repeats) * cfg.batch
+    rows = rng.choice(cfg.n, size=total, replace=total > cfg.n)
+    queries = _unit(np.asarray(keys[np.sort(rows)]) + _noise(rng, (total, cfg.d), QUERY_NOISE))
+    queries = queries[rng.permutation(total)].astype(np.float32)
+    return [np.ascontiguousarray(b) for b in np.split(queries, cfg.warmup + cfg.repeats)]
+
+
+# -- the two sides -------------------------------------------------------------------
+
+
+class Reference:
+    """In-process FAISS on the bank's index file + numpy gather from the values memmap."""
+
+    def __init__(self, index_path: Path) -> None:
+        paths = BankPaths(index_path)
+        faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+        self.index = faiss.read_index(str(index_path))
+        self.values = np.load(paths.file("values.npy"), mmap_mode="r")  # (N, 32, 96) fp16
+        self.ids = np.load(paths.file("ids.npy"))  # (N,) int64
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        t0 = time.perf_counter()
+        scores, rows = self.index.search(queries, k)  # (B, k) each
+        t1 = time.perf_counter()
+        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        values = self.values[rows.reshape(-1)].reshape(*rows.shape, *self.values.shape[1:])
+        t2 = time.perf_counter()
+        times = {"search": t1 - t0, "gather": t2 - t1}
+        return {"ids": ids, "scores": scores, "values": values}, times
+
+
+class ServerProcess:
+    """`bankd serve` in a child process (this file run with --serve-index)."""
+
+    def __init__(self, index_path: Path, log_path: Path, cfg: BenchConfig) -> None:
+        self.log_path = log_path
+        self.settings = ""  # what the server reports of its FAISS and merge settings
+        self._log = open(log_path, "wb")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-index", str(index_path)]
+        if cfg.merge_wait_us is not None:
+            cmd += ["--merge-wait-us", str(cfg.merge_wait_us)]
+        env = dict(os.environ)
+        if cfg.threads:
+            # The environment, not omp_set_num_threads: that only sets the calling
+            # thread's count, and the server searches in its own worker thread.
+            env["OMP_NUM_THREADS"] = str(cfg.threads)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        try:
+            self.port, self.metrics_port = self._read_ports()
+        except BaseException:  # KeyboardInterrupt included: never leave the child behind
+            self.stop()
+            raise
+
+    def _read_ports(self) -> tuple[int, int]:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + SERVER_START_S
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=1.0):
+                continue
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                break
+            if line.startswith("settings: "):
+                self.settings = line.removeprefix("settings: ").strip()
+            m = re.search(r"on [\d.]+:(\d+), metrics on [\d.]+:(\d+)", line)
+            if m:
+                return int(m.group(1)), int(m.group(2))
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the bankd server did not start; its log ends:\n{tail}")
+
+    def server_seconds(self) -> dict[str, float]:
+        """Sums of the server's Search handler and index search histograms, in seconds."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        out = {}
+        for name, key in (
+            ('bankd_search_latency_seconds_sum{method="Search"}', "handler"),
+            ("bankd_index_search_latency_seconds_sum", "index_search"),
+        ):
+            m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+            out[key] = float(m.group(1)) if m else float("nan")
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+def serve_child(index: str, cfg: BenchConfig) -> int:
+    """Child process: `bankd serve` (the CLI's own code) on free ports, after one line
+    saying which FAISS settings the server's process searches with."""
+    import bankd.index  # noqa: F401  (sets the BLAS threshold, as `bankd serve` does)
+    from bankd.cli import main as bankd_main
+
+    print(
+        f"settings: faiss distance_compute_blas_threshold="
+        f"{faiss.cvar.distance_compute_blas_threshold}, "
+        f"{faiss.omp_get_max_threads()} OpenMP threads",
+        flush=True,
+    )
+    parent = os.getppid()
+
+    def stop_when_orphaned() -> None:  # the parent was killed without stopping us
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # `bankd serve` drains and exits
+
+    threading.Thread(target=stop_when_orphaned, daemon=True).start()
+    argv = ["--log-level", "WARNING", "serve", "--index", index, "--port", "0"]
+    argv += ["--metrics-port", "0", "--device", "cpu", "--no-verify", "--no-embed"]
+    argv += ["--grace", "1"]
+    if cfg.merge_wait_us is not None:
+        argv += ["--merge-wait-us", str(cfg.merge_wait_us)]
+    return bankd_main(argv)
+
+
+# -- measuring -----------------------------------------------------------------------
+
+
+def _stats(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1e3
+    return {
+        "median_ms": float(np.median(ms)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "min_ms": float(ms.min()),
+    }
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _tie_explained(ref_scores: np.ndarray, got_scores: np.ndarray) -> bool:
+    return bool(np.allclose(np.sort(ref_scores), np.sort(got_scores), rtol=0, atol=1e-5))
+
+
+def wire_cost(ref: dict[str, np.ndarray], reps: int = 5) -> dict[str, float]:
+    """In-process cost of the response's protobuf: build + serialize, parse + decode."""
+    from bankd_client.proto import bankd_pb2 as pb
+    from bankd_client.types import Hits
+
+    enc, dec, size = [], [], 0
+    for _ in range(reps):
+        hits = Hits(ref["ids"], ref["scores"], ref["values"])
+        blob, t = _timed(lambda h=hits: h.to_pb().SerializeToString())
+        enc.append(t)
+        size = len(blob)
+        _, t = _timed(lambda b=blob: Hits.from_pb(pb.SearchResponse.FromString(b)))
+        dec.append(t)
+    return {
+        "encode_ms": _stats(enc)["median_ms"],
+        "decode_ms": _stats(dec)["median_ms"],
+        "response_bytes": size,
+    }
+
+
+TIMINGS = (
+    "ref",
+    "ref_search",
+    "ref_gather",
+    "rpc",
+    "rpc_no_values",
+    "server_handler",
+    "server_index_search",
+)
+
+
+def measure_batch(
+    ref: Reference, client: Any, server: ServerProcess, queries: np.ndarray, k: int, flip: bool
+) -> tuple[dict[str, float], dict[str, np.ndarray], Any]:
+    """One batch through the reference, bankd with values, bankd without: seconds each."""
+    t: dict[str, float] = {}
+    out: dict[str, Any] = {}
+
+    def run_ref() -> None:
+        (out["ref"], parts), t["ref"] = _timed(lambda: ref.search(queries, k))
+        t["ref_search"], t["ref_gather"] = parts["search"], parts["gather"]
+
+    def run_rpc() -> None:
+        before = server.server_seconds()  # scraped outside the timed call
+        out["rpc"], t["rpc"] = _timed(lambda: client.search(queries, k=k, with_values=True))
+        after = server.server_seconds()
+        t["server_handler"] = after["handler"] - before["handler"]
+        t["server_index_search"] = after["index_search"] - before["index_search"]
+
+    def run_rpc_ids() -> None:
+        _, t["rpc_no_values"] = _timed(lambda: client.search(queries, k=k, with_values=False))
+
+    # Alternate the order so that neither side always runs right after the other.
+    steps = [run_ref, run_rpc, run_rpc_ids]
+    for step in steps[::-1] if flip else steps:
+        step()
+    return t, out["ref"], out["rpc"]
+
+
+@dataclass
+class Agreement:
+    """How far bankd's answers differ from the reference's."""
+
+    rows: int = 0
+    id_rows: int = 0  # query rows whose ids differ
+    tied_rows: int = 0  # ... of which the two score lists agree (ties ordered differently)
+    values: int = 0  # hits with the same id but different values
+
+    def add(self, want: dict[str, np.ndarray], hits: Any) -> None:
+        self.rows += len(want["ids"])
+        for row in np.flatnonzero((want["ids"] != hits.ids).any(axis=1)):
+            self.id_rows += 1
+            self.tied_rows += _tie_explained(want["scores"][row], hits.scores[row])
+        differ = ~(want["values"] == hits.values).all(axis=(2, 3))  # (B, k)
+        self.values += int((differ & (want["ids"] == hits.ids)).sum())
+
+
+def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]:
+    from bankd_client import BankClient
+
+    batches = make_queries(cfg, index_path)
+    if cfg.threads:
+        faiss.omp_set_num_threads(cfg.threads)  # the reference searches in this thread
+    ref = Reference(index_path)
+    progress("starting the bankd server process")
+    server = ServerProcess(index_path, workdir / "server.log", cfg)
+    times: dict[str, list[float]] = {name: [] for name in TIMINGS}
+    agree = Agreement()
+    try:
+        with BankClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+            client.wait_ready(timeout=SERVER_START_S)
+            progress(
+                f"server up on port {server.port}; {cfg.warmup} warm-up + {cfg.repeats} "
+                "measured batches, interleaved"
+            )
+            for i, queries in enumerate(batches):
+                t, want, hits = measure_batch(ref, client, server, queries, cfg.k, flip=i % 2 == 1)
+                agree.add(want, hits)
+                if i >= cfg.warmup:
+                    for name in TIMINGS:
+                        times[name].append(t[name])
+                progress(
+                    f"  batch {i + 1}/{len(batches)}{' (warm-up)' if i < cfg.warmup else ''}"
+                    f": reference {t['ref'] * 1e3:.1f} ms, bankd {t['rpc'] * 1e3:.1f} ms, "
+                    f"without values {t['rpc_no_values'] * 1e3:.1f} ms"
+                )
+    finally:
+        progress("stopping the server")
+        server.stop()
+    stats = {name: _stats(t) for name, t in times.items()}
+    return {
+        "stats": stats,
+        "ratio": stats["rpc"]["median_ms"] / stats["ref"]["median_ms"],
+        "paired_ratio_median": float(np.median(np.divide(times["rpc"], times["ref"]))),
+        "ratio_no_values": stats["rpc_no_values"]["median_ms"] / stats["ref_search"]["median_ms"],
+        "agreement": asdict(agree),
+        "wire": wire_cost(want),
+        "reference_settings": f"faiss distance_compute_blas_threshold="
+        f"{faiss.cvar.distance_compute_blas_threshold}, "
+        f"{faiss.omp_get_max_threads()} OpenMP threads",
+        "server_settings": f"{server.settings}, merge wait "
+        + ("`bankd serve`'s default" if cfg.merge_wait_us is None else f"{cfg.merge_wait_us:g} us"),
+    }
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
+    s, w, a = r["stats"], r["wire"], r["agreement"]
+    values_mb = cfg.batch * cfg.k * int(np.prod(VALUE_SHAPE)) * 2 / 1e6
+
+    def row(label: str, name: str) -> str:
+        return f"  {label:<44s} {s[name]['median_ms']:9.1f} {s[name]['p90_ms']:9.1f}"
+
+    transport = s["rpc"]["median_ms"] - s["server_handler"]["median_ms"]
+    lines = [
+        f"search latency: N={cfg.n} d={cfg.d} B={cfg.batch} k={cfg.k} index={cfg.index} "
+        f"(clusters={cfg.clusters}, seed={cfg.seed}, {cfg.repeats} batches measured after "
+        f"{cfg.warmup} warm-up)",
+        f"reference (this process): {r['reference_settings']}",
+        f"bankd server (own process): {r['server_settings']}",
+        f"  {'':<44s} {'median ms':>9s} {'p90 ms':>9s}",
+        row("reference: in-process faiss + numpy gather", "ref"),
+        row("  of which faiss search", "ref_search"),
+        row("  of which value gather", "ref_gather"),
+        row(f"bankd Search RPC, values ({values_mb:.1f} MB)", "rpc"),
+        row("  server handler (bankd_search_latency)", "server_handler"),
+        row("  server index search", "server_index_search"),
+        f"  {'  rest: serialize, transport, client decode':<44s} {transport:9.1f}",
+        row("bankd Search RPC, with_values=False", "rpc_no_values"),
+        f"  in-process protobuf of one response ({w['response_bytes'] / 1e6:.1f} MB): "
+        f"encode {w['encode_ms']:.1f} ms, decode {w['decode_ms']:.1f} ms",
+        f"ids checked on {a['rows']} query rows: {a['id_rows']} rows differ "
+        f"({a['tied_rows']} of them by tied scores); hits whose values differ: {a['values']}",
+        f"median of per-batch ratios (bankd / reference, same batch) = "
+        f"{r['paired_ratio_median']:.2f}",
+        f"ratio without values (bankd ids-only RPC / faiss search) = {r['ratio_no_values']:.2f}",
+        f"ratio(bankd/in-process) = {r['ratio']:.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = BenchConfig()
+    p.add_argument("--n", type=int, default=d.n, help="bank entries")
+    p.add_argument("--d", type=int, default=d.d, help="key dimension")
+    p.add_argument("--batch", type=int, default=d.batch, help="queries per search (B)")
+    p.add_argument("--k", type=int, default=d.k, help="hits per query")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="measured batches")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches (not measured)")
+    p.add_argument("--index", default=d.index, help="FAISS factory string")
+    p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--merge-wait-us",
+        type=float,
+        default=d.merge_wait_us,
+        help="the server's request-merging wait (default: the server's own default)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="FAISS OpenMP threads in both processes (0: FAISS's default, all cores)",
+    )
+    p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--serve-index", default=None, help=argparse.SUPPRESS)  # the server child
+    a = p.parse_args(argv)
+    positive = (a.n, a.d, a.batch, a.k, a.repeats, a.clusters)
+    if min(positive) < 1 or a.warmup < 0 or a.threads < 0 or a.k > a.n:
+        p.error("n, d, batch, k, repeats, clusters must be positive; warmup, threads >= 0; k <= n")
+    cfg = BenchConfig(**{f.name: getattr(a, f.name) for f in fields(BenchConfig)})
+    return cfg, a.serve_index
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, serve_index = parse_args(argv)
+    if serve_index is not None:
+        return serve_child(serve_index, cfg)
+    progress(f"config: {asdict(cfg)}")
+    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
+    with kept or tempfile.TemporaryDirectory(prefix="bankd-bench-") as where:
+        workdir = Path(where)
+        workdir.mkdir(parents=True, exist_ok=True)
+        index_path = bank_for(cfg, workdir)
+        results = measure(cfg, index_path, workdir)
+    text = report(cfg, results)
+    print(text, flush=True)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
+        progress(f"figures written to {cfg.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the server child has been stopped on the way out
+        progress("interrupted")
+        sys.exit(130)
