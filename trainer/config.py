@@ -1,0 +1,231 @@
+"""``TrainConfig``: everything one training run takes, resolved once and saved with the run.
+
+``resolve_config`` fills what a stage decides (template, learning rate) and, for
+``finetune --from runs/stage1``, what the stage-1 model decides (vision tower, LLM,
+retrieval, top-k); the resolved config is logged and written to ``train_config.json``.
+``connect_retriever`` opens the bank, waits for it up to ``bank_patience`` seconds and
+checks its encoder fingerprint against the VLM's vision tower (DESIGN decision 3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bankd_client import errors
+
+from .components import read_config
+from .conversation import get_template
+from .llm import DEFAULT_PRETRAIN_STEPS
+from .model import TinyAlignConfig, build_connector
+from .retrieval import RetrievalUnavailable, Retriever, open_bank
+
+log = logging.getLogger(__name__)
+
+STAGE_DEFAULTS = {1: {"lr": 1e-3, "template": "plain"}, 2: {"lr": 2e-5, "template": "vicuna"}}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (``tinyalign pretrain`` = stage 1, ``tinyalign finetune`` = stage 2).
+
+    ``None`` means "decided by the stage or by ``init_from``" (see ``resolve_config``).
+    """
+
+    data: str
+    out: str
+    stage: int = 1
+    image_folder: str | None = None  # default: the data file's folder
+    bank: str | None = None  # "host:port" or a bank .faiss path (in-process)
+    retrieval: bool | None = None  # False: the baseline, no RAG connector, no bank
+    vision: str | None = None  # "tiny", a hub id or a directory
+    vision_seed: int = 0  # construction seed of the "tiny" vision tower
+    llm: str | None = None  # "tiny", a hub id or a directory
+    init_from: str | None = None  # a stage-1 model directory (finetune --from)
+    connector: str = "mlp2x_gelu"
+    rag_connector: str = "mlp2x_gelu"
+    feature_layer: int = -2
+    top_k: int | None = None  # default 5
+    allow_encoder_mismatch: bool = False
+    template: str | None = None  # plain (stage 1) / vicuna (stage 2)
+    batch_size: int = 8  # per rank, per micro-batch
+    grad_accum: int = 1
+    steps: int | None = None  # optimizer steps; default: epochs
+    epochs: float | None = None  # default 1 when steps is not set
+    lr: float | None = None  # 1e-3 (stage 1) / 2e-5 (stage 2)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    data_fraction: float = 1.0
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: int | None = None  # exit after this step (a checkpoint); --resume later
+    log_every: int = 10
+    bank_patience: float = 300.0  # seconds to wait for an unreachable bank
+    eval_data: str | None = None
+    eval_every: int = 0
+    eval_batch_size: int | None = None
+    tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS  # pretraining of the "tiny" LLM (cached)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_DEFAULTS:
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        positive = ("batch_size", "grad_accum", "max_length", "log_every", "tiny_llm_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "epochs", "lr", "top_k", "stop_after", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 < self.data_fraction <= 1.0:
+            raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
+        for name in ("workers", "save_every", "keep_checkpoints", "eval_every", "bank_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stage == 2 and self.init_from is None:
+            raise ValueError("stage 2 (finetune) starts from a stage-1 model: pass --from DIR")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill the ``None`` fields; ValueError for missing files or conflicting settings."""
+    for name in ("data", "eval_data"):
+        path = getattr(config, name)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {path} not found")
+    folder = config.image_folder or str(Path(config.data).parent)
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"--image-folder {folder} not found")
+    fill: dict[str, Any] = {"image_folder": folder}
+    if config.init_from is not None:
+        base = read_config(config.init_from)
+        given = {"vision": config.vision, "llm": config.llm, "retrieval": config.retrieval}
+        for name, value in given.items():
+            if value is not None and value != getattr(base, name):
+                raise ValueError(
+                    f"--from {config.init_from} has {name}={getattr(base, name)!r}, "
+                    f"not {value!r}; a stage-2 model keeps its stage-1 components"
+                )
+        fill.update(
+            vision=base.vision,
+            vision_seed=base.vision_seed,
+            llm=base.llm,
+            retrieval=base.retrieval,
+            feature_layer=base.feature_layer,
+            connector=base.connector,
+            rag_connector=base.rag_connector,
+        )
+        fill["top_k"] = config.top_k or base.top_k
+    else:
+        fill.update(
+            vision=config.vision or "tiny",
+            llm=config.llm or "tiny",
+            retrieval=config.retrieval is not False,
+            top_k=config.top_k or 5,
+        )
+    defaults = STAGE_DEFAULTS[config.stage]
+    fill["template"] = config.template or defaults["template"]
+    fill["lr"] = config.lr or defaults["lr"]
+    if config.steps is None:
+        fill["epochs"] = config.epochs or 1.0
+    resolved = replace(config, **fill)
+    get_template(resolved.template)  # ValueError if unknown
+    for spec in (resolved.connector, resolved.rag_connector):
+        build_connector(spec, 1, 1)  # ValueError if unknown
+    return resolved
+
+
+def model_config(config: TrainConfig) -> TinyAlignConfig:
+    """The ``TinyAlignConfig`` a resolved training config asks for."""
+    extra: dict[str, Any] = {}
+    if config.init_from is not None:
+        extra = dict(read_config(config.init_from).extra)
+    return TinyAlignConfig(
+        vision=config.vision,
+        vision_seed=config.vision_seed,
+        llm=config.llm,
+        connector=config.connector,
+        rag_connector=config.rag_connector,
+        retrieval=bool(config.retrieval),
+        top_k=config.top_k,
+        feature_layer=config.feature_layer,
+        template=config.template,
+        extra=extra,
+    )
+
+
+class BorrowedBank:
+    """A caller's bank: used, never closed."""
+
+    def __init__(self, bank: Any) -> None:
+        self._bank = bank
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bank, name)
+
+    def close(self) -> None:
+        pass
+
+
+def open_checked_bank(target: str, patience_s: float) -> Any:
+    """Open a bank by address or index path; wait up to ``patience_s`` for a server."""
+    if target.endswith(".faiss") and not Path(target).is_file():
+        raise FileNotFoundError(f"bank index {target} not found")
+    bank = open_bank(target)
+    if hasattr(bank, "wait_ready"):
+        try:
+            bank.wait_ready(timeout=patience_s)
+        except errors.Unavailable as e:
+            bank.close()
+            raise RetrievalUnavailable(
+                f"the memory bank at {target} is unreachable ({e}) after waiting "
+                f"{patience_s:.0f} s (--bank-patience); is `bankd serve` running there?"
+            ) from None
+    return bank
+
+
+def connect_retriever(
+    config: TrainConfig, vision: Any, model: TinyAlignConfig, bank: Any | None = None
+) -> Retriever | None:
+    """The run's retriever for a model with this config and vision tower (DualEncoder).
+
+    None without retrieval: no bank is contacted. Raises ``EncoderMismatch`` when the
+    bank's keys come from another encoder, unless ``allow_encoder_mismatch``.
+    """
+    if not model.retrieval:
+        return None
+    if bank is None and not config.bank:
+        raise ValueError("this model uses retrieval: pass --bank HOST:PORT (or --no-retrieval)")
+    if bank is not None:
+        bank = BorrowedBank(bank)
+    else:
+        bank = open_checked_bank(config.bank, config.bank_patience)
+    try:
+        return Retriever.from_bank(
+            bank,
+            vision,
+            model.top_k,
+            feature_layer=model.feature_layer,
+            allow_encoder_mismatch=config.allow_encoder_mismatch,
+            retry_for_s=config.bank_patience,
+        )
+    except Exception:
+        bank.close()
+        raise

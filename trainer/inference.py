@@ -1,0 +1,189 @@
+"""Answers from a trained TinyAlign VLM, with retrieval at prefill.
+
+CPU::
+
+    tinyalign generate --model runs/stage2 --bank localhost:50051 \\
+        --image data/shapes/images/00001.png --prompt "What is in the image?"
+
+Python, batched::
+
+    from tinyalign.inference import generate, load_vlm
+    vlm = load_vlm("runs/stage2", "cpu")               # (model, tokenizer, template)
+    generate(vlm, ["a.png", "b.png"], ["What is it?", "Which colour?"], bank="localhost:50051")
+
+Each prompt is laid out with the model's chat template exactly as in training
+(``build_prompt``), the image's frozen features are computed once, its top-k values are
+retrieved (no exclusion unless ``exclude_ids`` are given) and decoding is greedy unless
+other ``generate`` keyword arguments say otherwise. A model without retrieval (the
+baseline) needs no bank.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from bankd.models.encoders import preprocess_images, resolve_device
+
+from .components import LoadedVLM, load_vlm
+from .config import BorrowedBank, open_checked_bank
+from .conversation import build_prompt
+from .pipeline import autocast, resolve_precision
+from .retrieval import Retriever
+
+log = logging.getLogger(__name__)
+
+__all__ = ["generate", "load_vlm", "LoadedVLM"]
+
+NO_EXCLUSION = -1  # no bank entry has a negative id, so excluding it excludes nothing
+
+
+def _image(item: Image.Image | str | Path | None) -> Image.Image | None:
+    if item is None or isinstance(item, Image.Image):
+        return item
+    path = Path(item)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} not found")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _retriever(bank: Any, vlm: LoadedVLM, top_k: int | None, allow_mismatch: bool, patience: float):
+    """(retriever, owned): a Retriever for ``bank`` (target string, open bank or Retriever)."""
+    if isinstance(bank, Retriever):
+        return bank, False
+    opened = isinstance(bank, (str, Path))
+    handle = open_checked_bank(str(bank), patience) if opened else BorrowedBank(bank)
+    try:
+        retriever = Retriever.from_bank(
+            handle,
+            vlm.model.vision,
+            top_k or vlm.model.config.top_k,
+            feature_layer=vlm.model.config.feature_layer,
+            allow_encoder_mismatch=allow_mismatch,
+            retry_for_s=patience,
+        )
+    except Exception:
+        handle.close()
+        raise
+    return retriever, True
+
+
+@torch.no_grad()
+def generate(
+    model: str | Path | LoadedVLM | tuple,
+    images: list[Image.Image | str | Path | None],
+    prompts: list[str],
+    bank: Any = None,
+    max_new_tokens: int = 64,
+    top_k: int | None = None,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 8,
+    exclude_ids: list[int] | None = None,
+    allow_encoder_mismatch: bool = False,
+    bank_patience: float = 30.0,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """One answer per (image, prompt); ``None`` as an image gives a text-only prompt.
+
+    ``model``: a model directory or what ``load_vlm`` returned. ``bank``: "host:port", a
+    ``.faiss`` path, an open ``BankClient`` / ``LocalBank``, or a ``Retriever``; required
+    when the model uses retrieval. ``top_k`` defaults to the model's. ``exclude_ids``:
+    one bank entry id per image to leave out of its search (e.g. evaluating on bank data).
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    if exclude_ids is not None and len(exclude_ids) != len(images):
+        raise ValueError(f"{len(exclude_ids)} exclude_ids for {len(images)} images")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if isinstance(model, (str, Path)):
+        vlm = load_vlm(model, resolve_device(device), progress=False)
+    else:
+        vlm = LoadedVLM(*model)
+    dev = next(vlm.model.connector.parameters()).device
+    precision = resolve_precision(precision, dev)
+    retriever, owned = None, False
+    if vlm.model.config.retrieval:
+        if bank is None:
+            raise ValueError("this model was trained with retrieval: pass a bank (--bank)")
+        retriever, owned = _retriever(bank, vlm, top_k, allow_encoder_mismatch, bank_patience)
+    try:
+        answers: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            end = start + batch_size
+            excl = exclude_ids[start:end] if exclude_ids is not None else None
+            answers += _generate_batch(
+                vlm,
+                images[start:end],
+                prompts[start:end],
+                retriever,
+                excl,
+                dev,
+                precision,
+                max_new_tokens,
+                generate_kwargs,
+            )
+        return answers
+    finally:
+        if owned:
+            retriever.close()
+
+
+def _generate_batch(
+    vlm: LoadedVLM,
+    images: list[Any],
+    prompts: list[str],
+    retriever: Retriever | None,
+    exclude_ids: list[int] | None,
+    dev: torch.device,
+    precision: str,
+    max_new_tokens: int,
+    generate_kwargs: dict[str, Any],
+) -> list[str]:
+    model, tok = vlm.model, vlm.tokenizer
+    pil = [_image(im) for im in images]
+    rows = [i for i, im in enumerate(pil) if im is not None]
+    ids = [
+        build_prompt(p, tok, vlm.template, has_image=im is not None)
+        for p, im in zip(prompts, pil, strict=True)
+    ]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, x in enumerate(ids):  # right-padded like training; the model re-pads on the left
+        input_ids[r, : len(x)], attention_mask[r, : len(x)] = torch.tensor(x), 1
+    features = retrieved = retrieved_mask = None
+    if rows:
+        pixels = preprocess_images(model.vision.image_processor, [pil[r] for r in rows])
+        with autocast(precision, dev):
+            features = model.image_features(pixels.to(dev))  # (Bi, P, Dv)
+        if retriever is not None:
+            own = (
+                [NO_EXCLUSION] * len(rows)
+                if exclude_ids is None
+                else [exclude_ids[r] for r in rows]
+            )
+            got = retriever.submit(features, torch.tensor(own, dtype=torch.long)).result()
+            retrieved, retrieved_mask = got.values.to(dev), got.mask.to(dev)  # (Bi, k, 32, 96)
+    kwargs = {"do_sample": False, "num_beams": 1, **generate_kwargs}
+    with autocast(precision, dev):
+        new = model.generate(
+            input_ids.to(dev),
+            attention_mask.to(dev),
+            features=features,
+            image_rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            retrieved=retrieved,
+            retrieved_mask=retrieved_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **kwargs,
+        )
+    return [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
