@@ -1,0 +1,155 @@
+"""Reading LLaVA-format image-caption data for the bank builder.
+
+LLaVA-Pretrain JSON is a list of samples::
+
+    {"id": "00017", "image": "images/00017.png",
+     "conversations": [{"from": "human", "value": "<image>\\nDescribe the image."},
+                       {"from": "gpt", "value": "A red circle on the left."}],
+     "attributes": {...}}                       # optional, kept for probes
+
+``load_llava_json`` turns it into ``Sample``s (caption = first gpt turn, prompt = first
+human turn without the ``<image>`` tag). ``ImageCaptionDataset`` opens, decodes and
+preprocesses images and tokenizes captions in ``__getitem__``, so a ``DataLoader``'s
+worker processes do that work; ``collate`` stacks the fixed-size items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from bankd.models.encoders import preprocess_images, tokenize_texts
+
+IMAGE_TAG = "<image>"
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: str | None  # path relative to the image folder; None for text-only samples
+    caption: str  # first gpt turn
+    prompt: str  # first human turn, <image> tag removed
+    attributes: dict | None = None
+
+
+def _first_turn(conversations: list, speaker: str) -> str | None:
+    for turn in conversations:
+        if turn.get("from") == speaker:
+            return turn.get("value")
+    return None
+
+
+def _parse(entry: object, where: str) -> Sample:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+    sample_id = entry.get("id")
+    if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)) or sample_id == "":
+        raise ValueError(f"{where}: missing or invalid 'id' ({sample_id!r})")
+    image = entry.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise ValueError(f"{where}: 'image' must be a non-empty string, got {image!r}")
+    conversations = entry.get("conversations")
+    if not isinstance(conversations, list) or not all(isinstance(t, dict) for t in conversations):
+        raise ValueError(f"{where}: 'conversations' must be a list of turns")
+    caption = _first_turn(conversations, "gpt")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"{where}: no non-empty 'gpt' turn to use as caption")
+    prompt = _first_turn(conversations, "human") or ""
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: the 'human' turn value must be a string")
+    attributes = entry.get("attributes")
+    if attributes is not None and not isinstance(attributes, dict):
+        raise ValueError(f"{where}: 'attributes' must be an object")
+    return Sample(
+        id=str(sample_id),
+        image=image,
+        caption=caption.strip(),
+        prompt=prompt.replace(IMAGE_TAG, "").strip(),
+        attributes=attributes,
+    )
+
+
+def load_llava_json(path: str | os.PathLike) -> list[Sample]:
+    """Parse a LLaVA-format JSON list; malformed entries raise ValueError naming file + index."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read LLaVA JSON {path}: {e}") from e
+    if not isinstance(raw, list):
+        raise ValueError(f"{path}: expected a JSON list of samples, got {type(raw).__name__}")
+    return [_parse(entry, f"{path} entry {i}") for i, entry in enumerate(raw)]
+
+
+def with_images(samples: list[Sample]) -> tuple[list[Sample], int]:
+    """The samples that have an image, and how many were skipped (text-only ones)."""
+    kept = [s for s in samples if s.image is not None]
+    return kept, len(samples) - len(kept)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as RGB; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:  # missing, truncated or not an image
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+class ImageCaptionDataset(Dataset):
+    """Item i = preprocessed pixels of sample i's image and its tokenized caption (and prompt).
+
+    Holds only the encoder's image processor and tokenizer (not the model), so it is cheap
+    to send to DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_folder: str | os.PathLike,
+        encoder,
+        max_text_tokens: int = 48,
+        with_prompt: bool = False,
+    ) -> None:
+        missing = [s.id for s in samples if s.image is None]
+        if missing:
+            raise ValueError(f"samples without image cannot be embedded: ids {missing[:5]}")
+        self.samples = samples
+        self.image_folder = Path(image_folder)
+        self.image_processor = encoder.image_processor
+        self.tokenizer = encoder.tokenizer
+        self.max_text_tokens = min(max_text_tokens, encoder.max_text_tokens)
+        self.with_prompt = with_prompt
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _tokenize(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = tokenize_texts(self.tokenizer, [text], self.max_text_tokens)
+        return ids[0], mask[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[i]
+        image = open_image(self.image_folder / sample.image)
+        pixels = preprocess_images(self.image_processor, [image])[0]
+        ids, mask = self._tokenize(sample.caption)
+        item = {
+            "index": torch.tensor(i),
+            "pixel_values": pixels,
+            "input_ids": ids,
+            "attention_mask": mask,
+        }
+        if self.with_prompt:
+            item["prompt_ids"], item["prompt_mask"] = self._tokenize(sample.prompt)
+        return item
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack the fixed-size tensors of a list of items into a batch."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

@@ -1,0 +1,192 @@
+"""``bankd build`` end to end on tiny data: determinism, sampling, keys == Embed keys.
+
+Uses the tiny encoder, 80 demo pairs and a few Perceiver steps, on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bankd.build import BuildConfig, add_arguments, build_bank, run, select_entries
+from bankd.data import ImageCaptionDataset, load_llava_json
+from bankd.demo_data import DemoDataConfig, generate
+from bankd.models.embedder import Embedder
+from bankd.models.encoders import load_encoder
+from bankd.store import Bank
+from bankd_client.identity import EncoderFingerprint, sample_id_to_int
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    generate(DemoDataConfig(out=out, n=80, heldout=0, seed=0), progress=False)
+    return out
+
+
+def _config(demo: Path, out: Path, **kw) -> BuildConfig:
+    base = dict(
+        data=demo / "data.json",
+        image_folder=demo,
+        out=out,
+        workers=0,
+        batch_size=32,
+        perceiver_steps=3,
+        perceiver_batch_size=16,
+        eval_fraction=0.25,
+        progress=False,
+    )
+    return BuildConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def bank(demo, tmp_path_factory) -> Path:
+    return build_bank(_config(demo, tmp_path_factory.mktemp("bank") / "bank.faiss"))
+
+
+def test_build_writes_a_complete_bank(bank, demo):
+    b = Bank.load(bank)
+    samples = load_llava_json(demo / "data.json")
+    assert b.entries == 80 and b.keys.shape == (80, 128) and b.values.shape == (80, 32, 96)
+    assert b.values.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(b.keys, axis=1), 1.0, atol=1e-5)
+    assert b.ids.tolist() == [sample_id_to_int(s.id) for s in samples]
+    manifest = b.manifest
+    assert manifest["key_function"]["config"]["name"] == "attnpool-v1"
+    assert manifest["config"]["perceiver"]["num_latents"] == 32
+    assert manifest["config"]["perceiver"]["init_seed"] == 0
+    tiny = load_encoder("tiny")
+    assert b.fingerprint("vision_encoder").matches(tiny.vision_fingerprint())
+    report = manifest["report"]
+    assert report["perceiver"]["steps"] == 3
+    assert {"trained", "random_init"} <= set(report["informativeness"])
+    # Values of different entries differ (the reference code's untrained Perceiver did not).
+    v = b.values.astype(np.float32).reshape(80, -1)
+    assert np.abs(v - v.mean(0)).max() > 1e-2
+
+
+def test_same_inputs_and_seed_give_an_identical_bank(bank, demo, tmp_path):
+    again = build_bank(_config(demo, tmp_path / "bank.faiss"))
+    a, b = Bank.load(bank), Bank.load(again)
+    assert np.asarray(a.keys).tobytes() == np.asarray(b.keys).tobytes()
+    assert np.asarray(a.values).tobytes() == np.asarray(b.values).tobytes()
+    assert a.weights("perceiver") == b.weights("perceiver")
+
+
+def test_entries_sampling(demo, tmp_path):
+    samples = load_llava_json(demo / "data.json")
+    picked = select_entries(samples, 30, seed=5)
+    assert len(picked) == 30 and picked == select_entries(samples, 30, seed=5)
+    assert picked != select_entries(samples, 30, seed=6)
+    order = [samples.index(s) for s in picked]
+    assert order == sorted(order)  # file order kept
+    with pytest.raises(ValueError, match="entries"):
+        select_entries(samples, 81, seed=0)
+    path = build_bank(_config(demo, tmp_path / "bank.faiss", entries=30, seed=5))
+    b = Bank.load(path)
+    assert b.entries == 30
+    assert b.ids.tolist() == [sample_id_to_int(s.id) for s in picked]
+    assert json.loads(b.paths.file("sources.json").read_text()) == [s.id for s in picked]
+
+
+def test_embedder_returns_the_stored_key(bank, demo):
+    b = Bank.load(bank)
+    config, weights = b.key_function()
+    embedder = Embedder.from_bank(
+        "tiny", 0, config, weights, expected_vision=b.fingerprint("vision_encoder")
+    )
+    samples = load_llava_json(demo / "data.json")
+    rows = [0, 7, 42]
+    images = [Image.open(demo / samples[r].image) for r in rows]
+    keys = embedder.embed(images)
+    assert keys.dtype == np.float32 and keys.shape == (3, 128)
+    np.testing.assert_allclose(keys, b.keys[rows], atol=1e-5, rtol=0)
+
+
+def test_embedder_refuses_another_encoder(bank):
+    b = Bank.load(bank)
+    config, weights = b.key_function()
+    other = load_encoder("tiny", seed=1).vision_fingerprint()
+    with pytest.raises(ValueError, match="does not match"):
+        Embedder.from_bank("tiny", 0, config, weights, expected_vision=other)
+    fp = b.fingerprint("vision_encoder")
+    assert isinstance(fp, EncoderFingerprint)
+
+
+def test_build_with_text_keys(demo, tmp_path):
+    path = build_bank(_config(demo, tmp_path / "bank.faiss", text_weight=0.3, entries=40))
+    b = Bank.load(path)
+    config, weights = b.key_function()
+    assert config["text_weight"] == 0.3
+    embedder = Embedder.from_bank("tiny", 0, config, weights)
+    samples = select_entries(load_llava_json(demo / "data.json"), 40, seed=0)
+    image = Image.open(demo / samples[3].image)
+    key = embedder.embed([image], [samples[3].prompt])
+    np.testing.assert_allclose(key[0], b.keys[3], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="question"):
+        embedder.embed([image])
+
+
+def _write(path: Path, entries: list) -> Path:
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_duplicate_ids_and_bad_data(demo, tmp_path):
+    raw = json.loads((demo / "data.json").read_text())[:10]
+    dup = _write(tmp_path / "dup.json", raw + [raw[0]])
+    with pytest.raises(ValueError, match="duplicate"):
+        build_bank(_config(demo, tmp_path / "b.faiss", data=dup))
+    assert not (tmp_path / "b.faiss").exists()
+    bad = _write(tmp_path / "bad.json", raw[:3] + [{"id": "x", "conversations": "nope"}])
+    with pytest.raises(ValueError, match=r"bad\.json entry 3"):
+        load_llava_json(bad)
+    no_gpt = _write(tmp_path / "nogpt.json", [{"id": "1", "image": "a.png", "conversations": []}])
+    with pytest.raises(ValueError, match="entry 0.*gpt"):
+        load_llava_json(no_gpt)
+
+
+def test_text_only_samples_are_skipped_and_missing_images_named(demo, tmp_path):
+    raw = json.loads((demo / "data.json").read_text())[:24]
+    text_only = {k: v for k, v in raw[0].items() if k != "image"} | {"id": "text-only"}
+    data = _write(tmp_path / "mixed.json", raw[1:] + [text_only])
+    path = build_bank(_config(demo, tmp_path / "bank.faiss", data=data))
+    b = Bank.load(path)
+    assert b.entries == 23 and b.manifest["report"]["skipped_without_image"] == 1
+    missing = raw[:4] + [dict(raw[4], image="images/does-not-exist.png")]
+    samples = load_llava_json(_write(tmp_path / "missing.json", missing))
+    ds = ImageCaptionDataset(samples, demo, load_encoder("tiny"))
+    with pytest.raises(ValueError, match="does-not-exist.png"):
+        ds[4]
+
+
+def test_cli_flags(demo, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--data",
+            str(demo / "data.json"),
+            "--image-folder",
+            str(demo),
+            "--out",
+            str(tmp_path / "bank.faiss"),
+            "--entries",
+            "24",
+            "--workers",
+            "0",
+            "--perceiver-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
+    assert run(args) == 0
+    assert "24 entries" in capsys.readouterr().out
+    assert Bank.load(tmp_path / "bank.faiss").entries == 24
