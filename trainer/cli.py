@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _training_flags(sub.add_parser("pretrain", help="stage 1: train the connectors"), 1)
     _training_flags(sub.add_parser("finetune", help="stage 2: also train the LLM"), 2)
+    from . import experiment
+
+    e = sub.add_parser("experiment", help="baseline vs TinyAlign stage 1 on the same data")
+    experiment.add_arguments(e)
     g = sub.add_parser("generate", help="answer prompts about images")
     g.add_argument("--model", required=True, help="a pretrain/finetune --out directory")
     g.add_argument("--bank", help='"host:port" or a bank .faiss path (retrieval models)')
@@ -215,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "experiment":
+            from . import experiment
+
+            return experiment.run(args)
         from .train import train
 
         result = train(config_from_args(args))
