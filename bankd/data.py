@@ -7,7 +7,8 @@ LLaVA-Pretrain JSON is a list of samples::
                        {"from": "gpt", "value": "A red circle on the left."}],
      "attributes": {...}}                       # optional, kept for probes
 
-``load_llava_json`` turns it into ``Sample``s (caption = first gpt turn, prompt = first
+``load_llava_json`` turns it into ``Sample``s; ``select_entries``, ``entry_ids`` and
+``split_pairs`` pick, number and split them for a bank (caption = first gpt turn, prompt = first
 human turn without the ``<image>`` tag). ``ImageCaptionDataset`` opens, decodes and
 preprocesses images and tokenizes captions in ``__getitem__``, so a ``DataLoader``'s
 worker processes do that work; ``collate`` stacks the fixed-size items.
@@ -20,11 +21,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from bankd.models.encoders import preprocess_images, tokenize_texts
+from bankd_client.identity import sample_id_to_int
 
 IMAGE_TAG = "<image>"
 
@@ -91,6 +94,35 @@ def with_images(samples: list[Sample]) -> tuple[list[Sample], int]:
     """The samples that have an image, and how many were skipped (text-only ones)."""
     kept = [s for s in samples if s.image is not None]
     return kept, len(samples) - len(kept)
+
+
+def select_entries(samples: list[Sample], entries: int | None, seed: int) -> list[Sample]:
+    """A seeded sample of ``entries`` pairs, kept in file order; all when None."""
+    if entries is None or entries == len(samples):
+        return samples
+    if not 1 <= entries <= len(samples):
+        raise ValueError(f"entries={entries} but there are {len(samples)} pairs with an image")
+    rng = np.random.default_rng([seed, 0])
+    return [samples[i] for i in np.sort(rng.choice(len(samples), entries, replace=False))]
+
+
+def entry_ids(samples: list[Sample]) -> np.ndarray:
+    """The int64 entry id of every sample (``sample_id_to_int``); duplicates raise."""
+    ids = np.array([sample_id_to_int(s.id) for s in samples], dtype=np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = {int(i) for i in uniq[counts > 1]}
+        names = sorted({s.id for s in samples if sample_id_to_int(s.id) in dup})[:5]
+        raise ValueError(f"duplicate sample ids in the data: {names}")
+    return ids
+
+
+def split_pairs(n: int, eval_fraction: float, train_cap: int, seed: int):
+    """(training rows, evaluation rows) of n pairs: disjoint, seeded, sorted; at most
+    ``train_cap`` training rows."""
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    n_eval = int(round(eval_fraction * n)) if n > 1 else 0
+    return np.sort(perm[n_eval:][:train_cap]), np.sort(perm[:n_eval])
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

@@ -20,9 +20,18 @@ including any wait for retrieval. Runs alternate between the two configurations
 ``--warmup`` steps, so machine drift hits both alike; block ``b`` uses seed ``seed + b``
 for both configurations. It prints median, p90 and mean retrieval wait per step for each,
 then ``ratio(remote/in-process step time) = X.XX`` (medians; target <= 1.05).
+``OPENBLAS_NUM_THREADS=1`` and ``OMP_WAIT_POLICY=PASSIVE`` are set unless given (the
+server child inherits them).
 """
 
 from __future__ import annotations
+
+import os
+
+# Before numpy/torch load: the in-process search's BLAS threads must not spin on the cores
+# the training step runs on (that would flatter the remote bank), nor OpenMP's.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import csv

@@ -86,7 +86,7 @@ class ExperimentConfig:
     top_k: int = 5
     seed: int = 0
     max_length: int = 512
-    perceiver_steps: int = 300  # bankd build's default; only when the bank is built here
+    perceiver_steps: int | None = None  # None: bankd build's default (bank built here only)
     tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS
     workers: int = 1
     device: str = "auto"
@@ -192,9 +192,10 @@ def ensure_bank(config: ExperimentConfig, folder: Path, directory: Path) -> tupl
     from bankd.store import BankPaths
 
     index = directory / "bank.faiss"
+    steps = {} if config.perceiver_steps is None else {"perceiver_steps": config.perceiver_steps}
     build = BuildConfig(data=Path(config.data), image_folder=folder, out=index, seed=config.seed,
-                        perceiver_steps=config.perceiver_steps, workers=config.workers,
-                        device=config.device, progress=config.progress)
+                        workers=config.workers, device=config.device, progress=config.progress,
+                        **steps)
     keys = ("encoder", "seed", "perceiver_steps", "index_factory", "entries")
     want = {k: build.to_dict()[k] for k in keys}
     want["data_sha256"] = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()
@@ -268,8 +269,8 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:  # the server stops on errors too
         bank = config.bank
-        bank_info = {"target": bank, "mode": "in-process" if bank and bank.endswith(".faiss")
-                     else "given server"}
+        local = bank is not None and (bank.endswith(".faiss") or Path(bank).exists())
+        bank_info = {"target": bank, "mode": "in-process" if local else "given server"}
         if bank is None:
             with _phase(times, "bank build"):
                 index, built = ensure_bank(config, Path(folder), out / "bank")
@@ -435,7 +436,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=512, help="text tokens per sample")
-    p.add_argument("--perceiver-steps", type=int, default=300, help="when building the bank")
+    p.add_argument("--perceiver-steps", type=int, help="bank build (default: bankd build's)")
     p.add_argument("--tiny-llm-steps", type=int, default=DEFAULT_PRETRAIN_STEPS)
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
     p.add_argument("--device", default="auto")
@@ -465,9 +466,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wall time {summary['wall_s']:.0f} s; summary in {Path(args.out) / 'summary.json'}")
     return 0
 
-
-if __name__ == "__main__":  # python -m tinyalign.experiment ... (same flags)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="tinyalign experiment")
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))

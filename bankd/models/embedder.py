@@ -11,14 +11,17 @@ never the caption: a query never contains its own answer (DESIGN decision 1).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from PIL import Image
 
-from bankd_client.identity import EncoderFingerprint
-
 from .encoders import DualEncoder, autocast_context, load_encoder
 from .keys import KeyFunction
+
+if TYPE_CHECKING:
+    from bankd_client.identity import EncoderFingerprint
 
 # Question tokens fed to the text tower for a key's text component.
 QUERY_TEXT_TOKENS = 64

@@ -21,13 +21,15 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from PIL import Image
 from torch import nn
 
-from bankd_client.identity import EncoderFingerprint, fingerprint_encoder
+if TYPE_CHECKING:
+    from bankd_client.identity import EncoderFingerprint
 
 TINY_NAME = "tiny"
 TINY_IMAGE_SIZE = 64
@@ -233,11 +235,16 @@ class DualEncoder(nn.Module):
         return out.last_hidden_state
 
     def vision_fingerprint(self) -> EncoderFingerprint:
+        # Imported here: the bankd_client package pulls in grpc, which model code avoids.
+        from bankd_client.identity import fingerprint_encoder
+
         if "vision" not in self._fingerprints:
             self._fingerprints["vision"] = fingerprint_encoder(self.vision_model, self.model_id)
         return self._fingerprints["vision"]
 
     def text_fingerprint(self) -> EncoderFingerprint:
+        from bankd_client.identity import fingerprint_encoder
+
         if "text" not in self._fingerprints:
             self._fingerprints["text"] = fingerprint_encoder(self.text_model, self.model_id)
         return self._fingerprints["text"]

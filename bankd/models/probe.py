@@ -214,7 +214,7 @@ def connector_probe(
     train_attributes: list[dict],
     test_values,
     test_attributes: list[dict],
-    epochs: int = 60,
+    epochs: int = 20,
     lr: float = 1e-3,
     seed: int = 0,
 ) -> dict:

@@ -190,3 +190,28 @@ def test_cli_flags(demo, tmp_path, capsys):
     assert run(args) == 0
     assert "24 entries" in capsys.readouterr().out
     assert Bank.load(tmp_path / "bank.faiss").entries == 24
+
+
+def test_trained_values_are_at_least_as_informative_and_far_less_redundant(tmp_path):
+    """Trained vs. untrained compressor (same seed) on held-out demo pairs, via the build's
+    own report. Measured at this size: caption-word AUC 0.946 vs 0.936, attribute ridge
+    0.857 vs 0.845, connector 0.685 vs 0.637, token cosine 0.47 vs 0.96. The untrained
+    compressor is already a good random-feature map of this easy data, so content is
+    asserted to be no worse (100 test pairs: +-0.03 noise) and redundancy much lower."""
+    generate(DemoDataConfig(out=tmp_path / "d", n=500, heldout=0, seed=1), progress=False)
+    config = BuildConfig(
+        data=tmp_path / "d" / "data.json",
+        image_folder=tmp_path / "d",
+        out=tmp_path / "bank.faiss",
+        perceiver_steps=200,
+        eval_fraction=0.2,
+        workers=0,
+        progress=False,
+    )
+    info = Bank.load(build_bank(config)).manifest["report"]["informativeness"]
+    trained, untrained = info["trained"], info["random_init"]
+    assert info["test_pairs"] == 100 and trained["attribute_ridge"] > 3 * info["attribute_chance"]
+    for probe in ("caption_word_auc", "attribute_ridge", "attribute_connector"):
+        assert trained[probe] >= untrained[probe] - 0.03, probe
+    assert trained["token_cosine"] < untrained["token_cosine"] - 0.3
+    assert trained["value_cosine"] < untrained["value_cosine"]
