@@ -77,30 +77,60 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path]:
         progress(f"reusing the bank {index}")
     else:
         progress(f"building a bank from {data} ({args.perceiver_steps} Perceiver steps)")
-        build_bank(BuildConfig(data=data, image_folder=folder, out=index, seed=args.seed,
-                               perceiver_steps=args.perceiver_steps, eval_fraction=0.0,
-                               workers=0, progress=False))
+        build_bank(
+            BuildConfig(
+                data=data,
+                image_folder=folder,
+                out=index,
+                seed=args.seed,
+                perceiver_steps=args.perceiver_steps,
+                eval_fraction=0.0,
+                workers=0,
+                progress=False,
+            )
+        )
     return data, folder, index
 
 
 def run_block(args, data: Path, folder: Path, bank: str, out: Path, seed: int) -> list[dict]:
     """One short trainer run; its metrics.csv rows after the warm-up steps."""
-    train(TrainConfig(data=str(data), image_folder=str(folder), out=str(out), bank=bank,
-                      top_k=args.k, batch_size=args.batch_size, steps=args.warmup + args.block,
-                      seed=seed, workers=args.workers, device=args.device, progress=False,
-                      log_every=10_000, tiny_llm_steps=args.tiny_llm_steps))
+    train(
+        TrainConfig(
+            data=str(data),
+            image_folder=str(folder),
+            out=str(out),
+            bank=bank,
+            top_k=args.k,
+            batch_size=args.batch_size,
+            steps=args.warmup + args.block,
+            seed=seed,
+            workers=args.workers,
+            device=args.device,
+            progress=False,
+            log_every=10_000,
+            tiny_llm_steps=args.tiny_llm_steps,
+        )
+    )
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))[args.warmup :]
-    return [{"step_s": args.batch_size / float(r["samples_per_s"]),
-             "wait_s": float(r["retrieval_wait_ms"]) / 1000} for r in rows]
+    return [
+        {
+            "step_s": args.batch_size / float(r["samples_per_s"]),
+            "wait_s": float(r["retrieval_wait_ms"]) / 1000,
+        }
+        for r in rows
+    ]
 
 
 def stats(rows: list[dict]) -> dict[str, float]:
     steps = sorted(r["step_s"] for r in rows)
-    return {"steps": len(steps), "median_s": statistics.median(steps),
-            "p90_s": steps[min(len(steps) - 1, int(round(0.9 * (len(steps) - 1))))],
-            "mean_s": statistics.fmean(steps),
-            "mean_wait_s": statistics.fmean(r["wait_s"] for r in rows)}
+    return {
+        "steps": len(steps),
+        "median_s": statistics.median(steps),
+        "p90_s": steps[min(len(steps) - 1, int(round(0.9 * (len(steps) - 1))))],
+        "mean_s": statistics.fmean(steps),
+        "mean_wait_s": statistics.fmean(r["wait_s"] for r in rows),
+    }
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -110,18 +140,28 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     progress("starting `bankd serve` in a child process")
     with BankServerProcess(index, workdir / "server.log") as server:
         targets = {"remote": server.address, "in-process": str(index)}
-        progress(f"bankd on {server.address}; {blocks} blocks x {args.block} steps per "
-                 f"configuration, {args.warmup} warm-up steps each")
+        progress(
+            f"bankd on {server.address}; {blocks} blocks x {args.block} steps per "
+            f"configuration, {args.warmup} warm-up steps each"
+        )
         for b in range(blocks):
             order = CONFIGS if b % 2 == 0 else CONFIGS[::-1]
             for name in order:
                 t0 = time.perf_counter()
-                got = run_block(args, data, folder, targets[name],
-                                workdir / "runs" / f"{name}-{b}", args.seed + b)
+                got = run_block(
+                    args,
+                    data,
+                    folder,
+                    targets[name],
+                    workdir / "runs" / f"{name}-{b}",
+                    args.seed + b,
+                )
                 rows[name] += got
-                progress(f"block {b + 1}/{blocks} {name:10s} median step "
-                         f"{1000 * statistics.median(r['step_s'] for r in got):.1f} ms "
-                         f"({time.perf_counter() - t0:.1f} s)")
+                progress(
+                    f"block {b + 1}/{blocks} {name:10s} median step "
+                    f"{1000 * statistics.median(r['step_s'] for r in got):.1f} ms "
+                    f"({time.perf_counter() - t0:.1f} s)"
+                )
     result = {c: stats(rows[c][: args.steps]) for c in CONFIGS}
     result["ratio"] = result["remote"]["median_s"] / result["in-process"]["median_s"]
     result["config"] = {k: v for k, v in vars(args).items() if k != "json"}
@@ -131,15 +171,19 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> str:
     c = r["config"]
-    lines = [f"training step, batch {c['batch_size']}, top-{c['k']}, prefetch on, "
-             f"{r['remote']['steps']} measured steps per configuration, "
-             f"torch threads {c['torch_threads']}",
-             f"{'configuration':14s} {'median ms':>10s} {'p90 ms':>8s} {'mean ms':>8s} "
-             f"{'retrieval wait ms/step':>23s}"]
+    lines = [
+        f"training step, batch {c['batch_size']}, top-{c['k']}, prefetch on, "
+        f"{r['remote']['steps']} measured steps per configuration, "
+        f"torch threads {c['torch_threads']}",
+        f"{'configuration':14s} {'median ms':>10s} {'p90 ms':>8s} {'mean ms':>8s} "
+        f"{'retrieval wait ms/step':>23s}",
+    ]
     for name in CONFIGS:
         s = r[name]
-        lines.append(f"{name:14s} {1000 * s['median_s']:10.1f} {1000 * s['p90_s']:8.1f} "
-                     f"{1000 * s['mean_s']:8.1f} {1000 * s['mean_wait_s']:23.2f}")
+        lines.append(
+            f"{name:14s} {1000 * s['median_s']:10.1f} {1000 * s['p90_s']:8.1f} "
+            f"{1000 * s['mean_s']:8.1f} {1000 * s['mean_wait_s']:23.2f}"
+        )
     lines.append(f"ratio(remote/in-process step time) = {r['ratio']:.2f}")
     return "\n".join(lines)
 
@@ -159,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny-llm-steps", type=int, default=50, help="tiny LM pretraining (cached)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: fastest for tiny models on a shared CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: fastest for tiny models on a shared CPU)",
+    )
     p.add_argument("--workdir", help="keep data, bank and runs here (default: a temp folder)")
     p.add_argument("--json", help="write every figure and the configuration here")
     args = p.parse_args(argv)

@@ -115,13 +115,27 @@ class BankServerProcess:
         self.stop()
 
     def start(self) -> BankServerProcess:
-        args = ["serve", "--index", str(self.index), "--host", "127.0.0.1", "--port", "0",
-                "--metrics-port", "-1", "--no-embed", "--grace", "2"]
+        args = [
+            "serve",
+            "--index",
+            str(self.index),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--no-embed",
+            "--grace",
+            "2",
+        ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE_CHILD, str(os.getpid()), *args], text=True,
-            stdout=subprocess.PIPE, stderr=self._log,
+            [sys.executable, "-c", _SERVE_CHILD, str(os.getpid()), *args],
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
             env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # no spinning on shared cores
         )
         lines: queue.Queue[str | None] = queue.Queue()
@@ -139,8 +153,9 @@ class BankServerProcess:
         except BaseException as e:
             self.stop()
             if isinstance(e, queue.Empty):
-                raise RuntimeError(f"bankd serve did not start in {self.start_timeout:.0f} s; "
-                                   f"see {self.log_path}") from None
+                raise RuntimeError(
+                    f"bankd serve did not start in {self.start_timeout:.0f} s; see {self.log_path}"
+                ) from None
             raise
         log.info("bankd serving %s on %s (pid %d)", self.index, self.address, self.proc.pid)
         return self
@@ -193,9 +208,16 @@ def ensure_bank(config: ExperimentConfig, folder: Path, directory: Path) -> tupl
 
     index = directory / "bank.faiss"
     steps = {} if config.perceiver_steps is None else {"perceiver_steps": config.perceiver_steps}
-    build = BuildConfig(data=Path(config.data), image_folder=folder, out=index, seed=config.seed,
-                        workers=config.workers, device=config.device, progress=config.progress,
-                        **steps)
+    build = BuildConfig(
+        data=Path(config.data),
+        image_folder=folder,
+        out=index,
+        seed=config.seed,
+        workers=config.workers,
+        device=config.device,
+        progress=config.progress,
+        **steps,
+    )
     keys = ("encoder", "seed", "perceiver_steps", "index_factory", "entries")
     want = {k: build.to_dict()[k] for k in keys}
     want["data_sha256"] = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()
@@ -230,26 +252,46 @@ def plan_runs(config: ExperimentConfig, n_samples: int) -> list[RunSpec]:
         if n < config.batch_size:
             raise ValueError(f"fraction {f} leaves {n} samples, fewer than the batch size")
         steps, tag = max(1, round(config.steps * n / n_top)), "" if f == top else f"-{f:g}"
-        runs += [RunSpec(f"baseline{tag}", False, f, steps, n),
-                 RunSpec(f"tinyalign{tag}", True, f, steps, n)]
+        runs += [
+            RunSpec(f"baseline{tag}", False, f, steps, n),
+            RunSpec(f"tinyalign{tag}", True, f, steps, n),
+        ]
     return runs
 
 
-def heldout_loss(run_dir: Path, eval_data: str, folder: str, bank: str | None,
-                 config: ExperimentConfig) -> float:
+def heldout_loss(
+    run_dir: Path, eval_data: str, folder: str, bank: str | None, config: ExperimentConfig
+) -> float:
     """Token-weighted held-out loss of a saved model (with retrieval if it has a RAG connector)."""
     device = resolve_device(config.device)
     model, tokenizer, template = load_vlm(run_dir, device, progress=False)
-    dataset = VLMDataset(eval_data, folder, tokenizer, template,
-                         partial(preprocess_images, model.vision.image_processor),
-                         max_length=config.max_length, seed=config.seed)
+    dataset = VLMDataset(
+        eval_data,
+        folder,
+        tokenizer,
+        template,
+        partial(preprocess_images, model.vision.image_processor),
+        max_length=config.max_length,
+        seed=config.seed,
+    )
     retriever = None
     if model.config.retrieval:
-        retriever = Retriever.from_bank(open_bank(bank), model.vision, model.config.top_k,
-                                        feature_layer=model.config.feature_layer)
+        retriever = Retriever.from_bank(
+            open_bank(bank),
+            model.vision,
+            model.config.top_k,
+            feature_layer=model.config.feature_layer,
+        )
     try:
-        return evaluate(model, dataset, retriever, batch_size=config.batch_size, device=device,
-                        precision=resolve_precision("auto", device), workers=config.workers)
+        return evaluate(
+            model,
+            dataset,
+            retriever,
+            batch_size=config.batch_size,
+            device=device,
+            precision=resolve_precision("auto", device),
+            workers=config.workers,
+        )
     finally:
         if retriever is not None:
             retriever.close()
@@ -277,59 +319,100 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
             with _phase(times, "bank server start"):
                 server = stack.enter_context(BankServerProcess(index, out / "bank" / "server.log"))
             bank = server.address
-            bank_info = {"target": bank, "mode": "bankd serve subprocess, gRPC on loopback",
-                         "index": str(index), "built_now": built}
+            bank_info = {
+                "target": bank,
+                "mode": "bankd serve subprocess, gRPC on loopback",
+                "index": str(index),
+                "built_now": built,
+            }
         for i, run in enumerate(runs, 1):
             with _phase(times, f"run {i}/{len(runs)} {run.name} ({run.steps} steps)"):
-                result = train(TrainConfig(
-                    data=config.data, out=str(out / "runs" / run.name), image_folder=folder,
-                    bank=bank if run.retrieval else None, retrieval=run.retrieval,
-                    top_k=config.top_k, batch_size=config.batch_size, steps=run.steps,
-                    max_length=config.max_length, data_fraction=run.fraction, seed=config.seed,
-                    workers=config.workers, device=config.device, progress=config.progress,
-                    log_every=max(1, run.steps // 10), tiny_llm_steps=config.tiny_llm_steps))
-            results[run.name] = {**asdict(run), "final_loss": final_loss(result.losses),
-                                 "last_step_loss": result.losses[-1], "losses": result.losses,
-                                 "epochs": run.steps * config.batch_size / run.samples,
-                                 "seconds": round(result.seconds, 1), "heldout_loss": None}
+                result = train(
+                    TrainConfig(
+                        data=config.data,
+                        out=str(out / "runs" / run.name),
+                        image_folder=folder,
+                        bank=bank if run.retrieval else None,
+                        retrieval=run.retrieval,
+                        top_k=config.top_k,
+                        batch_size=config.batch_size,
+                        steps=run.steps,
+                        max_length=config.max_length,
+                        data_fraction=run.fraction,
+                        seed=config.seed,
+                        workers=config.workers,
+                        device=config.device,
+                        progress=config.progress,
+                        log_every=max(1, run.steps // 10),
+                        tiny_llm_steps=config.tiny_llm_steps,
+                    )
+                )
+            results[run.name] = {
+                **asdict(run),
+                "final_loss": final_loss(result.losses),
+                "last_step_loss": result.losses[-1],
+                "losses": result.losses,
+                "epochs": run.steps * config.batch_size / run.samples,
+                "seconds": round(result.seconds, 1),
+                "heldout_loss": None,
+            }
         if eval_data is not None:
             with _phase(times, f"held-out eval on {eval_data}"):
                 for run in runs:
                     results[run.name]["heldout_loss"] = heldout_loss(
-                        out / "runs" / run.name, eval_data, folder, bank, config)
-    summary = {"config": asdict(config), "final_loss_definition": FINAL_NOTE,
-               "eval_data": eval_data, "bank": bank_info, **_compare(config, runs, results),
-               "runs": {k: {n: v for n, v in r.items() if n != "losses"}
-                        for k, r in results.items()},
-               "timings_s": times, "wall_s": round(time.perf_counter() - t_start, 1)}
+                        out / "runs" / run.name, eval_data, folder, bank, config
+                    )
+    summary = {
+        "config": asdict(config),
+        "final_loss_definition": FINAL_NOTE,
+        "eval_data": eval_data,
+        "bank": bank_info,
+        **_compare(config, runs, results),
+        "runs": {k: {n: v for n, v in r.items() if n != "losses"} for k, r in results.items()},
+        "timings_s": times,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
     with (out / "loss_curves.csv").open("w") as f:
         f.write("step,run,loss\n")
         for r in runs:
             losses = results[r.name]["losses"]
             f.writelines(f"{s},{r.name},{v:.6f}\n" for s, v in enumerate(losses, 1))
-    plot_curves({r.name: results[r.name]["losses"] for r in runs}, out / "loss_curves.png",
-                title=f"stage-1 training loss: baseline vs TinyAlign (top-{config.top_k})")
+    plot_curves(
+        {r.name: results[r.name]["losses"] for r in runs},
+        out / "loss_curves.png",
+        title=f"stage-1 training loss: baseline vs TinyAlign (top-{config.top_k})",
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 def _compare(config: ExperimentConfig, runs: list[RunSpec], results: dict) -> dict[str, Any]:
     """Baseline vs TinyAlign per fraction, and TinyAlign on less data vs the full baseline."""
+
     def pair(b: float | None, t: float | None) -> dict[str, float | None]:
-        return {"baseline": b, "tinyalign": t,
-                "reduction": None if b is None or t is None else reduction(b, t)}
+        return {
+            "baseline": b,
+            "tinyalign": t,
+            "reduction": None if b is None or t is None else reduction(b, t),
+        }
 
     def pct(p: dict) -> str:
-        return f"baseline {p['baseline']:.3f}, TinyAlign {p['tinyalign']:.3f} " \
-               f"({-100 * p['reduction']:+.1f}%)"
+        return (
+            f"baseline {p['baseline']:.3f}, TinyAlign {p['tinyalign']:.3f} "
+            f"({-100 * p['reduction']:+.1f}%)"
+        )
 
     comparisons, efficiency, lines = [], [], []
     full = results[runs[0].name]
     for base, rag in zip(runs[::2], runs[1::2], strict=True):
         b, t = results[base.name], results[rag.name]
-        c = {"fraction": base.fraction, "steps": base.steps, "runs": [base.name, rag.name],
-             "final_loss": pair(b["final_loss"], t["final_loss"]),
-             "heldout_loss": pair(b["heldout_loss"], t["heldout_loss"])}
+        c = {
+            "fraction": base.fraction,
+            "steps": base.steps,
+            "runs": [base.name, rag.name],
+            "final_loss": pair(b["final_loss"], t["final_loss"]),
+            "heldout_loss": pair(b["heldout_loss"], t["heldout_loss"]),
+        }
         where = "" if base is runs[0] else f" on {100 * base.fraction:g}% of the data"
         line = f"stage-1 loss at step {base.steps}{where}: {pct(c['final_loss'])}"
         if b["heldout_loss"] is not None:
@@ -338,28 +421,42 @@ def _compare(config: ExperimentConfig, runs: list[RunSpec], results: dict) -> di
         lines.append(line)
         if base is not runs[0] and t["heldout_loss"] is not None:
             e = pair(full["heldout_loss"], t["heldout_loss"])
-            efficiency.append({"runs": [runs[0].name, rag.name], "epochs": t["epochs"],
-                               "heldout_loss": e})
+            efficiency.append(
+                {"runs": [runs[0].name, rag.name], "epochs": t["epochs"], "heldout_loss": e}
+            )
             lines.append(
                 f"data efficiency (held-out loss, same {t['epochs']:.2f} epochs): TinyAlign on "
                 f"{100 * rag.fraction:g}% of the data ({rag.samples} samples, {rag.steps} steps) "
                 f"{e['tinyalign']:.3f} vs baseline on {100 * runs[0].fraction:g}% "
                 f"({runs[0].samples} samples, {runs[0].steps} steps) {e['baseline']:.3f} "
-                f"({-100 * e['reduction']:+.1f}%)")
-    lines.append(f"({FINAL_NOTE}; % = (TinyAlign - baseline) / baseline; TinyAlign retrieves "
-                 f"top-{config.top_k} with self-exclusion)")
+                f"({-100 * e['reduction']:+.1f}%)"
+            )
+    lines.append(
+        f"({FINAL_NOTE}; % = (TinyAlign - baseline) / baseline; TinyAlign retrieves "
+        f"top-{config.top_k} with self-exclusion)"
+    )
     return {"comparisons": comparisons, "data_efficiency": efficiency, "lines": lines}
 
 
-PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-           (23, 190, 207), (140, 86, 75), (227, 119, 194))
+PALETTE = (
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (23, 190, 207),
+    (140, 86, 75),
+    (227, 119, 194),
+)
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
     """Centred moving average; the window shrinks at the ends."""
     h = window // 2
-    return [sum(values[max(0, i - h) : i + h + 1]) / len(values[max(0, i - h) : i + h + 1])
-            for i in range(len(values))]
+    return [
+        sum(values[max(0, i - h) : i + h + 1]) / len(values[max(0, i - h) : i + h + 1])
+        for i in range(len(values))
+    ]
 
 
 def _ticks(lo: float, hi: float, n: int = 6) -> list[float]:
@@ -370,8 +467,13 @@ def _ticks(lo: float, hi: float, n: int = 6) -> list[float]:
     return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 
-def plot_curves(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str = "",
-                size: tuple[int, int] = (960, 600)) -> Path:
+def plot_curves(
+    curves: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    title: str = "",
+    size: tuple[int, int] = (960, 600),
+) -> Path:
     """Loss per step of each run, raw (faint) and smoothed, with axes, ticks and a legend."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -404,8 +506,11 @@ def plot_curves(curves: Mapping[str, Sequence[float]], path: str | Path, *, titl
     draw.text(((left + right) / 2, size[1] - 6), "optimizer step", "black", font, anchor="md")
     draw.text((8, top - 22), "training loss", fill="black", font=font)
     draw.text(((left + right) / 2, 10), title, fill="black", font=font, anchor="ma")
-    draw.rectangle([right - 200, top + 4, right - 6, top + 12 + 20 * len(curves)],
-                   fill="white", outline=(180, 180, 180))
+    draw.rectangle(
+        [right - 200, top + 4, right - 6, top + 12 + 20 * len(curves)],
+        fill="white",
+        outline=(180, 180, 180),
+    )
     for i, (name, values) in enumerate(curves.items()):
         color = PALETTE[i % len(PALETTE)]
         faint = tuple(int(c + 0.7 * (255 - c)) for c in color)
@@ -429,8 +534,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="experiment directory")
     p.add_argument("--bank", help='"host:port" or a .faiss path (default: build and serve one)')
     p.add_argument("--eval-data", help="held-out JSON (default: heldout.json next to --data)")
-    p.add_argument("--fractions", default="0.4,1.0",
-                   help="data fractions; smaller ones train for the same epochs (default 0.4,1.0)")
+    p.add_argument(
+        "--fractions",
+        default="0.4,1.0",
+        help="data fractions; smaller ones train for the same epochs (default 0.4,1.0)",
+    )
     p.add_argument("--steps", type=int, default=250, help="optimizer steps, largest fraction")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-k", type=int, default=5)
@@ -448,12 +556,23 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``tinyalign experiment``: prints the comparison; 2 on bad input."""
     try:
         config = ExperimentConfig(
-            data=args.data, out=args.out, image_folder=args.image_folder, eval_data=args.eval_data,
-            bank=args.bank, fractions=tuple(float(f) for f in args.fractions.split(",") if f),
-            steps=args.steps, batch_size=args.batch_size, top_k=args.top_k, seed=args.seed,
-            max_length=args.max_length, perceiver_steps=args.perceiver_steps,
-            tiny_llm_steps=args.tiny_llm_steps, workers=args.workers, device=args.device,
-            progress=not args.no_progress)
+            data=args.data,
+            out=args.out,
+            image_folder=args.image_folder,
+            eval_data=args.eval_data,
+            bank=args.bank,
+            fractions=tuple(float(f) for f in args.fractions.split(",") if f),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_length=args.max_length,
+            perceiver_steps=args.perceiver_steps,
+            tiny_llm_steps=args.tiny_llm_steps,
+            workers=args.workers,
+            device=args.device,
+            progress=not args.no_progress,
+        )
         if args.threads or resolve_device(config.device).type == "cpu":
             # Unless OMP_WAIT_POLICY=passive was set before torch loaded, a second spinning
             # thread makes tiny-model steps up to 20x slower on a shared machine.
@@ -465,4 +584,3 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(summary["lines"]))
     print(f"wall time {summary['wall_s']:.0f} s; summary in {Path(args.out) / 'summary.json'}")
     return 0
-

@@ -52,10 +52,29 @@ def test_tiny_experiment_end_to_end(demo: Any, tmp_path: Path, monkeypatch, keep
 
     monkeypatch.setattr(experiment, "BankServerProcess", Recorded)
     out = tmp_path / "exp"
-    args = parse("--data", str(demo.data), "--image-folder", str(demo.images), "--out", str(out),
-                 "--steps", "6", "--batch-size", "4", "--max-length", "64", "--fractions", "0.5,1",
-                 "--perceiver-steps", "2", "--tiny-llm-steps", str(demo.tiny_llm_steps),
-                 "--workers", "0", "--no-progress")
+    args = parse(
+        "--data",
+        str(demo.data),
+        "--image-folder",
+        str(demo.images),
+        "--out",
+        str(out),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "64",
+        "--fractions",
+        "0.5,1",
+        "--perceiver-steps",
+        "2",
+        "--tiny-llm-steps",
+        str(demo.tiny_llm_steps),
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     assert run(args) == 0
 
     # the real server was started once, over gRPC on loopback, and is gone now
@@ -70,7 +89,11 @@ def test_tiny_experiment_end_to_end(demo: Any, tmp_path: Path, monkeypatch, keep
         assert int(r["step"]) == len(losses[r["run"]])
     # same epochs: 32 samples train for half the steps of 64
     assert {k: len(v) for k, v in losses.items()} == {
-        "baseline": 6, "tinyalign": 6, "baseline-0.5": 3, "tinyalign-0.5": 3}
+        "baseline": 6,
+        "tinyalign": 6,
+        "baseline-0.5": 3,
+        "tinyalign-0.5": 3,
+    }
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["bank"]["built_now"] and summary["eval_data"] == str(demo.heldout)
@@ -87,7 +110,8 @@ def test_tiny_experiment_end_to_end(demo: Any, tmp_path: Path, monkeypatch, keep
     assert eff["runs"] == ["baseline", "tinyalign-0.5"] and eff["epochs"] == pytest.approx(0.375)
     runs = summary["runs"]
     assert eff["heldout_loss"]["reduction"] == pytest.approx(
-        reduction(runs["baseline"]["heldout_loss"], runs["tinyalign-0.5"]["heldout_loss"]))
+        reduction(runs["baseline"]["heldout_loss"], runs["tinyalign-0.5"]["heldout_loss"])
+    )
     assert runs["tinyalign-0.5"]["samples"] == 32
     assert any(line.startswith("stage-1 loss at step 6: baseline") for line in summary["lines"])
     for phase in ("bank build", "bank server start"):
@@ -111,8 +135,10 @@ def test_plan_runs_keeps_epochs_equal() -> None:
     config = ExperimentConfig(data="d.json", out="o", steps=250, fractions=(1.0, 0.4))
     runs = plan_runs(config, 2000)
     assert [(r.name, r.retrieval, r.steps, r.samples) for r in runs] == [
-        ("baseline", False, 250, 2000), ("tinyalign", True, 250, 2000),
-        ("baseline-0.4", False, 100, 800), ("tinyalign-0.4", True, 100, 800),
+        ("baseline", False, 250, 2000),
+        ("tinyalign", True, 250, 2000),
+        ("baseline-0.4", False, 100, 800),
+        ("tinyalign-0.4", True, 100, 800),
     ]
     with pytest.raises(ValueError, match="fewer than the batch size"):
         plan_runs(ExperimentConfig(data="d.json", out="o", fractions=(0.001, 1.0)), 2000)
@@ -133,8 +159,10 @@ def test_missing_data_exits_2(tmp_path: Path, capsys, keep_threads) -> None:
 
 
 def test_plot_draws_curves_in_the_plot_area(tmp_path: Path) -> None:
-    curves = {"baseline": [2.0 - 0.01 * i for i in range(100)],
-              "tinyalign": [1.8 - 0.012 * i + 0.05 * (i % 3) for i in range(100)]}
+    curves = {
+        "baseline": [2.0 - 0.01 * i for i in range(100)],
+        "tinyalign": [1.8 - 0.012 * i + 0.05 * (i % 3) for i in range(100)],
+    }
     path = plot_curves(curves, tmp_path / "p.png", title="test")
     with Image.open(path) as im:
         rgb = im.convert("RGB")
