@@ -5,6 +5,9 @@ bankd build --data data/shapes/data.json --image-folder data/shapes --out bank/b
 bankd serve --index bank/bank.faiss --port 50051 --metrics-port 9100
 bankd info  --target localhost:50051
 bankd query --target localhost:50051 --image data/shapes/images/00001.png -k 5
+
+TLS and tokens (README: Security): serve takes --tls-cert/--tls-key, --tls-client-ca and
+--auth-token-file; info and query take --tls-ca, --tls-cert/--tls-key and --auth-token-file.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bankd_client import BankClient, BankError, tune_allocator
+from bankd_client.credentials import add_connection_flags, connection_options
 
 from . import __version__
 
@@ -62,6 +66,18 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--encoder", default=None, help="encoder for Embed (default: the bank's own)")
     p.add_argument("--no-embed", action="store_true", help="do not load an encoder; Embed is off")
+    g = p.add_argument_group("security (README: Security)")
+    g.add_argument("--tls-cert", help="PEM certificate chain of the server: serve TLS")
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert (unencrypted)")
+    g.add_argument(
+        "--tls-client-ca",
+        help="PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
+    )
+    g.add_argument(
+        "--auth-token-file",
+        help="file holding the bearer token every MemoryBank call must carry "
+        "(health and reflection stay open)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -88,9 +104,13 @@ def _serve(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         no_embed=args.no_embed,
         limits=limits,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
     )
     tune_allocator()
-    server = BankServer(config)
+    server = BankServer(config)  # ValueError (exit 2) for bad security flags or files
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -109,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop(grace=0)
         return 2
     print(
-        f"bankd serving {args.index} on {args.host}:{server.port}"
+        f"bankd serving {args.index} on {args.host}:{server.port} ({server.security.describe()})"
         + (
             f", metrics on {args.metrics_host}:{server.metrics_port}" if server.metrics_port else ""
         ),
@@ -120,12 +140,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> BankClient:
-    return BankClient(args.target, timeout=args.timeout)
+    return BankClient(args.target, timeout=args.timeout, **connection_options(args))
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="localhost:50051", help="bankd address host:port")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per call, seconds")
+    add_connection_flags(p)
 
 
 def _info(args: argparse.Namespace) -> int:

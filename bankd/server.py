@@ -7,7 +7,8 @@ The server listens before the bank is loaded and reports NOT_SERVING on the stan
 health service until it is (MemoryBank calls answer UNAVAILABLE meanwhile). gRPC's own
 ``maximum_concurrent_rpcs`` answers RESOURCE_EXHAUSTED past the concurrency limit.
 On SIGTERM the health status turns NOT_SERVING and requests in flight drain for up
-to ``grace_s`` before the process exits.
+to ``grace_s`` before the process exits. TLS, mutual TLS and bearer-token auth are
+``bankd.security``'s; the files are read and checked before anything binds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from bankd_client.proto import bankd_pb2_grpc as pb_grpc
 from bankd_client.types import Hits
 
 from .metrics import Metrics
+from .security import ServerSecurity
 from .service import BankService, ServiceLimits
 from .store import Bank
 
@@ -58,6 +60,10 @@ class ServerConfig:
     encoder: str | None = None  # load this encoder for Embed instead of the bank's
     no_embed: bool = False
     limits: ServiceLimits = ServiceLimits()
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key: serve TLS
+    tls_key: str | None = None  # PEM private key (unencrypted)
+    tls_client_ca: str | None = None  # PEM CA bundle: clients need a cert it signed (mTLS)
+    auth_token_file: str | None = None  # bearer token every MemoryBank call must carry
 
 
 def _rpc(method: str) -> Callable:
@@ -254,6 +260,12 @@ class BankServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http: Any = None
+        self.security = ServerSecurity.from_files(
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_client_ca=config.tls_client_ca,
+            auth_token_file=config.auth_token_file,
+        )
         limit = config.limits.max_message_bytes
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(
@@ -261,6 +273,7 @@ class BankServer:
                 thread_name_prefix="bankd-rpc",
             ),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=self.security.interceptors(self.metrics),
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
@@ -282,7 +295,10 @@ class BankServer:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self._grpc.add_insecure_port(address)
+        if self.security.credentials is not None:
+            self.port = self._grpc.add_secure_port(address, self.security.credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
         if not self.port:
             raise errors.Unavailable(f"cannot bind {address}")
         self._grpc.start()
@@ -291,8 +307,18 @@ class BankServer:
                 self.config.metrics_port, self.config.metrics_host
             )
         log.info(
-            "listening on %s:%d (metrics on %s)", self.config.host, self.port, self.metrics_port
+            "listening on %s:%d (%s; metrics on %s)",
+            self.config.host,
+            self.port,
+            self.security.describe(),
+            self.metrics_port,
         )
+        if not self.security.tls and not self.security.token and not _loopback(self.config.host):
+            log.warning(
+                "serving %s in plaintext without authentication: anyone who can reach it "
+                "can read the bank (--tls-cert/--tls-key, --auth-token-file)",
+                address,
+            )
         if load_in_background:
             threading.Thread(target=self._load, name="bankd-load", daemon=True).start()
         else:
@@ -348,6 +374,10 @@ class BankServer:
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def _load_embedder(bank: Bank, config: ServerConfig) -> Any:

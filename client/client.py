@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from . import errors, tensors
+from .credentials import check_token, read_file, read_token_file
 from .identity import EncoderFingerprint, fingerprint_encoder
 from .proto import bankd_pb2 as pb
 from .proto import bankd_pb2_grpc as pb_grpc
@@ -53,10 +54,11 @@ def _retry_service_config(max_attempts: int) -> str:
     )
 
 
-def _read_bytes(value: bytes | str | os.PathLike | None) -> bytes | None:
+def _pem(value: bytes | str | os.PathLike | None, name: str) -> bytes | None:
+    """PEM bytes as given, or read from a path; ValueError naming the option."""
     if value is None or isinstance(value, bytes):
         return value
-    return Path(value).read_bytes()
+    return read_file(value, flag=name)
 
 
 class BankClient:
@@ -70,7 +72,12 @@ class BankClient:
         root_certificates: PEM (bytes or path) of the CA that signed the server's
             certificate; None with tls=True uses the system roots.
         client_certificate, client_key: PEM (bytes or path) for mutual TLS.
-        token: bearer token sent as "authorization: Bearer <token>" on every call.
+        server_name: the name the server's certificate must carry, when it is not the
+            target's host (e.g. connecting by IP to a certificate issued for a DNS name).
+        token: bearer token sent as "authorization: Bearer <token>" on every call; with
+            TLS as call credentials, in plaintext as per-call metadata (gRPC refuses
+            call credentials on an insecure channel).
+        token_file: a file holding the token (read once, here), instead of token.
         max_message_bytes: send and receive limit (must cover the largest response:
             B * k * 32 * 96 * 2 bytes of values).
         retry_attempts: attempts per call when the server answers UNAVAILABLE.
@@ -89,6 +96,7 @@ class BankClient:
         client_key: bytes | str | os.PathLike | None = None,
         server_name: str | None = None,
         token: str | None = None,
+        token_file: str | os.PathLike | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry_attempts: int = 5,
         load_balancing: str | None = None,
@@ -98,7 +106,14 @@ class BankClient:
             raise ValueError("retry_attempts must be between 1 and 5 (gRPC caps it at 5)")
         self.target = target
         self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if token is not None and token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if token_file is not None:
+            token = read_token_file(token_file)
+        elif token is not None:
+            check_token(token)
+        if (client_certificate is None) != (client_key is None):
+            raise ValueError("mutual TLS takes client_certificate and client_key together")
         opts: dict[str, Any] = {
             "grpc.max_send_message_length": max_message_bytes,
             "grpc.max_receive_message_length": max_message_bytes,
@@ -110,18 +125,29 @@ class BankClient:
             opts["grpc.service_config"] = _retry_service_config(retry_attempts)
         if load_balancing:
             opts["grpc.lb_policy_name"] = load_balancing
+        secure = tls or root_certificates is not None or client_certificate is not None
         if server_name:
+            if not secure:
+                raise ValueError("server_name checks the server's certificate: it needs TLS")
             opts["grpc.ssl_target_name_override"] = server_name
         opts.update(dict(options))
-        secure = tls or root_certificates is not None or client_certificate is not None
+        # Per-call metadata carries the token only in plaintext; with TLS the channel's
+        # call credentials do.
+        self._metadata: tuple[tuple[str, str], ...] = ()
         if secure:
             creds = grpc.ssl_channel_credentials(
-                root_certificates=_read_bytes(root_certificates),
-                private_key=_read_bytes(client_key),
-                certificate_chain=_read_bytes(client_certificate),
+                root_certificates=_pem(root_certificates, "root_certificates"),
+                private_key=_pem(client_key, "client_key"),
+                certificate_chain=_pem(client_certificate, "client_certificate"),
             )
+            if token:
+                creds = grpc.composite_channel_credentials(
+                    creds, grpc.access_token_call_credentials(token)
+                )
             self._channel = grpc.secure_channel(target, creds, options=list(opts.items()))
         else:
+            if token:
+                self._metadata = (("authorization", f"Bearer {token}"),)
             self._channel = grpc.insecure_channel(target, options=list(opts.items()))
         self._stub = pb_grpc.MemoryBankStub(self._channel)
         self._info: BankInfo | None = None
