@@ -469,3 +469,25 @@ def test_image_requirements(variant: str) -> None:
     assert {n for n in names if n.startswith("faiss")} == {f"faiss-{variant}"}
     assert {"grpcio", "grpcio-health-checking", "prometheus-client", "numpy"} <= names
     assert not any(";" in line for line in lines if line.startswith("faiss"))
+
+
+def test_deployment_security_args_match_the_mounted_secrets() -> None:
+    """The commented TLS/auth arguments parse as `bankd serve` flags once uncommented,
+    and each file they name is a key of a secret mounted at that folder."""
+    objects = k8s_objects()
+    _, pod, container = _deployment()
+    text = (K8S / "deployment.yaml").read_text()
+    commented = re.findall(r"^\s*# - (--(?:tls|auth)[\w-]*|/etc/bankd/secrets/\S+)", text, re.M)
+    args = parse_serve(["serve", "--index", "/bank/bank.faiss", *commented])
+    files = [args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file]
+    assert all(files), commented
+    mount = {m["name"]: m for m in container["volumeMounts"]}["secrets"]["mountPath"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    keys = {
+        key
+        for source in volumes["secrets"]["projected"]["sources"]
+        for key in objects["Secret", source["secret"]["name"]]["stringData"]
+    }
+    for path in files:
+        folder, _, key = path.rpartition("/")
+        assert folder == mount and key in keys, path
