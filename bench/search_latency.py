@@ -139,7 +139,7 @@ def bank_for(cfg: BenchConfig, workdir: Path) -> Path:
 
 def make_queries(cfg: BenchConfig, index_path: Path) -> list[np.ndarray]:
     """warmup + repeats batches [B, d] of unit queries, each near a random bank key."""
-    keys = np.load(BankPaths(index_path).file("keys.npy"), mmap_mode="r")
+    keys = np.load(BankPaths(index_path).file("keys.npy"), mmap_mode="r", allow_pickle=False)
     rng = np.random.default_rng(cfg.seed + 1)
     total = (cfg.warmup + cfg.repeats) * cfg.batch
     rows = rng.choice(cfg.n, size=total, replace=total > cfg.n)
@@ -158,8 +158,9 @@ class Reference:
         paths = BankPaths(index_path)
         faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
         self.index = faiss.read_index(str(index_path))
-        self.values = np.load(paths.file("values.npy"), mmap_mode="r")  # (N, 32, 96) fp16
-        self.ids = np.load(paths.file("ids.npy"))  # (N,) int64
+        # (N, 32, 96) fp16
+        self.values = np.load(paths.file("values.npy"), mmap_mode="r", allow_pickle=False)
+        self.ids = np.load(paths.file("ids.npy"), allow_pickle=False)  # (N,) int64
 
     def search(self, queries: np.ndarray, k: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         t0 = time.perf_counter()

@@ -125,8 +125,8 @@ def test_no_sample_retrieves_itself(
         llm=str(demo.llm_dir),
     )
     train(cfg, bank=spy)
-    bank_keys = np.load(str(demo.bank).replace(".faiss", ".keys.npy"))
-    bank_ids = np.load(str(demo.bank).replace(".faiss", ".ids.npy"))
+    bank_keys = np.load(str(demo.bank).replace(".faiss", ".keys.npy"), allow_pickle=False)
+    bank_ids = np.load(str(demo.bank).replace(".faiss", ".ids.npy"), allow_pickle=False)
     text_only = {sample_id_to_int(f"text-{i}") for i in range(8)}
     seen = 0
     for keys, exclude, ids in spy.calls:
