@@ -33,6 +33,7 @@ from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
 from bankd_client.types import Hits
 
+from .malformed import UndecodableRequests
 from .metrics import Metrics
 from .security import ServerSecurity
 from .service import BankService, ServiceLimits
@@ -273,7 +274,10 @@ class BankServer:
                 thread_name_prefix="bankd-rpc",
             ),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=self.security.interceptors(self.metrics),
+            interceptors=[
+                *self.security.interceptors(self.metrics),  # first: auth before parsing
+                UndecodableRequests(SERVICE_NAME, self.metrics),
+            ],
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
