@@ -7,6 +7,7 @@ without importing it otherwise.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -79,14 +80,16 @@ def decode(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     shape = tuple(int(s) for s in t.shape)
     if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
         raise ValueError(f"{name} has invalid shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    expected = count * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize  # exact: np.prod wraps around at 2**63
     if len(t.data) != expected:
         raise ValueError(
             f"{name} has {len(t.data)} bytes but shape {list(shape)} of "
             f"{DTYPE_NAMES[t.dtype]} needs {expected}"
         )
-    a = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    try:
+        a = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+    except ValueError as e:  # an empty tensor whose other dimensions numpy cannot hold
+        raise ValueError(f"{name} has invalid shape {list(shape)} ({e})") from None
     if t.dtype == pb.DTYPE_BFLOAT16:
         a = (a.astype(np.uint32) << 16).view(np.float32)
     return a

@@ -105,6 +105,12 @@ def test_tensor_encode_casts_and_refuses_unsupported_dtypes() -> None:
         (pb.Tensor(dtype=99, shape=[1], data=b"\0" * 4), r"unsupported dtype"),
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1, 2], data=b""), r"invalid shape"),
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * 9, data=b"\0" * 4), r"invalid shape"),
+        # element counts past 2**63 (np.prod would wrap around to a small number)
+        (
+            pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**40, 2**40], data=b"\0" * 256),
+            rf"256 bytes.*needs {4 * 2**80}",
+        ),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**62, 2**62, 0], data=b""), r"invalid shape"),
     ],
 )
 def test_tensor_decode_validates(tensor: pb.Tensor, message: str) -> None:
