@@ -17,7 +17,7 @@ from __future__ import annotations
 import hmac
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -34,7 +34,7 @@ class ServerSecurity:
 
     credentials: grpc.ServerCredentials | None = None  # None: plaintext
     mutual_tls: bool = False
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a log line
 
     @classmethod
     def from_files(

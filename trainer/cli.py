@@ -13,6 +13,9 @@ Data-parallel (one process per GPU; the same flags)::
 
     torchrun --nproc_per_node 8 -m tinyalign pretrain ...
 
+A bank behind TLS and a token: ``--bank-tls-ca ca.crt [--bank-tls-cert client.crt
+--bank-tls-key client.key] --bank-auth-token-file token.txt`` (README: Security).
+
 ``python -m tinyalign`` is the same command. Flags fill a ``TrainConfig``; bad arguments,
 missing files, an unreachable bank and a mismatched vision encoder end with a one-line
 message and exit code 2.
@@ -26,6 +29,7 @@ import os
 import sys
 
 from bankd_client import errors
+from bankd_client.credentials import add_connection_flags, connection_options
 
 from .config import TrainConfig
 from .llm import DEFAULT_PRETRAIN_STEPS
@@ -84,6 +88,7 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
     p.add_argument(
         "--bank-patience", type=float, default=300.0, help="seconds to wait for an unreachable bank"
     )
+    add_connection_flags(p, prefix="bank-")
     p.add_argument("--eval-data", help="held-out JSON: loss at the end and every --eval-every")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--eval-batch-size", type=int)
@@ -119,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     g.add_argument("--allow-encoder-mismatch", action="store_true")
     g.add_argument("--bank-patience", type=float, default=30.0)
+    add_connection_flags(g, prefix="bank-")
     return parser
 
 
@@ -158,6 +164,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "eval_every",
             "eval_batch_size",
             "tiny_llm_steps",
+            "bank_tls",
+            "bank_tls_ca",
+            "bank_tls_cert",
+            "bank_tls_key",
+            "bank_tls_server_name",
+            "bank_auth_token_file",
         )
     }
     if stage == 1:
@@ -197,6 +209,7 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         allow_encoder_mismatch=args.allow_encoder_mismatch,
         bank_patience=args.bank_patience,
+        bank_options=connection_options(args, prefix="bank-"),
     )
     for answer in answers:
         print(answer)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bankd_client import errors
+from bankd_client.credentials import connection_options
 
 from .components import read_config
 from .conversation import get_template
@@ -71,6 +72,13 @@ class TrainConfig:
     stop_after: int | None = None  # exit after this step (a checkpoint); --resume later
     log_every: int = 10
     bank_patience: float = 300.0  # seconds to wait for an unreachable bank
+    # TLS and token of a remote bank (file paths, never their contents; README: Security)
+    bank_tls: bool = False  # TLS with the system's root CAs
+    bank_tls_ca: str | None = None  # CA that signed the server's certificate
+    bank_tls_cert: str | None = None  # client certificate (mutual TLS)
+    bank_tls_key: str | None = None
+    bank_tls_server_name: str | None = None
+    bank_auth_token_file: str | None = None
     eval_data: str | None = None
     eval_every: int = 0
     eval_batch_size: int | None = None
@@ -184,11 +192,13 @@ class BorrowedBank:
         pass
 
 
-def open_checked_bank(target: str, patience_s: float) -> Any:
-    """Open a bank by address or index path; wait up to ``patience_s`` for a server."""
+def open_checked_bank(target: str, patience_s: float, **client_options: Any) -> Any:
+    """Open a bank by address or index path; wait up to ``patience_s`` for a server.
+
+    ``client_options`` (TLS, token: ``connection_options``) go to ``BankClient``."""
     if target.endswith(".faiss") and not Path(target).is_file():
         raise FileNotFoundError(f"bank index {target} not found")
-    bank = open_bank(target)
+    bank = open_bank(target, **client_options)
     if hasattr(bank, "wait_ready"):
         try:
             bank.wait_ready(timeout=patience_s)
@@ -216,7 +226,8 @@ def connect_retriever(
     if bank is not None:
         bank = BorrowedBank(bank)
     else:
-        bank = open_checked_bank(config.bank, config.bank_patience)
+        options = connection_options(config, prefix="bank_")
+        bank = open_checked_bank(config.bank, config.bank_patience, **options)
     try:
         return Retriever.from_bank(
             bank,

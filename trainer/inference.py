@@ -52,12 +52,21 @@ def _image(item: Image.Image | str | Path | None) -> Image.Image | None:
         return im.convert("RGB")
 
 
-def _retriever(bank: Any, vlm: LoadedVLM, top_k: int | None, allow_mismatch: bool, patience: float):
+def _retriever(
+    bank: Any,
+    vlm: LoadedVLM,
+    top_k: int | None,
+    allow_mismatch: bool,
+    patience: float,
+    bank_options: dict[str, Any] | None = None,
+):
     """(retriever, owned): a Retriever for ``bank`` (target string, open bank or Retriever)."""
     if isinstance(bank, Retriever):
         return bank, False
-    opened = isinstance(bank, (str, Path))
-    handle = open_checked_bank(str(bank), patience) if opened else BorrowedBank(bank)
+    if isinstance(bank, (str, Path)):
+        handle = open_checked_bank(str(bank), patience, **(bank_options or {}))
+    else:
+        handle = BorrowedBank(bank)
     try:
         retriever = Retriever.from_bank(
             handle,
@@ -88,6 +97,7 @@ def generate(
     exclude_ids: list[int] | None = None,
     allow_encoder_mismatch: bool = False,
     bank_patience: float = 30.0,
+    bank_options: dict[str, Any] | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """One answer per (image, prompt); ``None`` as an image gives a text-only prompt.
@@ -96,6 +106,7 @@ def generate(
     ``.faiss`` path, an open ``BankClient`` / ``LocalBank``, or a ``Retriever``; required
     when the model uses retrieval. ``top_k`` defaults to the model's. ``exclude_ids``:
     one bank entry id per image to leave out of its search (e.g. evaluating on bank data).
+    ``bank_options``: ``BankClient`` keywords (TLS, token) when ``bank`` is an address.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
@@ -113,7 +124,9 @@ def generate(
     if vlm.model.config.retrieval:
         if bank is None:
             raise ValueError("this model was trained with retrieval: pass a bank (--bank)")
-        retriever, owned = _retriever(bank, vlm, top_k, allow_encoder_mismatch, bank_patience)
+        retriever, owned = _retriever(
+            bank, vlm, top_k, allow_encoder_mismatch, bank_patience, bank_options
+        )
     try:
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):

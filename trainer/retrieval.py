@@ -38,7 +38,11 @@ class RetrievalUnavailable(errors.Unavailable):
 
 
 def open_bank(target: str, **client_options: Any) -> Any:
-    """A bank by address ("host:port", "dns:///...") or by index path (in-process)."""
+    """A bank by address ("host:port", "dns:///...") or by index path (in-process).
+
+    ``client_options`` go to ``BankClient`` (TLS certificates, token: see
+    ``bankd_client.credentials.connection_options``); an in-process bank needs none.
+    """
     if target.endswith(".faiss") or Path(target).exists():
         from bankd.local import LocalBank  # in-process: no server, no grpc round trip
 

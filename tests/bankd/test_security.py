@@ -451,3 +451,49 @@ def test_token_file_from_the_environment(pki: Pki, monkeypatch: pytest.MonkeyPat
 def test_client_option_errors(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BankClient("127.0.0.1:1", **options)
+
+
+def test_tinyalign_bank_flags_reach_the_client(serve: Any, pki: Pki, tmp_path: Path) -> None:
+    """`tinyalign pretrain --bank ... --bank-tls-* --bank-auth-token-file` -> TrainConfig
+    -> the BankClient that training opens, against an mTLS + token server."""
+    from tinyalign.cli import build_parser, config_from_args
+    from tinyalign.config import open_checked_bank
+
+    server = serve(**tls_config(pki, mutual=True, token=True))
+    args = build_parser().parse_args(
+        [
+            "pretrain",
+            "--data",
+            str(tmp_path / "data.json"),
+            "--out",
+            str(tmp_path / "run"),
+            "--bank",
+            f"127.0.0.1:{server.port}",
+            "--bank-tls-ca",
+            str(pki.ca_crt),
+            "--bank-tls-cert",
+            str(pki.client_crt),
+            "--bank-tls-key",
+            str(pki.client_key),
+            "--bank-tls-server-name",
+            "localhost",
+            "--bank-auth-token-file",
+            str(pki.token),
+        ]
+    )
+    config = config_from_args(args)
+    assert config.bank_auth_token_file == str(pki.token) and TOKEN not in config.to_json()
+    options = connection_options(config, prefix="bank_")
+    bank = open_checked_bank(config.bank, 10.0, **options)
+    try:
+        assert bank.info().entries > 0
+    finally:
+        bank.close()
+
+
+def test_security_repr_hides_the_token(pki: Pki) -> None:
+    from bankd.security import ServerSecurity
+
+    security = ServerSecurity.from_files(auth_token_file=str(pki.token))
+    assert security.token == TOKEN
+    assert TOKEN not in repr(security) and TOKEN not in security.describe()
