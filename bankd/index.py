@@ -5,8 +5,9 @@ The index is a FAISS factory string ("Flat" by default; "HNSW32", "IVF1024,Flat"
 
 * CPU: the FAISS index itself.
 * CUDA with a FAISS GPU build: the index cloned to the GPU.
-* CUDA without one: exact search with torch (keys on the GPU, one matmul + topk),
-  for flat indexes; other index types stay on the CPU.
+* CUDA without one: exact search with torch for flat indexes (``bankd.torch_search``:
+  fp16 keys on the GPU, fp32 scores computed and reduced block by block, so memory
+  stays bounded for any N); other index types stay on the CPU.
 
 Exclusion (a training sample must not retrieve itself) is done by over-fetching
 k + max(len(exclude)) hits and filtering, which is exact on every index type, GPU
@@ -34,6 +35,7 @@ faiss.cvar.distance_compute_blas_threshold = 16
 MAX_K_CPU = 4096
 MAX_K_GPU = 2048  # FAISS GPU and our torch path both cap k here
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+_TORCH_METRICS = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}
 
 
 def build_index(
@@ -110,7 +112,7 @@ class Searcher:
         if device.startswith("cuda") and torch is None:
             raise ValueError(f"device {device!r} asked for, but CUDA is not available")
         self.device = "cpu"
-        self._torch_keys = None
+        self.torch_index = None  # the torch path's keys, when it searches
         self._index = index
         if params:
             ps = faiss.ParameterSpace()
@@ -122,10 +124,11 @@ class Searcher:
                 self._res = faiss.StandardGpuResources()
                 self._index = faiss.index_cpu_to_gpu(self._res, gpu, index)
                 self.device = f"cuda:{gpu}"
-            elif self.is_flat:
-                # Exact search in torch; fp16 keys halve memory traffic, fp32 accumulate.
-                dev = torch.device(f"cuda:{gpu}")
-                self._torch_keys = torch.from_numpy(np.asarray(keys)).to(dev, torch.float16)
+            elif self.is_flat and index.metric_type in _TORCH_METRICS:
+                from .torch_search import TorchFlatIndex
+
+                metric = _TORCH_METRICS[index.metric_type]
+                self.torch_index = TorchFlatIndex(keys, f"cuda:{gpu}", metric=metric)
                 self.device = f"cuda:{gpu}"
             else:
                 log.warning("no FAISS GPU build: %s index searched on the CPU", describe(index))
@@ -133,14 +136,8 @@ class Searcher:
 
     def raw_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """Best `fetch` (scores, rows) per query [B, d] float32; rows are -1 where none."""
-        if self._torch_keys is not None:
-            import torch
-
-            q = torch.from_numpy(np.ascontiguousarray(queries)).to(
-                self._torch_keys.device, torch.float16
-            )
-            top = torch.topk((q @ self._torch_keys.T).float(), fetch, dim=1)
-            return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
+        if self.torch_index is not None:
+            return self.torch_index.search_numpy(queries, fetch)
         return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
 
     def select(

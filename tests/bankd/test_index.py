@@ -157,17 +157,147 @@ def test_searcher_refuses_cuda_without_cuda(bank: Any) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_search_matches_cpu(bank: Any, helpers: Any) -> None:
+@pytest.mark.parametrize("k", [5, 2048])
+def test_cuda_search_matches_cpu(bank: Any, helpers: Any, k: int) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     searcher = Searcher(build_index(bank.keys, "Flat"), bank.keys, bank.ids, device="cuda")
-    assert searcher.device.startswith("cuda")
+    assert searcher.device.startswith("cuda") and searcher.torch_index is not None
     q = bank.queries(64, seed=7)
-    result = searcher.search(q, 5, [[int(e)] for e in bank.ids[:64]])
-    helpers.assert_topk(
-        bank, q, 5, result.ids, result.scores, [[int(e)] for e in bank.ids[:64]], atol=5e-3
+    exclude = [[int(e)] for e in bank.ids[:64]]
+    exclude[3] = bank.ids[100:140].tolist()  # a long list: fetch = k + 40
+    result = searcher.search(q, k, exclude)
+    assert (result.ids != -1).all()
+    helpers.assert_topk(bank, q, k, result.ids, result.scores, exclude, atol=5e-3)
+
+
+# -- the torch path (bankd.torch_search): blocks, group pre-selection, merges ------------
+
+
+def _clustered(n: int, d: int, b: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit keys (n, d) around a few centres and unit queries (b, d) near some keys."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((16, d))
+    keys = centres[rng.integers(16, size=n)] + 0.8 * rng.standard_normal((n, d))
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    q = keys[rng.integers(n, size=b)] + 0.3 * rng.standard_normal((b, d))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return keys.astype(np.float32), q.astype(np.float32)
+
+
+def _assert_exact_topk(
+    keys: np.ndarray,
+    queries: np.ndarray,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    fetch: int,
+    metric: str,
+    atol: float,
+) -> None:
+    """(scores, rows) (B, fetch) are the best fetch of a float64 brute force, best first;
+    rows whose reference score is within atol of the fetch-th one may swap (ties)."""
+    ip = queries.astype(np.float64) @ keys.astype(np.float64).T  # (B, N)
+    if metric == "l2":
+        ref = (queries.astype(np.float64) ** 2).sum(1)[:, None] + (
+            keys.astype(np.float64) ** 2
+        ).sum(1)
+        ref = ref - 2 * ip
+        rank = -ref  # higher is better
+    else:
+        ref = rank = ip
+    assert scores.shape == rows.shape == (len(queries), fetch)
+    assert scores.dtype == np.float32 and rows.dtype == np.int64
+    for i in range(len(queries)):
+        assert len(set(rows[i].tolist())) == fetch, f"query {i}: repeated rows"
+        np.testing.assert_allclose(scores[i], ref[i, rows[i]], atol=atol, rtol=1e-6)
+        got = rank[i, rows[i]]
+        assert (np.diff(got) <= atol).all(), f"query {i}: not best first"
+        kth = np.sort(rank[i])[::-1][fetch - 1]
+        assert got.min() >= kth - atol, f"query {i}: a hit below the {fetch}-th best"
+        must = np.flatnonzero(rank[i] > kth + atol)
+        assert set(must.tolist()) <= set(rows[i].tolist()), f"query {i}: a best hit missing"
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("fetch", [1, 7, 300])
+def test_torch_search_blocks_are_exact_on_cpu(fetch: int, metric: str) -> None:
+    """fp32 on the CPU: the block, group and merge logic against brute force."""
+    torch = pytest.importorskip("torch")
+    from bankd.torch_search import MERGE_EVERY, TorchFlatIndex, group_size
+
+    keys, q = _clustered(20_011, 48, 16, seed=fetch)  # the last block is partial
+    index = TorchFlatIndex(keys, "cpu", metric=metric, block_bytes=4 * 16 * 1000)
+    assert index.keys.dtype == torch.float32
+    assert 20_011 // 1000 > MERGE_EVERY  # candidates are merged on the way
+    assert (group_size(fetch, 1000) > 1) == (fetch < 300)  # both selection paths run
+    scores, rows = index.search_numpy(q, fetch)
+    _assert_exact_topk(keys, q, scores, rows, fetch, metric, atol=1e-5)
+
+
+def test_torch_search_refuses_bad_arguments() -> None:
+    pytest.importorskip("torch")
+    from bankd.torch_search import TorchFlatIndex
+
+    keys, q = _clustered(50, 8, 2, seed=0)
+    with pytest.raises(ValueError, match="unknown metric 'cos'"):
+        TorchFlatIndex(keys, "cpu", metric="cos")
+    bad = keys.copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        TorchFlatIndex(bad, "cpu")
+    index = TorchFlatIndex(keys, "cpu")
+    with pytest.raises(ValueError, match="fetch=51"):
+        index.search_numpy(q, 51)
+    with pytest.raises(ValueError, match=r"queries must be \[B, 8\]"):
+        index.search_numpy(q[:, :4], 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("fetch", [1, 6, 129, 2049])
+@pytest.mark.parametrize("block_bytes", [4 * 64 * 4096, None])
+def test_cuda_torch_search_is_exact_over_fp16_keys(
+    fetch: int, metric: str, block_bytes: int | None
+) -> None:
+    """fp16 keys and queries, fp32 products: equal to a float64 brute force over the
+    fp16-rounded inputs (ties aside), with many blocks and with the default one."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from bankd.torch_search import SCORE_BLOCK_BYTES, TorchFlatIndex
+
+    keys, q = _clustered(50_000, 200, 64, seed=fetch)
+    index = TorchFlatIndex(
+        keys, "cuda", metric=metric, block_bytes=block_bytes or SCORE_BLOCK_BYTES
     )
+    assert index.keys.dtype == torch.float16 and index.nbytes() == 50_000 * 200 * 2
+    scores, rows = index.search_numpy(q, fetch)
+    rounded = (keys.astype(np.float16), q.astype(np.float16))
+    _assert_exact_topk(*rounded, scores, rows, fetch, metric, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_torch_search_scales_keys_past_the_fp16_range() -> None:
+    """Keys and queries far beyond fp16's 65504 (and far below its precision) still rank
+    exactly: both are scaled by powers of two before rounding."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from bankd.torch_search import LOAD_ROWS, TorchFlatIndex
+
+    keys, q = _clustered(LOAD_ROWS + 5000, 64, 32, seed=3)
+    keys[:LOAD_ROWS] *= 1e6  # two load chunks with different scales
+    keys[LOAD_ROWS:] *= 3e5
+    q *= 1e-6
+    index = TorchFlatIndex(keys, "cuda")
+    assert torch.isfinite(index.keys).all() and index.keys.abs().max() <= 1
+    scores, rows = index.search_numpy(q, 10)
+    # The reference rounds the same power-of-two-scaled inputs to fp16.
+    ks, qs = index.key_scale, 2.0 ** -np.ceil(np.log2(np.abs(q).max()))
+    rounded_keys = (keys * ks).astype(np.float16).astype(np.float64) / ks
+    rounded_q = (q * qs).astype(np.float16).astype(np.float64) / qs
+    _assert_exact_topk(rounded_keys, rounded_q, scores, rows, 10, "ip", atol=2e-5)
 
 
 # -- select (the exclusion filter) against a reference ----------------------------------
