@@ -160,11 +160,8 @@ class _Pipeline:
         mask, ids = (batch[k].to(self.device) for k in ("attention_mask", "input_ids"))
         return keys, FeatureBatch(vision.float(), text.float(), mask, ids)
 
-    def batches(self, rows: np.ndarray, desc: str, seed: int | None = None, size: int = 0):
-        """Yield (loader batch, keys, features) over ``rows``; in order unless shuffled.
-
-        ``batch["index"]`` holds positions in ``rows``.
-        """
+    def loader(self, rows: np.ndarray, seed: int | None = None, size: int = 0) -> DataLoader:
+        """Batches of decoded, preprocessed pairs ``rows`` (DataLoader workers decode)."""
         c, uses_text = self.config, self.embedder.uses_text
         subset = [self.samples[i] for i in rows]
         data = ImageCaptionDataset(
@@ -172,12 +169,25 @@ class _Pipeline:
         )
         gen = None if seed is None else torch.Generator().manual_seed(seed)
         kw = {"num_workers": c.workers, "collate_fn": collate, "generator": gen}
-        loader = DataLoader(data, size or c.batch_size, shuffle=gen is not None, **kw)
+        return DataLoader(data, size or c.batch_size, shuffle=gen is not None, **kw)
+
+    def batches(self, rows: np.ndarray, desc: str, seed: int | None = None, size: int = 0):
+        """Yield (loader batch, keys, features) over ``rows``; in order unless shuffled.
+
+        ``batch["index"]`` holds positions in ``rows``.
+        """
         bar = tqdm(total=len(rows), desc=desc, unit="pair", disable=not self.config.progress)
-        for batch in loader:
+        for batch in self.loader(rows, seed, size):
             yield batch, *self.encode(batch)
             bar.update(len(batch["index"]))
         bar.close()
+
+    def keys_and_values(self, compressor: ValueCompressor, rows: np.ndarray):
+        """Pass 2: yield (positions in ``rows``, keys (B, D) float32, values (B, 32, 96)
+        float16), numpy, in order: vision tower, key function, text tower, compressor."""
+        for batch, keys, feats in self.batches(rows, "pass 2 (keys, values)"):
+            values = compress(compressor, feats).half().cpu().numpy()
+            yield batch["index"].numpy(), keys.float().cpu().numpy(), values
 
     def features(self, rows: np.ndarray, cache: tuple[np.ndarray, FeatureBatch] | None):
         """Features of ``rows`` on the CPU: from the pass-1 cache, else encoded again."""
@@ -313,9 +323,8 @@ def build_bank(config: BuildConfig) -> Path:
         t = time.perf_counter()
         value_shape = (spec.num_latents, spec.d_latents)
         with BankWriter(config.out, n_entries=n, key_dim=kf.dim, value_shape=value_shape) as w:
-            for batch, keys, feats in pipe.batches(np.arange(n), "pass 2 (keys, values)"):
-                values = compress(compressor, feats).half().cpu().numpy()
-                w.add(keys.float().cpu().numpy(), values, ids[batch["index"].numpy()])
+            for pos, keys, values in pipe.keys_and_values(compressor, np.arange(n)):
+                w.add(keys, values, ids[pos])
             timings["pass2_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             report = {
