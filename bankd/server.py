@@ -6,13 +6,15 @@
 The server listens before the bank is loaded and reports NOT_SERVING on the standard
 health service until it is (MemoryBank calls answer UNAVAILABLE meanwhile). gRPC's own
 ``maximum_concurrent_rpcs`` answers RESOURCE_EXHAUSTED past the concurrency limit.
-On SIGTERM the health status turns NOT_SERVING and requests in flight drain for up
-to ``grace_s`` before the process exits. TLS, mutual TLS and bearer-token auth are
+On SIGTERM the health status turns NOT_SERVING, new MemoryBank calls are answered
+UNAVAILABLE (which clients retry), and requests in flight drain for up to ``grace_s``
+before the process exits. TLS, mutual TLS and bearer-token auth are
 ``bankd.security``'s; the files are read and checked before anything binds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -78,8 +80,9 @@ def _rpc(method: str) -> Callable:
             m.inflight.inc()
             t0 = time.perf_counter()
             try:
-                service = self.service_or_unavailable()
-                return fn(self, service, request, context)
+                with self.in_flight():
+                    service = self.service_or_unavailable()
+                    return fn(self, service, request, context)
             except Exception as e:  # one place maps every failure to a status
                 err = _as_bank_error(e)
                 code = err.code
@@ -118,11 +121,40 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.service: BankService | None = None
+        self.draining = False
+        self._calls = 0  # MemoryBank calls being answered
+        self._calls_changed = threading.Condition()
 
     def service_or_unavailable(self) -> BankService:
         if self.service is None:
             raise errors.Unavailable("the bank is still loading")
         return self.service
+
+    def admit(self) -> None:
+        """Count a call in flight, or refuse it with UNAVAILABLE while draining."""
+        with self._calls_changed:
+            if self.draining:
+                raise errors.Unavailable("the server is shutting down; retry")
+            self._calls += 1
+
+    def release(self) -> None:
+        with self._calls_changed:
+            self._calls -= 1
+            self._calls_changed.notify_all()
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        self.admit()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new calls; wait up to timeout for those in flight (True: all done)."""
+        with self._calls_changed:
+            self.draining = True
+            return self._calls_changed.wait_for(lambda: self._calls == 0, timeout)
 
     def _timeout(self, context: grpc.ServicerContext) -> float | None:
         left = context.time_remaining()
@@ -157,6 +189,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         m = self.metrics
         try:
             service = self.service_or_unavailable()
+            self.admit()
         except errors.BankError as e:
             m.requests.labels(method="SearchStream", code=e.code.name).inc()
             context.abort(e.code, e.message)
@@ -204,6 +237,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                 answered += 1
                 window.release()
         finally:
+            self.release()
             m.inflight.dec()
             m.requests.labels(method="SearchStream", code="OK").inc()
 
@@ -366,10 +400,18 @@ class BankServer:
             raise self.load_error
 
     def stop(self, grace: float | None = None) -> None:
-        """Turn NOT_SERVING, drain requests in flight for up to grace seconds, stop."""
+        """Turn NOT_SERVING, drain requests in flight for up to grace seconds, stop.
+
+        New calls are refused with UNAVAILABLE by the servicer while the drain lasts:
+        gRPC's own shutdown answers the calls that reach it meanwhile CANCELLED
+        (grpc/grpc#41785), which clients do not retry.
+        """
+        grace = self.config.grace_s if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.metrics.ready.set(0)
-        self._grpc.stop(self.config.grace_s if grace is None else grace).wait()
+        t0 = time.monotonic()
+        self.servicer.drain(grace)
+        self._grpc.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
         if self.servicer.service is not None:
             self.servicer.service.close()
         if self._metrics_http is not None:

@@ -870,3 +870,36 @@ def test_graceful_stop_lets_an_inflight_search_finish(
     helpers.assert_topk(bank, q, 5, result["hits"].ids, result["hits"].scores)
     with pytest.raises(Unavailable):
         client.search(q, k=5, timeout=2)
+
+
+def test_calls_during_the_drain_are_unavailable_not_cancelled(
+    bank: Any, helpers: Any, server_factory: Any, client_factory: Any
+) -> None:
+    """On an established connection, gRPC's own shutdown answers the first new call
+    CANCELLED (grpc/grpc#41785), which neither gRPC's retry policy nor the trainer
+    retries; the server refuses calls with UNAVAILABLE while it drains instead."""
+    srv = server_factory(bank.path)
+    q = bank.queries(4, seed=0)
+    inflight_client = client_factory(srv.port, retry_attempts=1)
+    late = client_factory(srv.port, retry_attempts=1, timeout=5)
+    late.search(q, k=5)  # connected before the stop, like a trainer's long-lived channel
+    entered = slow_down(srv, 1.5)
+    result: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: result.update(hits=inflight_client.search(q, k=5)))
+    th.start()
+    assert entered.wait(5)
+    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 10})
+    stopper.start()
+    refusals = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.7:  # well inside the drain: the search takes 1.5 s
+        with pytest.raises(Unavailable, match="shutting down"):
+            late.search(q, k=5)
+        refusals.append(t0)
+    assert th.is_alive() and len(refusals) > 1
+    th.join(10)
+    helpers.assert_topk(bank, q, 5, result["hits"].ids, result["hits"].scores)
+    stopper.join(10)
+    assert not stopper.is_alive()
+    with pytest.raises(Unavailable):
+        late.search(q, k=5)
