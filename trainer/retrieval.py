@@ -142,7 +142,9 @@ class Retriever:
             try:
                 hits = self.bank.search(keys, k=self.k, exclude_ids=exclude, with_values=True)
                 break
-            except (errors.Unavailable, errors.DeadlineExceeded) as e:
+            # CANCELLED too: this client never cancels a search, but gRPC's shutdown
+            # answers calls that reach a stopping server so (grpc/grpc#41785).
+            except (errors.Unavailable, errors.DeadlineExceeded, errors.Cancelled) as e:
                 if time.monotonic() + delay > give_up:
                     raise RetrievalUnavailable(
                         f"the memory bank has been unreachable for {self.retry_for_s:.0f} s "
