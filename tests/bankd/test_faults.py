@@ -1,7 +1,8 @@
 """Faults at the process level: `bankd serve` as a child process, as operators run it.
 
 - SIGTERM drains: a stream in flight when the signal arrives is answered in full,
-  new calls are refused meanwhile, and the process exits 0 within ``--grace``.
+  new calls are refused with UNAVAILABLE meanwhile, and the process exits 0 within
+  ``--grace``.
 - A damaged bank (truncated index or values, a flipped bit, a manifest that does not
   match the arrays) is refused at start: non-zero exit, the file named on stderr.
   (tests/bankd/test_store.py covers every refusal at the ``Bank.load`` level.)
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
@@ -30,101 +30,10 @@ import numpy as np
 import pytest
 
 from bankd.store import BankPaths, write_bank
-from bankd_client import BankClient, Unavailable
+from bankd_client import BankClient, BankError, Unavailable
 
 pytestmark = pytest.mark.slow  # child processes that import torch: seconds each
-
-SERVING = re.compile(r"bankd serving .* on (\S+):(\d+)")
-START_TIMEOUT_S = 120.0  # `bankd serve` imports torch; slow on a busy 2-core machine
-
-
-class ServeProcess:
-    """`python -m bankd serve` in a child process: its address, output and exit."""
-
-    def __init__(self, index: Path, *args: str, port: int = 0) -> None:
-        self.argv = [
-            sys.executable,
-            "-m",
-            "bankd",
-            "serve",
-            "--index",
-            str(index),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "-1",
-            "--device",
-            "cpu",
-            "--no-embed",
-            *args,
-        ]
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # no spinning on shared cores
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump_stdout, daemon=True).start()
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
-        self.port: int | None = None
-
-    def _pump_stdout(self) -> None:
-        for line in self.proc.stdout:
-            self.stdout.put(line)
-        self.stdout.put(None)
-
-    def _pump_stderr(self) -> None:
-        for line in self.proc.stderr:  # keep draining: the child never blocks on it
-            self.stderr.append(line)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_serving(self, timeout: float = START_TIMEOUT_S) -> ServeProcess:
-        """Until the 'bankd serving' line is printed and health says SERVING."""
-        deadline = time.monotonic() + timeout
-        while self.port is None:
-            try:
-                line = self.stdout.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"bankd serve not up in {timeout:.0f} s") from None
-            if line is None:
-                self.proc.wait(10)
-                raise RuntimeError(f"bankd serve exited early:\n{self.output()}")
-            if m := SERVING.search(line):
-                self.port = int(m.group(2))
-        with BankClient(self.address) as client:
-            client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
-        return self
-
-    def exit_code(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def output(self) -> str:
-        return "".join(self.stderr)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., ServeProcess]]:
-    """serve(index, *flags, port=0): a started `bankd serve` child, killed at the end."""
-    started: list[ServeProcess] = []
-
-    def start(index: Path, *args: str, port: int = 0) -> ServeProcess:
-        p = ServeProcess(index, *args, port=port)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
+START_TIMEOUT_S = 120.0
 
 
 def paced(batches: list[np.ndarray], every_s: float, sent: list[int]) -> Iterator[np.ndarray]:
@@ -139,7 +48,7 @@ def paced(batches: list[np.ndarray], every_s: float, sent: list[int]) -> Iterato
 
 
 def test_sigterm_drains_the_inflight_stream_then_exits_0(
-    bank: Any, helpers: Any, serve: Callable[..., ServeProcess]
+    bank: Any, helpers: Any, serve: Callable[..., Any]
 ) -> None:
     grace = 20.0
     server = serve(bank.path, "--grace", str(grace)).wait_serving()
@@ -155,6 +64,8 @@ def test_sigterm_drains_the_inflight_stream_then_exits_0(
             except BaseException as e:
                 failure.append(e)
 
+    late = BankClient(server.address, retry_attempts=1, timeout=2)
+    late.search(batches[0], k=4)  # connected before the signal, like a trainer
     streamer = threading.Thread(target=stream)
     streamer.start()
     while sent[0] < 4 and streamer.is_alive():
@@ -162,17 +73,22 @@ def test_sigterm_drains_the_inflight_stream_then_exits_0(
     server.proc.send_signal(signal.SIGTERM)
     t_term = time.monotonic()
 
-    # New calls are refused while the stream drains (once the signal is handled).
-    refused = None
-    with BankClient(server.address, retry_attempts=1, timeout=2) as late:
+    # New calls are refused with UNAVAILABLE (retried by clients; not gRPC's CANCELLED)
+    # while the stream drains, once the signal is handled.
+    refused: BankError | None = None
+    with late:
         while refused is None and time.monotonic() - t_term < 5:
             try:
                 late.search(batches[0], k=4)
                 time.sleep(0.02)
-            except Unavailable as e:
+            except BankError as e:
                 refused = e
-    assert refused is not None, "a call after SIGTERM was still answered 5 s later"
+    assert isinstance(refused, Unavailable), f"a call after SIGTERM got {refused!r}"
+    assert "shutting down" in str(refused)
     assert streamer.is_alive(), "the stream ended before the refusal was seen: not in flight"
+    with BankClient(server.address, retry_attempts=1, timeout=2) as new:
+        with pytest.raises(Unavailable, match="shutting down"):
+            new.search(batches[0], k=4)
     assert sent[0] < len(batches)
 
     streamer.join(60)
@@ -204,7 +120,7 @@ def check_retrieved(bank: Any, helpers: Any, keys: np.ndarray, own: list[int], g
 
 
 def test_kill_9_and_restart_on_the_same_port(
-    bank: Any, helpers: Any, serve: Callable[..., ServeProcess], caplog: Any
+    bank: Any, helpers: Any, serve: Callable[..., Any], caplog: Any
 ) -> None:
     torch = pytest.importorskip("torch")
     from bankd.models.keys import KeyFunction
@@ -374,9 +290,7 @@ def test_damaged_bank_is_refused_at_start(refused_starts: dict, damage: str) -> 
     assert re.search(DAMAGE[damage][1], message), message
 
 
-def test_damaged_bank_process_exits_non_zero(
-    tmp_path: Path, serve: Callable[..., ServeProcess]
-) -> None:
+def test_damaged_bank_process_exits_non_zero(tmp_path: Path, serve: Callable[..., Any]) -> None:
     index, damaged = _damaged_bank(tmp_path, DAMAGE["flipped bit in values"][0])
     server = serve(index)
     assert server.exit_code(timeout=START_TIMEOUT_S) == 2
