@@ -36,32 +36,80 @@ def select(
     """Top-k of raw hits [B, fetch] after dropping excluded ids and missing hits.
 
     row_ids maps bank rows to entry ids. With fetch >= k + len(exclude[b]) this is
-    exact: at most len(exclude[b]) raw hits of row b are dropped.
+    exact: at most len(exclude[b]) raw hits of row b are dropped. Kept hits keep their
+    order; rows with fewer than k are padded (id and row -1, score -inf).
     """
-    b = len(rows)
-    widest = max((len(e) for e in exclude), default=0) if exclude else 0
-    ids = np.where(rows >= 0, row_ids[np.maximum(rows, 0)], -1)
-    drop = rows < 0
-    if widest:
-        excl = np.full((b, widest), -2, dtype=np.int64)  # -2 never matches an id
-        for i, e in enumerate(exclude):
-            excl[i, : len(e)] = e
-        drop = drop | (ids[:, :, None] == excl[:, None, :]).any(-1)
-    if drop.any():
-        # A stable sort puts kept hits first, in their original best-first order.
-        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-        ids, scores, rows, drop = (
-            np.take_along_axis(a, order, axis=1) for a in (ids, scores, rows, drop)
+    # Few, in-place passes: at B=1024, k=2048 every temporary is 16 MB of fresh pages.
+    b, fetch = rows.shape
+    missing = rows < 0
+    ids = np.take(row_ids, rows, mode="clip")  # (B, fetch)
+    np.putmask(ids, missing, -1)
+    drop = _excluded(ids, exclude)
+    drop |= missing
+    scores = scores.astype(np.float32, copy=False)
+    if k <= fetch and not drop[:, :k].any():  # nothing dropped among the first k
+        return SearchResult(
+            np.ascontiguousarray(ids[:, :k]), scores[:, :k].copy(), rows[:, :k].astype(np.int64)
         )
-    else:
-        ids, scores, rows, drop = ids[:, :k], scores[:, :k], rows[:, :k], drop[:, :k]
-    pad = k - ids.shape[1]
-    if pad or drop.any():
-        fill = ((0, 0), (0, pad))
-        ids = np.pad(np.where(drop, -1, ids), fill, constant_values=-1)
-        rows = np.pad(np.where(drop, -1, rows), fill, constant_values=-1)
-        scores = np.pad(np.where(drop, -np.inf, scores), fill, constant_values=-np.inf)
-    return SearchResult(ids.astype(np.int64), scores.astype(np.float32), rows.astype(np.int64))
+    src = _kept_columns(drop, k)  # (B, k) column of each row's j-th kept hit; >= fetch: none
+    invalid = src >= fetch
+    np.minimum(src, max(fetch - 1, 0), out=src)
+    src += fetch * np.arange(b)[:, None]  # now positions in the flattened (B, fetch) arrays
+
+    def pick(a: np.ndarray, fill: float, dtype: type) -> np.ndarray:
+        if not fetch:
+            return np.full((b, k), fill, dtype)
+        got = np.take(a.reshape(-1), src).astype(dtype, copy=False)
+        np.putmask(got, invalid, fill)
+        return got
+
+    return SearchResult(
+        pick(ids, -1, np.int64), pick(scores, -np.inf, np.float32), pick(rows, -1, np.int64)
+    )
+
+
+_SHIFT_MAX = 8  # up to this many drops per row, kept columns come from shifts, not a sort
+_BROADCAST_MAX = 16  # up to this many excluded ids per query, one broadcast comparison
+
+
+def _excluded(ids: np.ndarray, exclude: list[list[int]] | None) -> np.ndarray:
+    """(B, fetch) bool: ids[b, j] is in exclude[b]."""
+    widest = max((len(e) for e in exclude), default=0) if exclude else 0
+    if not widest:
+        return np.zeros(ids.shape, dtype=bool)
+    if widest > _BROADCAST_MAX:  # a (B, fetch, widest) comparison would be too big
+        return np.stack([np.isin(row, e) for row, e in zip(ids, exclude, strict=True)])
+    excl = np.full((len(ids), widest), -2, dtype=np.int64)  # -2 never matches an id
+    for i, e in enumerate(exclude):
+        excl[i, : len(e)] = e
+    return (ids[:, :, None] == excl[:, None, :]).any(-1)
+
+
+def _kept_columns(drop: np.ndarray, k: int) -> np.ndarray:
+    """(B, k) int64: the column of the j-th column of each row not dropped (>= fetch if
+    there is none)."""
+    b, fetch = drop.shape
+    n_drop = drop.sum(1)
+    most = int(n_drop.max(initial=0))
+    if most > _SHIFT_MAX:
+        # A stable sort puts kept columns first, in order; dropped ones become "none".
+        order = np.argsort(drop, axis=1, kind="stable")
+        src = np.full((b, k), fetch, dtype=np.int64)
+        src[:, : min(k, fetch)] = order[:, :k]
+        src[np.arange(k)[None, :] >= (fetch - n_drop)[:, None]] = fetch
+        return src
+    # The j-th kept column is j moved on by one for every dropped column at or before it:
+    # shift past each row's drops in increasing column order (first drop, second, ...).
+    src = np.broadcast_to(np.arange(k, dtype=np.int64), (b, k)).copy()
+    left = drop.copy() if most > 1 else drop
+    every = np.arange(b)
+    for t in range(most):
+        first = left.argmax(1)  # the row's next dropped column (0 if none is left)
+        found = left[every, first]
+        src += src >= np.where(found, first, fetch)[:, None]
+        if t + 1 < most:
+            left[every[found], first[found]] = False
+    return src
 
 
 def gather_values(values: np.ndarray, rows: np.ndarray) -> np.ndarray:

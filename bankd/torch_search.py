@@ -55,15 +55,14 @@ def group_size(fetch: int, columns: int) -> int:
 
 
 def _block_topk(scores: torch.Tensor, fetch: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best min(fetch, c) (scores, columns) of each row of a score block (B, c), unordered."""
+    """Best min(fetch, c) (scores, columns) of each row of a score block (B, c), unordered;
+    c is a multiple of group."""
     b, c = scores.shape
     fetch = min(fetch, c)
     if group == 1:
         top = torch.topk(scores, fetch, dim=1, sorted=False)
         return top.values, top.indices
-    pad = -c % group
-    if pad:  # -inf never beats a real (finite) score
-        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
+    assert c % group == 0, (c, group)
     groups = scores.view(b, -1, group)  # (B, c/g, g)
     best = groups.amax(2).topk(fetch, dim=1, sorted=False).indices  # (B, fetch) group numbers
     cand = groups.gather(1, best.unsqueeze(2).expand(-1, -1, group))  # (B, fetch, g)
@@ -99,6 +98,7 @@ class TorchFlatIndex:
         metric: str = "ip",
         dtype: torch.dtype | None = None,
         block_bytes: int = SCORE_BLOCK_BYTES,
+        overlap: bool = True,
     ) -> None:
         if metric not in ("ip", "l2"):
             raise ValueError(f"unknown metric {metric!r} (choose from ['ip', 'l2'])")
@@ -106,6 +106,8 @@ class TorchFlatIndex:
             raise ValueError(f"keys must be [N, d] with N >= 1, got shape {keys.shape}")
         self.device = torch.device(device)
         self.metric, self.block_bytes = metric, block_bytes
+        self.overlap = overlap and self.device.type == "cuda"
+        self._side: torch.cuda.Stream | None = None
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.n, self.d = keys.shape
         self.keys = torch.empty((self.n, self.d), dtype=self.dtype, device=self.device)
@@ -137,17 +139,30 @@ class TorchFlatIndex:
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()
 
-    def _scores(self, q: torch.Tensor, s: int, e: int, alpha: float) -> torch.Tensor:
-        """fp32 ranking scores (B, e - s) of queries q (already scaled) against keys s:e."""
+    def _scores(self, q: torch.Tensor, s: int, e: int, alpha: float, out: torch.Tensor) -> None:
+        """out (B, e - s) = fp32 ranking scores of queries q (scaled) against keys s:e."""
         kt = self.keys[s:e].T  # (d, c), a view: cuBLAS reads it transposed
         if self.neg_sq_norms is not None:  # 2 q.k - |k|^2; alpha carries the scales
             neg = self.neg_sq_norms[s:e]
             if self._addmm_fp32_out:
-                return torch.addmm(neg, q, kt, alpha=alpha, out_dtype=torch.float32)
-            return torch.addmm(neg, q.float(), kt.float(), alpha=alpha)
-        if self._mm_fp32_out:
-            return torch.mm(q, kt, out_dtype=torch.float32)
-        return torch.mm(q.float(), kt.float())  # fp32 keys, or a torch without out_dtype
+                torch.addmm(neg, q, kt, alpha=alpha, out_dtype=torch.float32, out=out)
+            else:
+                torch.addmm(neg, q.float(), kt.float(), alpha=alpha, out=out)
+        elif self._mm_fp32_out:
+            torch.mm(q, kt, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(q.float(), kt.float(), out=out)  # fp32 keys, or no out_dtype in torch
+
+    def _pieces(self, fetch: int, block: int) -> list[tuple[int, int, int]]:
+        """(start, end, group) of the key blocks; a last block that is not a multiple of
+        its group is split, its few last rows searched by plain top-k."""
+        pieces = []
+        for s in range(0, self.n, block):
+            e = min(s + block, self.n)
+            g = group_size(fetch, e - s)
+            cut = e - (e - s) % g
+            pieces += [(s, cut, g)] + ([(cut, e, 1)] if cut < e else [])
+        return pieces
 
     @torch.inference_mode()
     def search(self, queries: torch.Tensor, fetch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,34 +179,89 @@ class TorchFlatIndex:
         q_scale = pow2_scale(q32.abs().max().item()) if self.dtype == torch.float16 else 1.0
         q = (q32 * q_scale).to(self.dtype)
         unscale = 1.0 / (q_scale * self.key_scale)
-        block = min(self.n, max(fetch, self.block_bytes // (4 * b)))
-        group = group_size(fetch, block)
+        block = max(fetch, self.block_bytes // (4 * b))
+        block = min(self.n, -(-block // GROUP_MAX) * GROUP_MAX)  # whole groups
+        pieces = self._pieces(fetch, block)
+        if self.overlap and len(pieces) > 1:
+            v, r = self._select_overlapped(q, pieces, fetch, 2.0 * unscale, block)
+        else:
+            v, r = self._select(q, pieces, fetch, 2.0 * unscale)
+        if self.neg_sq_norms is not None:  # |q|^2 - (2 q.k - |k|^2), ascending
+            q_norms = (q.float() / q_scale).square().sum(1, keepdim=True)  # rounded, like keys
+            return q_norms - v, r
+        return v * unscale, r
+
+    def _select(
+        self, q: torch.Tensor, pieces: list[tuple[int, int, int]], fetch: int, alpha: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best fetch (ranking scores, rows), best first: blocks one after the other."""
         values: list[torch.Tensor] = []
         rows: list[torch.Tensor] = []
-        for s in range(0, self.n, block):
-            e = min(s + block, self.n)
-            scores = self._scores(q, s, e, 2.0 * unscale)
-            v, c = _block_topk(scores, fetch, group if e - s == block else group_size(fetch, e - s))
+        for s, e, group in pieces:
+            scores = torch.empty((len(q), e - s), dtype=torch.float32, device=self.device)
+            self._scores(q, s, e, alpha, scores)
+            v, c = _block_topk(scores, fetch, group)
             del scores  # the allocator reuses the block for the next one
             values.append(v)
             rows.append(c + s)
             if len(values) > MERGE_EVERY:
                 v, r = _merge(values, rows, fetch, sort=False)
                 values, rows = [v], [r]
-        v, r = _merge(values, rows, fetch, sort=True)
-        if self.neg_sq_norms is not None:  # |q|^2 - (2 q.k - |k|^2), ascending
-            q_norms = (q.float() / q_scale).square().sum(1, keepdim=True)  # rounded, like keys
-            return q_norms - v, r
-        return v * unscale, r
+        return _merge(values, rows, fetch, sort=True)
+
+    def _select_overlapped(
+        self,
+        q: torch.Tensor,
+        pieces: list[tuple[int, int, int]],
+        fetch: int,
+        alpha: float,
+        block: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_select`` with block i's top-k (memory-bound) on a second CUDA stream while
+        the matrix units compute block i + 1 into the other of two score buffers."""
+        main = torch.cuda.current_stream(self.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        side, b = self._side, len(q)
+        bufs = [torch.empty(b * block, dtype=torch.float32, device=self.device) for _ in "ab"]
+        done: list[torch.cuda.Event | None] = [None, None]  # side is through with buffer j
+        values: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        for i, (s, e, group) in enumerate(pieces):
+            j = i % 2
+            if done[j] is not None:
+                main.wait_event(done[j])
+            scores = bufs[j][: b * (e - s)].view(b, e - s)
+            self._scores(q, s, e, alpha, scores)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                v, c = _block_topk(scores, fetch, group)
+                values.append(v)
+                rows.append(c + s)
+                if len(values) > MERGE_EVERY:
+                    v, r = _merge(values, rows, fetch, sort=False)
+                    values, rows = [v], [r]
+                done[j] = torch.cuda.Event()
+                done[j].record(side)
+        with torch.cuda.stream(side):
+            v, r = _merge(values, rows, fetch, sort=True)
+        main.wait_stream(side)
+        # Made on one stream, used on the other: the allocator must not hand them out
+        # again before that stream is through with them.
+        for buf in bufs:
+            buf.record_stream(side)
+        v.record_stream(main)
+        r.record_stream(main)
+        return v, r
 
     def search_numpy(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """``search`` for numpy queries (B, d): (scores (B, fetch) float32, rows int64)."""
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         scores, rows = self.search(q, fetch)
-        return _to_host(scores, rows, device=self.device)
+        return to_host(scores, rows, device=self.device)
 
 
-def _to_host(*tensors: torch.Tensor, device: torch.device) -> tuple[np.ndarray, ...]:
+def to_host(*tensors: torch.Tensor, device: torch.device) -> tuple[np.ndarray, ...]:
     if device.type != "cuda":
         return tuple(t.numpy() for t in tensors)
     # Pinned buffers (cached by torch's host allocator): about twice the copy rate of
@@ -208,11 +278,12 @@ def _to_host(*tensors: torch.Tensor, device: torch.device) -> tuple[np.ndarray, 
 def _fp32_out_works(device: torch.device, dtype: torch.dtype, op: str) -> bool:
     """Whether this torch's ``op`` multiplies dtype matrices into fp32 (``out_dtype=``)."""
     a = torch.ones((2, 8), dtype=dtype, device=device)
+    out = torch.empty((2, 2), device=device)
     try:
         if op == "mm":
-            out = torch.mm(a, a.T, out_dtype=torch.float32)
+            torch.mm(a, a.T, out_dtype=torch.float32, out=out)
         else:
-            out = torch.addmm(torch.ones(2, device=device), a, a.T, out_dtype=torch.float32)
+            torch.addmm(torch.ones(2, device=device), a, a.T, out_dtype=torch.float32, out=out)
     except (TypeError, RuntimeError, NotImplementedError):
         return False
-    return out.dtype == torch.float32
+    return bool((out == 8).all())

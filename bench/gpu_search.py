@@ -69,6 +69,7 @@ class Config:
     server: bool = True
     max_message_mb: int = 256  # the server's and client's limit: values only if they fit
     variants: bool = True
+    profile: bool = False
     device: str = "cuda"  # "cpu": a smoke test of this script (figures meaningless)
     workdir: str | None = None
     json: str | None = None
@@ -100,8 +101,11 @@ def gpu_ms(fn: Any, reps: int, warmup: int = 2) -> float:
     return float(np.median(times))
 
 
-def wall_ms(fn: Any, batches: list[Any], warmup: int) -> tuple[float, list[Any]]:
-    """Median wall milliseconds of fn(batch) over the measured batches; their outputs."""
+def wall_ms(
+    fn: Any, batches: list[Any], warmup: int, keep: bool = False
+) -> tuple[float, list[Any]]:
+    """Median wall milliseconds of fn(batch) over the measured batches (and, with keep,
+    their outputs; kept raw_search outputs would hold pinned buffers between calls)."""
     times, outs = [], []
     for i, b in enumerate(batches):
         sync()
@@ -110,8 +114,33 @@ def wall_ms(fn: Any, batches: list[Any], warmup: int) -> tuple[float, list[Any]]
         sync()
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
-            outs.append(out)
+            if keep:
+                outs.append(out)
+        del out
     return float(np.median(times)), outs
+
+
+def parts_ms(index: torch_search.TorchFlatIndex, batches: list[Any], fetch: int, warmup: int):
+    """Medians of raw_search's parts: queries to the device, the search, hits to the host."""
+    times = []
+    for i, (q, _) in enumerate(batches):
+        t = [time.perf_counter()]
+        qd = torch.from_numpy(q).to(index.device)
+        sync()
+        t.append(time.perf_counter())
+        scores, rows = index.search(qd, fetch)
+        sync()
+        t.append(time.perf_counter())
+        torch_search.to_host(scores, rows, device=index.device)
+        t.append(time.perf_counter())
+        if i >= warmup:
+            times.append(np.diff(t) * 1e3)
+    med = np.median(times, axis=0)
+    return {
+        "to_device_ms": float(med[0]),
+        "on_device_ms": float(med[1]),
+        "to_host_ms": float(med[2]),
+    }
 
 
 # -- the bank and the queries -----------------------------------------------------------
@@ -226,10 +255,13 @@ def measure_searcher(
         r["raw_search_ms"], _ = wall_ms(
             lambda b, f=fetch: searcher.raw_search(b[0], f), batches, cfg.warmup
         )
+        if index is not None:
+            r |= parts_ms(index, batches, fetch, cfg.warmup)
         r["search_ms"], results = wall_ms(
             lambda b, k=k: searcher.search(b[0], k, [[int(e)] for e in b[1]]),
             batches,
             cfg.warmup,
+            keep=True,
         )
         r["ids"] = [res.ids for res in results[:3]]  # compared with the server's answers
         if index is not None:
@@ -269,7 +301,15 @@ def measure_variants(
                 out[name][k] = float("nan")
             torch.cuda.empty_cache()
 
-    run(f"default: blocks of {default >> 20} MB, group pre-selection", lambda f: index.search(q, f))
+    run(
+        f"default: blocks of {default >> 20} MB, group pre-selection, 2 streams",
+        lambda f: index.search(q, f),
+    )
+    overlap, index.overlap = index.overlap, False
+    run(
+        f"blocks of {default >> 20} MB, group pre-selection, 1 stream", lambda f: index.search(q, f)
+    )
+    index.overlap = overlap
     keep = torch_search.GROUP_MAX
     torch_search.GROUP_MAX = 1
     try:
@@ -288,6 +328,29 @@ def measure_variants(
         lambda f: previous_search(index.keys, q16, f),
     )
     return out
+
+
+def profile(index: torch_search.TorchFlatIndex, batches: list[Any], cfg: Config) -> str:
+    """torch.profiler's table of the kernels of three searches per k (--profile)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    q = torch.from_numpy(batches[0][0]).to(cfg.device)
+    tables = []
+    for k in cfg.ks:
+        index.search(q, k + 1)
+        sync()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                index.search(q, k + 1)
+            sync()
+        table = "no table"
+        for key in ("self_device_time_total", "self_cuda_time_total"):
+            with contextlib.suppress(Exception):  # the key's name changed across versions
+                table = prof.key_averages().table(sort_by=key, row_limit=14)
+                break
+        tables.append(f"profile, k={k} (3 searches):\n{table}")
+    return "\n".join(tables)
 
 
 # -- 4. the server ----------------------------------------------------------------------
@@ -343,7 +406,7 @@ def measure_server(
                 def rpc(p: Any, k: int = k, values: bool = False) -> Any:
                     return c.search(p[0], k, exclude_ids=p[1], with_values=values)
 
-                r["ids_only_ms"], hits = wall_ms(rpc, pairs, cfg.warmup)
+                r["ids_only_ms"], hits = wall_ms(rpc, pairs, cfg.warmup, keep=True)
                 r["differ_from_searcher"] = sum(  # as sets: tied hits may swap places
                     int((np.sort(h.ids, 1) != np.sort(want, 1)).any(axis=1).sum())
                     for h, want in zip(hits, direct[k]["ids"], strict=False)
@@ -407,6 +470,14 @@ def report(cfg: Config, r: dict[str, Any]) -> str:
         "  GPU = Searcher.torch_index.search on device queries; raw = Searcher.raw_search "
         "(host queries in, numpy out); search = Searcher.search (+ exclusion filter)"
     )
+    for k in cfg.ks:
+        if "on_device_ms" in s[k]:
+            a = s[k]
+            lines.append(
+                f"  k={k}: raw_search = queries to the device {a['to_device_ms']:.2f} ms + search "
+                f"{a['on_device_ms']:.2f} ms + hits to the host {a['to_host_ms']:.2f} ms; the "
+                f"exclusion filter (search - raw) {a['search_ms'] - a['raw_search_ms']:.2f} ms"
+            )
     if srv:
         vals = [f"k={k}: {srv[k]['values_mb']:.0f} MB" for k in cfg.ks if "values_mb" in srv[k]]
         differ = sum(srv[k]["differ_from_searcher"] for k in cfg.ks)
@@ -418,9 +489,9 @@ def report(cfg: Config, r: dict[str, Any]) -> str:
         )
     if r.get("variants"):
         lines += ["", "variants of the torch path, GPU ms (median):"]
-        lines.append(f"  {'':<52}" + "".join(f"{'k=' + str(k):>9}" for k in cfg.ks))
+        lines.append(f"  {'':<62}" + "".join(f"{'k=' + str(k):>9}" for k in cfg.ks))
         for name, by_k in r["variants"].items():
-            lines.append(f"  {name:<52}" + "".join(f"{by_k[k]:9.2f}" for k in cfg.ks))
+            lines.append(f"  {name:<62}" + "".join(f"{by_k[k]:9.2f}" for k in cfg.ks))
     return "\n".join(lines)
 
 
@@ -439,6 +510,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-server", action="store_true", help="skip the bankd server part")
     p.add_argument("--no-variants", action="store_true", help="skip the variants table")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler kernel tables")
     p.add_argument("--max-message-mb", type=int, default=d.max_message_mb)
     p.add_argument("--device", default=d.device, help="cuda; cpu only smoke-tests this script")
     p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
@@ -459,6 +531,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         server=not a.no_server,
         max_message_mb=a.max_message_mb,
         variants=not a.no_variants,
+        profile=a.profile,
         device=a.device,
         workdir=a.workdir,
         json=a.json,
@@ -505,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.variants and index is not None:
             progress("measuring variants of the torch path")
             res.variants = measure_variants(index, batches, cfg)
+        if cfg.profile and index is not None:
+            print(profile(index, batches, cfg), flush=True)
         del searcher, index
         torch.cuda.empty_cache()  # the server process loads its own copy of the keys
         if cfg.server:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bankd.index import MAX_K_CPU, Searcher, build_index, describe, gather_values
+from bankd.topk import select
 
 
 @pytest.fixture(scope="module")
@@ -257,20 +258,21 @@ def test_torch_search_refuses_bad_arguments() -> None:
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("fetch", [1, 6, 129, 2049])
 @pytest.mark.parametrize("block_bytes", [4 * 64 * 4096, None])
+@pytest.mark.parametrize("overlap", [True, False])
 def test_cuda_torch_search_is_exact_over_fp16_keys(
-    fetch: int, metric: str, block_bytes: int | None
+    fetch: int, metric: str, block_bytes: int | None, overlap: bool
 ) -> None:
     """fp16 keys and queries, fp32 products: equal to a float64 brute force over the
-    fp16-rounded inputs (ties aside), with many blocks and with the default one."""
+    fp16-rounded inputs (ties aside), with many blocks and with the default one, with
+    the top-k on a second stream and without."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from bankd.torch_search import SCORE_BLOCK_BYTES, TorchFlatIndex
 
     keys, q = _clustered(50_000, 200, 64, seed=fetch)
-    index = TorchFlatIndex(
-        keys, "cuda", metric=metric, block_bytes=block_bytes or SCORE_BLOCK_BYTES
-    )
+    block_bytes = block_bytes or SCORE_BLOCK_BYTES
+    index = TorchFlatIndex(keys, "cuda", metric=metric, block_bytes=block_bytes, overlap=overlap)
     assert index.keys.dtype == torch.float16 and index.nbytes() == 50_000 * 200 * 2
     scores, rows = index.search_numpy(q, fetch)
     rounded = (keys.astype(np.float16), q.astype(np.float16))
@@ -357,6 +359,24 @@ def test_select_matches_reference(case: tuple[Any, ...]) -> None:
     np.testing.assert_array_equal(got.scores, want[1])
     np.testing.assert_array_equal(got.rows, want[2])
     assert got.ids.dtype == np.int64 and got.scores.dtype == np.float32
+
+
+@pytest.mark.parametrize("widest", [1, 3, 12, 40])
+def test_select_paths_match_reference(widest: int) -> None:
+    """Few drops per row (column shifts) and many (a stable sort); short exclusion lists
+    (one broadcast comparison) and long ones (per-row isin); missing hits in between."""
+    rng = np.random.default_rng(widest)
+    ids = rng.permutation(10**6)[:300]
+    rows = np.stack([rng.permutation(300)[:100] for _ in range(6)])
+    rows[2, 60:] = -1  # an IVF that ran out of candidates
+    scores = -np.sort(-rng.random(rows.shape, dtype=np.float32), axis=1)
+    exclude = [ids[rng.choice(rows[i, :70], widest, replace=False)].tolist() for i in range(6)]
+    exclude[4] = []
+    for k in (1, 50, 99, 120):
+        got = select(ids, scores, rows, k, exclude)
+        want = _reference_select(ids, scores, rows, k, exclude)
+        for a, b in zip((got.ids, got.scores, got.rows), want, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 # -- gather_values ---------------------------------------------------------------------
