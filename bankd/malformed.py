@@ -66,13 +66,16 @@ class UndecodableRequests(grpc.ServerInterceptor):
         method = details.method[len(self._prefix) :]
         parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
-            return handler._replace(
-                request_deserializer=parse, unary_unary=self._unary(handler.unary_unary, method)
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method),
+                request_deserializer=parse,
+                response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
-            return handler._replace(
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(handler.stream_stream, method),
                 request_deserializer=parse,
-                stream_stream=self._stream(handler.stream_stream, method),
+                response_serializer=handler.response_serializer,
             )
         return handler
 
