@@ -17,6 +17,12 @@ Probes:
   32 latent tokens (raw values, no standardisation, as the VLM's RAG connector reads
   them), then a linear read-out over the concatenated token outputs (the LLM sees every
   token at its own position), trained with AdamW on the attributes; argmax accuracy.
+* ``caption_recovery_probe``: ridge from the values to the caption's word at each of its
+  first 16 positions; word accuracy and the share of captions read back exactly. Word
+  order counts here, so it separates values that keep the caption from values that keep
+  a pooled bag of its words (what a random Perceiver's near-uniform attention gives).
+* ``knn_attribute_probe`` / ``knn_caption_probe``: no fitting at all; the 10 nearest
+  training values by cosine vote (the k-NN evaluation of self-supervised learning).
 * ``value_spread``: mean cosine similarity between the raw values of different pairs; the
   reference code's random Perceiver gave values that are nearly identical (close to 1).
   ``token_redundancy``: the same between the 32 latent tokens of one value.
@@ -178,6 +184,80 @@ def caption_probe(
     return mean_auc(pred, yte)
 
 
+def knn_neighbours(train_values, test_values, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(indices (n_test, k), cosine similarities (n_test, k)) of each test value's ``k``
+    nearest training values, by cosine on the raw flattened values (no fitting)."""
+    tr, te = _flat(train_values), _flat(test_values)
+    tr = tr / np.maximum(np.linalg.norm(tr, axis=1, keepdims=True), 1e-12)
+    te = te / np.maximum(np.linalg.norm(te, axis=1, keepdims=True), 1e-12)
+    sim = te @ tr.T
+    k = min(k, sim.shape[1])
+    idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(sim, idx, 1)
+
+
+def knn_attribute_probe(
+    train_values, train_attributes: list[dict], test_values, test_attributes: list[dict], k=10
+) -> dict:
+    """k-NN attribute probe: each attribute by majority vote of the ``k`` nearest training
+    values; {"mean_accuracy", "accuracy": {attr: acc}, "exact": all attributes right}."""
+    targets = _attribute_targets(train_attributes, test_attributes)
+    idx, _ = knn_neighbours(train_values, test_values, k)
+    right = []
+    for _name, (tr, te, classes) in targets.items():
+        votes = np.stack([np.bincount(row, minlength=classes) for row in tr[idx]])
+        right.append(votes.argmax(1) == te)  # ties: the lowest class, deterministic
+    right = np.stack(right, 1)
+    return {
+        "mean_accuracy": float(right.mean()),
+        "accuracy": dict(zip(targets, right.mean(0).tolist(), strict=True)),
+        "exact": float(right.all(1).mean()),
+    }
+
+
+def knn_caption_probe(
+    train_values, train_captions: list[str], test_values, test_captions: list[str], k=10
+) -> float:
+    """k-NN caption probe: a word's score = the share of the ``k`` nearest training pairs
+    whose caption has it; mean per-word ROC AUC on the test pairs (as ``caption_probe``)."""
+    words = caption_words(train_captions, 50)
+    ytr, yte = bag_of_words(train_captions, words), bag_of_words(test_captions, words)
+    idx, _ = knn_neighbours(train_values, test_values, k)
+    return mean_auc(ytr[idx].mean(1), yte)
+
+
+CAPTION_POSITIONS = 16  # words of a caption the recovery probe reads back
+
+
+def caption_recovery_probe(
+    train_values, train_captions: list[str], test_values, test_captions: list[str], seed=0
+) -> dict:
+    """Ridge from the value to the caption's word at each of the first 16 positions (one-hot
+    over the training vocabulary, plus end-of-caption); order matters, unlike a bag of
+    words. {"word_accuracy": per position, "exact": share of captions read back whole}."""
+    vocab = sorted({w for c in train_captions for w in _WORD.findall(c.lower())})
+    index = {w: i for i, w in enumerate(vocab)}
+    width = len(vocab) + 2  # + end of caption, + out of vocabulary
+
+    def targets(captions: list[str]) -> np.ndarray:
+        y = np.zeros((len(captions), CAPTION_POSITIONS, width))
+        for r, c in enumerate(captions):
+            words = _WORD.findall(c.lower())[:CAPTION_POSITIONS]
+            for t in range(CAPTION_POSITIONS):
+                y[r, t, index.get(words[t], width - 1) if t < len(words) else width - 2] = 1
+        return y.reshape(len(captions), -1)
+
+    def read(pred: np.ndarray) -> np.ndarray:
+        return pred.reshape(len(pred), CAPTION_POSITIONS, width).argmax(-1)
+
+    ytr, yte = targets(train_captions), targets(test_captions)
+    pred = ridge_fit_predict(
+        train_values, ytr, test_values, lambda p, y: float((read(p) == read(y)).mean()), seed
+    )
+    right = read(pred) == read(yte)
+    return {"word_accuracy": float(right.mean()), "exact": float(right.all(1).mean())}
+
+
 def _mean_offdiagonal_cosine(x: np.ndarray) -> np.ndarray:
     """x (..., n, d) -> mean cosine similarity between distinct rows, per leading index."""
     x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -269,12 +349,20 @@ def informativeness(
             "caption_word_auc": caption_probe(
                 train, train_captions, test, test_captions, seed=seed
             ),
+            "caption_word_auc_knn": knn_caption_probe(train, train_captions, test, test_captions),
+            "caption_recovery": caption_recovery_probe(
+                train, train_captions, test, test_captions, seed
+            ),
             "value_cosine": value_spread(test),
             "token_cosine": token_redundancy(test),
         }
         if have_attrs:
             ridge = attribute_probe(train, train_attributes, test, test_attributes, seed)
             conn = connector_probe(train, train_attributes, test, test_attributes, seed=seed)
+            knn = knn_attribute_probe(train, train_attributes, test, test_attributes)
+            r["attribute_knn"] = knn["mean_accuracy"]
+            r["attribute_knn_exact"] = knn["exact"]
+            r["attribute_knn_per_attribute"] = knn["accuracy"]
             r["attribute_ridge"] = ridge["mean_accuracy"]
             r["attribute_ridge_per_attribute"] = ridge["accuracy"]
             r["attribute_connector"] = conn["mean_accuracy"]
@@ -295,11 +383,16 @@ def format_informativeness(report: dict) -> str:
     for name, r in report.items():
         if not isinstance(r, dict):
             continue
-        line = f"  {name:>12}: caption-word AUC {r['caption_word_auc']:.3f}"
+        line = (
+            f"  {name:>12}: caption read back exactly {r['caption_recovery']['exact']:.3f} "
+            f"(words {r['caption_recovery']['word_accuracy']:.3f}), "
+            f"caption-word AUC {r['caption_word_auc']:.3f}"
+        )
         if "attribute_ridge" in r:
             line += (
                 f", attribute acc ridge {r['attribute_ridge']:.3f} / connector "
-                f"{r['attribute_connector']:.3f} (chance {report['attribute_chance']:.3f})"
+                f"{r['attribute_connector']:.3f} / 10-NN {r['attribute_knn']:.3f} "
+                f"(chance {report['attribute_chance']:.3f})"
             )
         line += f", cosine between values {r['value_cosine']:.3f} / tokens {r['token_cosine']:.3f}"
         lines.append(line)

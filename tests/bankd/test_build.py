@@ -215,3 +215,6 @@ def test_trained_values_are_at_least_as_informative_and_far_less_redundant(tmp_p
         assert trained[probe] >= untrained[probe] - 0.03, probe
     assert trained["token_cosine"] < untrained["token_cosine"] - 0.3
     assert trained["value_cosine"] < untrained["value_cosine"]
+    for r in (trained, untrained):  # reported, with the other probes
+        assert 0 <= r["caption_recovery"]["exact"] <= r["caption_recovery"]["word_accuracy"] <= 1
+        assert 0 < r["attribute_knn"] <= 1 and 0.5 <= r["caption_word_auc_knn"] <= 1

@@ -20,7 +20,15 @@ from bankd.models.perceiver import (
     compress,
     train_compressor,
 )
-from bankd.models.probe import attribute_probe, caption_probe, roc_auc, value_spread
+from bankd.models.probe import (
+    attribute_probe,
+    caption_probe,
+    caption_recovery_probe,
+    knn_attribute_probe,
+    knn_caption_probe,
+    roc_auc,
+    value_spread,
+)
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +243,33 @@ def test_probes_read_informative_values():
     assert (
         attribute_probe(noise[:200], attrs[:200], noise[200:], attrs[200:])["mean_accuracy"] < 0.6
     )
+
+
+def test_caption_recovery_needs_word_order_and_knn_needs_no_fitting():
+    rng = np.random.default_rng(1)
+    colors, shapes = ["red", "green", "blue"], ["star", "circle", "cross"]
+    c, s = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    swap = rng.integers(0, 2, 300).astype(bool)  # word order varies with the sample
+    caps = [
+        f"{shapes[b]} of {colors[a]}" if w else f"{colors[a]} {shapes[b]}"
+        for a, b, w in zip(c, s, swap, strict=True)
+    ]
+    attrs = [{"color": colors[a], "shape": shapes[b]} for a, b in zip(c, s, strict=True)]
+    words = colors + shapes + ["of"]
+    ordered = rng.normal(size=(300, 4, 8))  # latent t holds the caption's word t
+    for r, cap in enumerate(caps):
+        for t, w in enumerate(cap.split()):
+            ordered[r, t, words.index(w)] += 3.0
+    bag = rng.normal(size=(300, 4, 8))  # which words, not where: latent 0 colour, 1 shape
+    bag[np.arange(300), 0, c] += 3.0
+    bag[np.arange(300), 1, s] += 3.0
+    fit, test = slice(0, 200), slice(200, 300)
+    got = caption_recovery_probe(ordered[fit], caps[fit], ordered[test], caps[test])
+    assert got["exact"] > 0.75 and got["word_accuracy"] > 0.9, got
+    bag_got = caption_recovery_probe(bag[fit], caps[fit], bag[test], caps[test])
+    assert bag_got["exact"] < got["exact"] - 0.25, (got, bag_got)
+    knn = knn_attribute_probe(ordered[fit], attrs[fit], ordered[test], attrs[test])
+    assert knn["mean_accuracy"] > 0.8 and knn["exact"] > 0.6
+    noise = rng.normal(size=ordered.shape)
+    assert knn_attribute_probe(noise[fit], attrs[fit], noise[test], attrs[test])["exact"] < 0.3
+    assert knn_caption_probe(ordered[fit], caps[fit], ordered[test], caps[test]) > 0.9
