@@ -3,6 +3,7 @@
 bankd demo-data --out data/shapes --n 2000
 bankd build --data data/shapes/data.json --image-folder data/shapes --out bank/bank.faiss
 bankd serve --index bank/bank.faiss --port 50051 --metrics-port 9100
+bankd shard --index bank/bank.faiss --shards 4 --out bank/shards/   # one bankd per shard
 bankd info  --target localhost:50051
 bankd query --target localhost:50051 --image data/shapes/images/00001.png -k 5
 
@@ -186,7 +187,7 @@ def _captions(path: str) -> dict[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import build, demo_data
+    from . import build, demo_data, shard
 
     parser = argparse.ArgumentParser(
         prog="bankd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build a bank from LLaVA-format data")
     build.add_arguments(p)
     p.set_defaults(func=build.run)
+
+    p = sub.add_parser("shard", help="split a bank into S banks, one bankd per shard")
+    shard.add_arguments(p)
+    p.set_defaults(func=shard.run)
 
     p = sub.add_parser("serve", help="serve a bank over gRPC")
     _add_serve(p)

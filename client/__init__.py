@@ -18,6 +18,7 @@ from .errors import (
     Unavailable,
 )
 from .identity import EncoderFingerprint, fingerprint_encoder, sample_id_to_int, tune_allocator
+from .sharded import ShardedBankClient
 from .types import BankInfo, Hits, KeyFunctionSpec, SearchQuery
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "SearchQuery",
+    "ShardedBankClient",
     "Unauthenticated",
     "Unavailable",
     "fingerprint_encoder",

@@ -1,0 +1,412 @@
+"""ShardedBankClient: one bank split into S shards, one bankd per shard, searched as one.
+
+    from bankd_client import ShardedBankClient
+    with ShardedBankClient(["bankd-0:50051", "bankd-1:50051", "bankd-2:50051"]) as bank:
+        hits = bank.search(keys, k=5, exclude_ids=[[3], [17]])  # same Hits as BankClient
+
+The shards are complete banks written by ``bankd shard`` (entry ids kept, so exclusion
+stays global). Each call goes to every shard at once (gRPC futures, no threads); search
+merges the S per-shard top-k lists per query into the exact global top-k. A shard that
+fails fails the call with its usual error class, the message naming the shard: never
+partial results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from . import errors, tensors
+from .client import BankClient
+from .proto import bankd_pb2 as pb
+from .types import BankInfo, Hits, SearchQuery
+
+_NO_ID = np.iinfo(np.int64).max  # sorts padding (-1 ids) after every real id
+_PROBE_IDS = 64  # ids probed at once when a fetch spans shards
+
+
+def merge_hits(parts: Sequence[Hits], k: int, metric: str = "ip") -> Hits:
+    """The global top-k of per-shard top-k lists ([B, k_s] each), best first.
+
+    Best is the highest score for "ip" and the lowest for "l2" (a distance); exact
+    ties go to the lower entry id, and padding (id -1) comes last. Values (if any)
+    are gathered from the shards' arrays directly, without concatenating them.
+    """
+    ids = np.concatenate([np.asarray(p.ids) for p in parts], axis=1)  # (B, sum k_s)
+    scores = np.concatenate([np.asarray(p.scores) for p in parts], axis=1)
+    pad = ids < 0
+    rank = np.where(pad, np.inf, scores if metric == "l2" else -scores)
+    order = np.lexsort((np.where(pad, _NO_ID, ids), rank), axis=-1)[:, :k]  # (B, <=k)
+    out_ids = np.take_along_axis(ids, order, axis=1)
+    out_scores = np.take_along_axis(scores, order, axis=1)
+    short = k - order.shape[1]  # only if the shards together hold fewer than k entries
+    if short:
+        out_ids = np.pad(out_ids, ((0, 0), (0, short)), constant_values=-1)
+        out_scores = np.pad(out_scores, ((0, 0), (0, short)), constant_values=-np.inf)
+    values = None
+    if all(p.values is not None for p in parts):
+        first = np.asarray(parts[0].values)
+        values = np.zeros((len(ids), k, *first.shape[2:]), dtype=first.dtype)  # (B, k, 32, 96)
+        starts = np.cumsum([0] + [np.asarray(p.ids).shape[1] for p in parts])
+        shard = np.searchsorted(starts, order, side="right") - 1  # (B, <=k)
+        for s, p in enumerate(parts):
+            rows, slots = np.nonzero(shard == s)
+            if len(rows):
+                values[rows, slots] = np.asarray(p.values)[rows, order[rows, slots] - starts[s]]
+    return Hits(ids=out_ids.astype(np.int64), scores=out_scores.astype(np.float32), values=values)
+
+
+def combine_info(targets: Sequence[str], infos: Sequence[BankInfo]) -> BankInfo:
+    """One BankInfo for the sharded bank; FailedPrecondition naming a shard that differs."""
+    first = infos[0]
+
+    def name(i: int) -> str:
+        return f"shard {i} ({targets[i]})"
+
+    for i, info in enumerate(infos[1:], 1):
+        for field in ("vision_encoder", "text_encoder"):
+            a, b = getattr(first, field), getattr(info, field)
+            if (a is None) != (b is None) or (a is not None and not a.matches(b)):
+                raise errors.EncoderMismatch(
+                    f"encoder mismatch: {name(i)} has {field} {_short(b)}, {name(0)} has "
+                    f"{_short(a)}; every shard must be split from the same bank"
+                )
+        for field in ("key_dim", "value_shape", "value_dtype", "metric", "index_type"):
+            a, b = getattr(first, field), getattr(info, field)
+            if a != b:
+                raise errors.FailedPrecondition(
+                    f"{name(i)} has {field} {b!r}, {name(0)} has {a!r}; every shard must "
+                    "be split from the same bank"
+                )
+        if first.key_function != info.key_function:
+            raise errors.FailedPrecondition(
+                f"{name(i)} has another key function than {name(0)}; every shard must be "
+                "split from the same bank"
+            )
+    seen: dict[str, int] = {}
+    for i, info in enumerate(infos):
+        if info.bank_id in seen:
+            raise errors.FailedPrecondition(
+                f"{name(i)} serves the same bank as {name(seen[info.bank_id])} "
+                f"(bank_id {info.bank_id[:12]}): its entries would be counted twice"
+            )
+        seen[info.bank_id] = i
+    entries = sum(info.entries for info in infos)
+    # A shard whose max_k is below its size is capped by its server (--max-k): k past that
+    # cannot be answered exactly. A shard whose max_k is its size just returns all of it.
+    max_k = min([entries] + [info.max_k for info in infos if info.max_k < info.entries])
+    return BankInfo(
+        entries=entries,
+        key_dim=first.key_dim,
+        value_shape=first.value_shape,
+        value_dtype=first.value_dtype,
+        index_type=first.index_type,
+        metric=first.metric,
+        vision_encoder=first.vision_encoder,
+        text_encoder=first.text_encoder,
+        key_function=first.key_function,
+        max_k=max_k,
+        max_batch=min(info.max_batch for info in infos),
+        bank_id=hashlib.sha256("\n".join(i.bank_id for i in infos).encode()).hexdigest(),
+        server_version=",".join(dict.fromkeys(i.server_version for i in infos)),
+        embed_available=any(info.embed_available for info in infos),
+        search_device=",".join(dict.fromkeys(i.search_device for i in infos)),
+        max_message_bytes=min(info.max_message_bytes for info in infos),
+    )
+
+
+def _short(fp: Any) -> str:
+    return "none" if fp is None else fp.short()
+
+
+class ShardedBankClient:
+    """Client of a bank served as S shards; the same calls and results as BankClient.
+
+    Args:
+        targets: one gRPC target per shard, in shard order ("bankd-0:50051", ...).
+        **options: BankClient's keyword options (timeout, TLS, token, message size,
+            retries, ...), applied to every shard's channel.
+
+    info() checks that the shards agree (key dim, value shape, metric, index type,
+    encoder fingerprints, key function) and sums their entries; search, fetch and
+    stream_search call info() once to learn each shard's k limit.
+
+    With a flat index split by ``bankd shard``, search returns the unsharded server's
+    ids, scores and values: scores bit for bit when each server searches the same
+    batch (a server that merges concurrent requests into one search may move a score's
+    last bit, sharded or not). Among exactly tied scores ids are in entry-id order
+    (FAISS's own order among ties is its heap's), and a tie cut at k may keep other
+    members of it. IVF/HNSW shards are indexed on their own, so their approximate
+    results are not the unsharded index's.
+    """
+
+    def __init__(self, targets: Sequence[str], **options: Any) -> None:
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if not targets:
+            raise ValueError("ShardedBankClient needs at least one shard target")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"a shard target is listed twice: {targets}")
+        self.targets = targets
+        self.shards: list[BankClient] = []
+        try:
+            for target in targets:
+                self.shards.append(BankClient(target, **options))
+        except BaseException:
+            self.close()
+            raise
+        self.timeout = self.shards[0].timeout
+        self._info: BankInfo | None = None
+        self._shard_infos: list[BankInfo] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> ShardedBankClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until every shard reports SERVING (Unavailable naming the first that does not)."""
+        import time
+
+        end = time.monotonic() + timeout
+        for i, shard in enumerate(self.shards):
+            try:
+                shard.wait_ready(timeout=max(end - time.monotonic(), 0.05))
+            except errors.BankError as e:
+                raise self._named(i, e) from None
+
+    # -- fan-out -----------------------------------------------------------------------
+
+    def _named(self, i: int, error: errors.BankError) -> errors.BankError:
+        """The same error class, its message prefixed with the shard's index and target."""
+        return errors.error_for_code(
+            error.code, f"shard {i} of {len(self.shards)} ({self.targets[i]}): {error.message}"
+        )
+
+    def _submit(
+        self, rpc: str, requests: Sequence[Any], timeout: float | None
+    ) -> list[tuple[int, grpc.Future]]:
+        """Start one call per shard (requests in shard order); no waiting."""
+        t = self.timeout if timeout is None else timeout
+        calls = []
+        for i, request in enumerate(requests):
+            shard = self.shards[i]  # its stub and token metadata: one client per shard
+            calls.append(
+                (i, getattr(shard._stub, rpc).future(request, timeout=t, metadata=shard._metadata))
+            )
+        return calls
+
+    def _collect(self, calls: list[tuple[int, grpc.Future]]) -> list[Any]:
+        """Every call's response; the first failure (in shard order) cancels the rest."""
+        try:
+            out = []
+            for i, future in calls:
+                try:
+                    out.append(future.result())
+                except grpc.RpcError as e:
+                    raise self._named(i, errors.from_rpc_error(e)) from None
+            return out
+        finally:
+            for _, future in calls:
+                future.cancel()  # no-op on finished calls
+
+    def _all(self, rpc: str, requests: Sequence[Any], timeout: float | None) -> list[Any]:
+        return self._collect(self._submit(rpc, requests, timeout))
+
+    # -- calls -------------------------------------------------------------------------
+
+    def info(self, *, timeout: float | None = None, refresh: bool = False) -> BankInfo:
+        """The sharded bank: summed entries, the shards' common shapes and encoders."""
+        if self._info is None or refresh:
+            requests = [pb.GetInfoRequest()] * len(self.shards)
+            infos = [BankInfo.from_pb(r) for r in self._all("GetInfo", requests, timeout)]
+            self._info = combine_info(self.targets, infos)
+            self._shard_infos = infos
+        return self._info
+
+    def shard_infos(self, *, timeout: float | None = None, refresh: bool = False) -> list[BankInfo]:
+        """Each shard's own BankInfo, in shard order."""
+        self.info(timeout=timeout, refresh=refresh)
+        return list(self._shard_infos)
+
+    def _search_requests(
+        self, keys: Any, k: int, exclude_ids: Any, with_values: bool, timeout: float | None
+    ) -> list[pb.SearchRequest]:
+        """The same request for every shard, with k capped at what each shard can return."""
+        info = self.info(timeout=timeout)
+        k = int(k)
+        if not 1 <= k <= info.max_k:
+            raise errors.InvalidArgument(f"k={k} is out of range; it must be 1..{info.max_k}")
+        base = self.shards[0]._search_request(keys, k, exclude_ids, with_values)
+        requests = []
+        for shard_info in self._shard_infos:
+            if k <= shard_info.max_k:
+                requests.append(base)
+            else:  # a shard smaller than k: all of its entries are candidates
+                capped = pb.SearchRequest()
+                capped.CopyFrom(base)
+                capped.k = shard_info.max_k
+                requests.append(capped)
+        return requests
+
+    def search(
+        self,
+        keys: Any,
+        k: int = 5,
+        *,
+        exclude_ids: Any = None,
+        with_values: bool = True,
+        timeout: float | None = None,
+    ) -> Hits:
+        """Top-k over all shards for B query keys [B, d]; same arguments as BankClient.search."""
+        requests = self._search_requests(keys, k, exclude_ids, with_values, timeout)
+        parts = [Hits.from_pb(r) for r in self._all("Search", requests, timeout)]
+        hits = merge_hits(parts, int(k), self.info().metric)
+        return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
+
+    def stream_search(
+        self,
+        queries: Iterable[Any],
+        k: int = 5,
+        *,
+        with_values: bool = True,
+        timeout: float | None = None,
+        window: int = 4,
+    ) -> Iterator[Hits]:
+        """Search a stream of batches, up to `window` batches in flight; yields in input order.
+
+        Items are keys [B, d] or ``SearchQuery(keys, exclude_ids, k)``, as for
+        BankClient.stream_search; here each batch is one Search call per shard, and
+        timeout is each batch's deadline.
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        in_flight: deque[tuple[int, bool, list[tuple[int, grpc.Future]]]] = deque()
+
+        def finish() -> Hits:
+            batch_k, as_torch, calls = in_flight.popleft()
+            parts = [Hits.from_pb(r) for r in self._collect(calls)]
+            hits = merge_hits(parts, batch_k, self.info().metric)
+            return hits.to_torch() if as_torch else hits
+
+        try:
+            for q in queries:
+                if not isinstance(q, SearchQuery):
+                    q = SearchQuery(keys=q)
+                batch_k = int(q.k or k)
+                requests = self._search_requests(
+                    q.keys, batch_k, q.exclude_ids, with_values, timeout
+                )
+                calls = self._submit("Search", requests, timeout)
+                in_flight.append((batch_k, tensors.is_torch_tensor(q.keys), calls))
+                if len(in_flight) >= window:
+                    yield finish()
+            while in_flight:
+                yield finish()
+        finally:
+            for _, _, calls in in_flight:
+                for _, future in calls:
+                    future.cancel()
+
+    def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:
+        """Values [n, 32, 96] fp16 of entries by id (and keys [n, d] with with_keys).
+
+        Fetch has no partial answers (an id a shard lacks is NOT_FOUND for the whole
+        call), so the whole list goes to every shard first; when no single shard holds
+        all of it, each id is asked of every shard on its own.
+        """
+        wanted = [int(i) for i in tensors.as_numpy(ids, name="ids").reshape(-1)]
+        if not wanted:
+            raise errors.InvalidArgument("fetch needs at least one id")
+        unique = list(dict.fromkeys(wanted))
+        found = self._fetch_whole(unique, with_keys, timeout)
+        if found is None:
+            found = self._fetch_each(unique, with_keys, timeout)
+        values = np.stack([found[i][0] for i in wanted])
+        conv = tensors.to_torch if tensors.is_torch_tensor(ids) else (lambda a: a)
+        if with_keys:
+            return conv(values), conv(np.stack([found[i][1] for i in wanted]))
+        return conv(values)
+
+    def _fetch_calls(
+        self, ids: list[int], with_keys: bool, timeout: float | None
+    ) -> list[tuple[int, grpc.Future]]:
+        request = pb.FetchRequest(ids=ids, with_keys=with_keys)
+        return self._submit("Fetch", [request] * len(self.shards), timeout)
+
+    def _fetch_results(
+        self, calls: list[tuple[int, grpc.Future]]
+    ) -> list[tuple[int, pb.FetchResponse]]:
+        """The (shard, response) of calls that found their ids; NOT_FOUND ones left out."""
+        out = []
+        for i, future in calls:
+            try:
+                out.append((i, future.result()))
+            except grpc.RpcError as e:
+                error = errors.from_rpc_error(e)
+                if not isinstance(error, errors.NotFound):
+                    for _, f in calls:
+                        f.cancel()
+                    raise self._named(i, error) from None
+        return out
+
+    @staticmethod
+    def _rows(msg: pb.FetchResponse, with_keys: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        values = tensors.decode(msg.values, name="values")
+        return values, tensors.decode(msg.keys, name="keys") if with_keys else None
+
+    def _fetch_whole(
+        self, ids: list[int], with_keys: bool, timeout: float | None
+    ) -> dict[int, tuple[np.ndarray, np.ndarray | None]] | None:
+        answered = self._fetch_results(self._fetch_calls(ids, with_keys, timeout))
+        if not answered:
+            if len(ids) == 1:
+                raise errors.NotFound(f"unknown entry ids: {ids}")
+            return None
+        values, keys = self._rows(answered[0][1], with_keys)
+        return {e: (values[j], None if keys is None else keys[j]) for j, e in enumerate(ids)}
+
+    def _fetch_each(
+        self, ids: list[int], with_keys: bool, timeout: float | None
+    ) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+        found: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        for start in range(0, len(ids), _PROBE_IDS):
+            chunk = ids[start : start + _PROBE_IDS]
+            probes = [(e, self._fetch_calls([e], with_keys, timeout)) for e in chunk]
+            for e, calls in probes:
+                for _, msg in self._fetch_results(calls):
+                    values, keys = self._rows(msg, with_keys)
+                    found[e] = (values[0], None if keys is None else keys[0])
+        missing = [e for e in ids if e not in found]
+        if missing:
+            raise errors.NotFound(f"unknown entry ids: {missing[:10]}")
+        return found
+
+    def embed(
+        self,
+        images: Sequence[Any],
+        texts: Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Query keys [n, d], computed by the first shard that has the bank's encoder."""
+        infos = self.shard_infos(timeout=timeout)
+        i = next((j for j, info in enumerate(infos) if info.embed_available), 0)
+        try:
+            return self.shards[i].embed(images, texts, timeout=timeout)
+        except errors.BankError as e:
+            raise self._named(i, e) from None
+
+    # Uses nothing but self.info(), which here is the shards' common (checked) view.
+    check_encoder = BankClient.check_encoder
