@@ -51,6 +51,7 @@ from search_latency import write_synthetic_bank  # noqa: E402
 from bankd import torch_search  # noqa: E402
 from bankd.index import Searcher  # noqa: E402
 from bankd.store import VALUE_SHAPE, Bank  # noqa: E402
+from bankd_client import tune_allocator  # noqa: E402
 
 SERVER_START_S = 600.0
 CHECK_ROWS = 16  # query rows per k checked against the float64 brute force
@@ -301,22 +302,14 @@ def measure_variants(
                 out[name][k] = float("nan")
             torch.cuda.empty_cache()
 
-    run(
-        f"default: blocks of {default >> 20} MB, group pre-selection, 2 streams",
-        lambda f: index.search(q, f),
-    )
-    overlap, index.overlap = index.overlap, False
-    run(
-        f"blocks of {default >> 20} MB, group pre-selection, 1 stream", lambda f: index.search(q, f)
-    )
-    index.overlap = overlap
+    run(f"default: blocks of {default >> 20} MB, group pre-selection", lambda f: index.search(q, f))
     keep = torch_search.GROUP_MAX
     torch_search.GROUP_MAX = 1
     try:
         run(f"blocks of {default >> 20} MB, plain top-k", lambda f: index.search(q, f))
     finally:
         torch_search.GROUP_MAX = keep
-    for mb in (128, 2048):
+    for mb in (256, 2048):
         index.block_bytes = mb << 20
         run(f"blocks of {mb} MB, group pre-selection", lambda f: index.search(q, f))
     index.block_bytes = 4 * b * index.n
@@ -550,6 +543,7 @@ class Results:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    tune_allocator()  # as `bankd serve` and trainers do: big numpy temporaries stay mapped
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_search.py needs a CUDA device", file=sys.stderr)
         return 2

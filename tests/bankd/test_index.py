@@ -258,13 +258,11 @@ def test_torch_search_refuses_bad_arguments() -> None:
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("fetch", [1, 6, 129, 2049])
 @pytest.mark.parametrize("block_bytes", [4 * 64 * 4096, None])
-@pytest.mark.parametrize("overlap", [True, False])
 def test_cuda_torch_search_is_exact_over_fp16_keys(
-    fetch: int, metric: str, block_bytes: int | None, overlap: bool
+    fetch: int, metric: str, block_bytes: int | None
 ) -> None:
     """fp16 keys and queries, fp32 products: equal to a float64 brute force over the
-    fp16-rounded inputs (ties aside), with many blocks and with the default one, with
-    the top-k on a second stream and without."""
+    fp16-rounded inputs (ties aside), with many blocks and with the default one."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -272,7 +270,7 @@ def test_cuda_torch_search_is_exact_over_fp16_keys(
 
     keys, q = _clustered(50_000, 200, 64, seed=fetch)
     block_bytes = block_bytes or SCORE_BLOCK_BYTES
-    index = TorchFlatIndex(keys, "cuda", metric=metric, block_bytes=block_bytes, overlap=overlap)
+    index = TorchFlatIndex(keys, "cuda", metric=metric, block_bytes=block_bytes)
     assert index.keys.dtype == torch.float16 and index.nbytes() == 50_000 * 200 * 2
     scores, rows = index.search_numpy(q, fetch)
     rounded = (keys.astype(np.float16), q.astype(np.float16))
