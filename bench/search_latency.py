@@ -207,7 +207,8 @@ class ServerProcess:
                 break
             if line.startswith("settings: "):
                 self.settings = line.removeprefix("settings: ").strip()
-            m = re.search(r"on [\d.]+:(\d+), metrics on [\d.]+:(\d+)", line)
+            # "bankd serving X on HOST:PORT (plaintext, ...), metrics on HOST:PORT"
+            m = re.search(r"on [\d.]+:(\d+) .*metrics on [\d.]+:(\d+)", line)
             if m:
                 return int(m.group(1)), int(m.group(2))
         tail = self.log_path.read_text(errors="replace")[-3000:]
