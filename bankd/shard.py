@@ -13,8 +13,9 @@ function, weights and config (plus a ``shard`` record): entry ids are kept, so
 exclusion by entry id stays global. The boundaries fall on multiples of
 ``--align-rows`` (1024, FAISS's database block in flat BLAS search), so every block a
 shard's flat search multiplies is one the unsharded search multiplies too, and scores
-come out bit for bit the same. A bank too small for that is split evenly instead
-(logged), and scores may then differ from the unsharded bank's in the last bits.
+come out bit for bit the same (given the same query batch and BLAS thread count). A
+bank too small for that is split evenly instead (logged), and scores may then differ
+from the unsharded bank's in the last bits.
 Non-flat indexes (IVF, HNSW, PQ) are built per shard and stay approximate.
 """
 

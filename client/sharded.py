@@ -6,9 +6,12 @@
 
 The shards are complete banks written by ``bankd shard`` (entry ids kept, so exclusion
 stays global). Each call goes to every shard at once (gRPC futures, no threads); search
-merges the S per-shard top-k lists per query into the exact global top-k. A shard that
-fails fails the call with its usual error class, the message naming the shard: never
-partial results.
+merges the S per-shard top-k lists per query into the exact global top-k. Values: only
+k of the S * k hits per query survive the merge, so once the values the merge would
+drop pass 1 MiB, shards are asked for ids and scores only, and the winners' values are
+fetched after the merge from the shard that holds each (one Fetch per shard, at once):
+a second round trip instead of S times the value bytes. A shard that fails fails the
+call with its usual error class, the message naming the shard: never partial results.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,15 +32,33 @@ from .types import BankInfo, Hits, SearchQuery
 
 _NO_ID = np.iinfo(np.int64).max  # sorts padding (-1 ids) after every real id
 _PROBE_IDS = 64  # ids probed at once when a fetch spans shards
+SEPARATE_VALUES_OVER = 1 << 20  # dropped value bytes past which values come in a 2nd round
+_FETCH_CHUNK = 16_384  # ids per Fetch call (a server takes up to 65536)
+
+
+@dataclass
+class _PendingSearch:
+    """One batch's Search calls in flight, and what finishing it takes."""
+
+    calls: list[tuple[int, grpc.Future]]
+    k: int
+    fetch_values: bool  # ids only were asked for: fetch the winners' values after the merge
+    as_torch: bool
+    timeout: float | None
 
 
 def merge_hits(parts: Sequence[Hits], k: int, metric: str = "ip") -> Hits:
     """The global top-k of per-shard top-k lists ([B, k_s] each), best first.
 
     Best is the highest score for "ip" and the lowest for "l2" (a distance); exact
-    ties go to the lower entry id, and padding (id -1) comes last. Values (if any)
-    are gathered from the shards' arrays directly, without concatenating them.
+    ties go to the lower entry id, and padding (id -1) comes last. Values (if every
+    part has them) are gathered from the parts' arrays, without concatenating them.
     """
+    return _merge(parts, k, metric)[0]
+
+
+def _merge(parts: Sequence[Hits], k: int, metric: str) -> tuple[Hits, np.ndarray]:
+    """merge_hits, and the part each hit came from [B, k] (-1 where padded)."""
     ids = np.concatenate([np.asarray(p.ids) for p in parts], axis=1)  # (B, sum k_s)
     scores = np.concatenate([np.asarray(p.scores) for p in parts], axis=1)
     pad = ids < 0
@@ -44,21 +66,24 @@ def merge_hits(parts: Sequence[Hits], k: int, metric: str = "ip") -> Hits:
     order = np.lexsort((np.where(pad, _NO_ID, ids), rank), axis=-1)[:, :k]  # (B, <=k)
     out_ids = np.take_along_axis(ids, order, axis=1)
     out_scores = np.take_along_axis(scores, order, axis=1)
+    starts = np.cumsum([0] + [np.asarray(p.ids).shape[1] for p in parts])
+    source = np.where(out_ids < 0, -1, np.searchsorted(starts, order, side="right") - 1)
     short = k - order.shape[1]  # only if the shards together hold fewer than k entries
     if short:
-        out_ids = np.pad(out_ids, ((0, 0), (0, short)), constant_values=-1)
-        out_scores = np.pad(out_scores, ((0, 0), (0, short)), constant_values=-np.inf)
+        fill = ((0, 0), (0, short))
+        out_ids = np.pad(out_ids, fill, constant_values=-1)
+        out_scores = np.pad(out_scores, fill, constant_values=-np.inf)
+        source = np.pad(source, fill, constant_values=-1)
     values = None
     if all(p.values is not None for p in parts):
         first = np.asarray(parts[0].values)
         values = np.zeros((len(ids), k, *first.shape[2:]), dtype=first.dtype)  # (B, k, 32, 96)
-        starts = np.cumsum([0] + [np.asarray(p.ids).shape[1] for p in parts])
-        shard = np.searchsorted(starts, order, side="right") - 1  # (B, <=k)
         for s, p in enumerate(parts):
-            rows, slots = np.nonzero(shard == s)
+            rows, slots = np.nonzero(source == s)
             if len(rows):
                 values[rows, slots] = np.asarray(p.values)[rows, order[rows, slots] - starts[s]]
-    return Hits(ids=out_ids.astype(np.int64), scores=out_scores.astype(np.float32), values=values)
+    hits = Hits(ids=out_ids.astype(np.int64), scores=out_scores.astype(np.float32), values=values)
+    return hits, source
 
 
 def combine_info(targets: Sequence[str], infos: Sequence[BankInfo]) -> BankInfo:
@@ -129,29 +154,41 @@ class ShardedBankClient:
 
     Args:
         targets: one gRPC target per shard, in shard order ("bankd-0:50051", ...).
+        separate_values_over: when the values of the hits the merge drops
+            ((S - 1) * B * k values) would pass this many bytes, search asks the shards
+            for ids and scores only and fetches the winners' values afterwards; None:
+            values always come with the search.
         **options: BankClient's keyword options (timeout, TLS, token, message size,
             retries, ...), applied to every shard's channel.
 
     info() checks that the shards agree (key dim, value shape, metric, index type,
-    encoder fingerprints, key function) and sums their entries; search, fetch and
-    stream_search call info() once to learn each shard's k limit.
+    encoder fingerprints, key function) and sums their entries; search calls it once
+    (then cached) to learn each shard's k limit.
 
     With a flat index split by ``bankd shard``, search returns the unsharded server's
-    ids, scores and values: scores bit for bit when each server searches the same
-    batch (a server that merges concurrent requests into one search may move a score's
-    last bit, sharded or not). Among exactly tied scores ids are in entry-id order
-    (FAISS's own order among ties is its heap's), and a tie cut at k may keep other
-    members of it. IVF/HNSW shards are indexed on their own, so their approximate
-    results are not the unsharded index's.
+    ids, scores and values: scores bit for bit when every server searches the same
+    batch with the same number of BLAS threads (either changes how the matrix product
+    is blocked, which may move a score's last bit, sharded or not: a server merging
+    concurrent requests into one search does it too). Among exactly tied scores, ids
+    are in entry-id order (FAISS's own order among ties is its heap's), and a tie cut
+    at k may keep other members of it. IVF/HNSW shards are indexed on their own, so
+    their approximate results are not the unsharded index's.
     """
 
-    def __init__(self, targets: Sequence[str], **options: Any) -> None:
+    def __init__(
+        self,
+        targets: Sequence[str],
+        *,
+        separate_values_over: int | None = SEPARATE_VALUES_OVER,
+        **options: Any,
+    ) -> None:
         targets = [targets] if isinstance(targets, str) else list(targets)
         if not targets:
             raise ValueError("ShardedBankClient needs at least one shard target")
         if len(set(targets)) != len(targets):
             raise ValueError(f"a shard target is listed twice: {targets}")
         self.targets = targets
+        self.separate_values_over = separate_values_over
         self.shards: list[BankClient] = []
         try:
             for target in targets:
@@ -198,14 +235,18 @@ class ShardedBankClient:
         self, rpc: str, requests: Sequence[Any], timeout: float | None
     ) -> list[tuple[int, grpc.Future]]:
         """Start one call per shard (requests in shard order); no waiting."""
-        t = self.timeout if timeout is None else timeout
         calls = []
         for i, request in enumerate(requests):
             shard = self.shards[i]  # its stub and token metadata: one client per shard
-            calls.append(
-                (i, getattr(shard._stub, rpc).future(request, timeout=t, metadata=shard._metadata))
+            method = getattr(shard._stub, rpc)
+            future = method.future(
+                request, timeout=self._timeout(timeout), metadata=shard._metadata
             )
+            calls.append((i, future))
         return calls
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
     def _collect(self, calls: list[tuple[int, grpc.Future]]) -> list[Any]:
         """Every call's response; the first failure (in shard order) cancels the rest."""
@@ -240,15 +281,29 @@ class ShardedBankClient:
         self.info(timeout=timeout, refresh=refresh)
         return list(self._shard_infos)
 
-    def _search_requests(
+    def _start_search(
         self, keys: Any, k: int, exclude_ids: Any, with_values: bool, timeout: float | None
-    ) -> list[pb.SearchRequest]:
-        """The same request for every shard, with k capped at what each shard can return."""
+    ) -> _PendingSearch:
+        """Validate, then send the same batch to every shard (k capped at each one's size)."""
         info = self.info(timeout=timeout)
         k = int(k)
         if not 1 <= k <= info.max_k:
             raise errors.InvalidArgument(f"k={k} is out of range; it must be 1..{info.max_k}")
         base = self.shards[0]._search_request(keys, k, exclude_ids, with_values)
+        b = base.keys.shape[0]
+        value_bytes = 2 * int(np.prod(info.value_shape))
+        if with_values and b * k * (12 + value_bytes) + 4096 > info.max_message_bytes:
+            raise errors.InvalidArgument(  # as the unsharded server would answer
+                f"B={b}, k={k} needs a response over the {info.max_message_bytes}-byte "
+                "message limit; split the batch"
+            )
+        # Values of hits the merge drops are wasted bytes: (S - 1) / S of them. Past a
+        # small amount, ask for ids only and fetch the winners' values in a second round.
+        dropped = (len(self.shards) - 1) * b * k * value_bytes
+        limit = self.separate_values_over
+        fetch_values = with_values and limit is not None and dropped > limit
+        if fetch_values:
+            base.with_values = False
         requests = []
         for shard_info in self._shard_infos:
             if k <= shard_info.max_k:
@@ -258,7 +313,35 @@ class ShardedBankClient:
                 capped.CopyFrom(base)
                 capped.k = shard_info.max_k
                 requests.append(capped)
-        return requests
+        calls = self._submit("Search", requests, timeout)
+        return _PendingSearch(calls, k, fetch_values, tensors.is_torch_tensor(keys), timeout)
+
+    def _finish_search(self, pending: _PendingSearch) -> Hits:
+        parts = [Hits.from_pb(r) for r in self._collect(pending.calls)]
+        hits, source = _merge(parts, pending.k, self.info().metric)
+        if pending.fetch_values:
+            hits.values = self._values_of(hits.ids, source, pending.timeout)
+        return hits.to_torch() if pending.as_torch else hits
+
+    def _values_of(self, ids: np.ndarray, source: np.ndarray, timeout: float | None) -> np.ndarray:
+        """Values [B, k, 32, 96] of merged hits, fetched from the shards that returned
+        them (one Fetch per shard, all at once); zeros where padded."""
+        calls, slots = [], []
+        for s, shard in enumerate(self.shards):
+            rows, cols = np.nonzero(source == s)
+            for lo in range(0, len(rows), _FETCH_CHUNK):
+                r, c = rows[lo : lo + _FETCH_CHUNK], cols[lo : lo + _FETCH_CHUNK]
+                request = pb.FetchRequest(ids=ids[r, c].tolist())
+                future = shard._stub.Fetch.future(
+                    request, timeout=self._timeout(timeout), metadata=shard._metadata
+                )
+                calls.append((s, future))
+                slots.append((r, c))
+        shape = self.info().value_shape
+        values = np.zeros((*ids.shape, *shape), dtype=np.float16)
+        for (r, c), msg in zip(slots, self._collect(calls), strict=True):
+            values[r, c] = tensors.decode(msg.values, name="values")
+        return values
 
     def search(
         self,
@@ -270,10 +353,8 @@ class ShardedBankClient:
         timeout: float | None = None,
     ) -> Hits:
         """Top-k over all shards for B query keys [B, d]; same arguments as BankClient.search."""
-        requests = self._search_requests(keys, k, exclude_ids, with_values, timeout)
-        parts = [Hits.from_pb(r) for r in self._all("Search", requests, timeout)]
-        hits = merge_hits(parts, int(k), self.info().metric)
-        return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
+        pending = self._start_search(keys, k, exclude_ids, with_values, timeout)
+        return self._finish_search(pending)
 
     def stream_search(
         self,
@@ -292,31 +373,21 @@ class ShardedBankClient:
         """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        in_flight: deque[tuple[int, bool, list[tuple[int, grpc.Future]]]] = deque()
-
-        def finish() -> Hits:
-            batch_k, as_torch, calls = in_flight.popleft()
-            parts = [Hits.from_pb(r) for r in self._collect(calls)]
-            hits = merge_hits(parts, batch_k, self.info().metric)
-            return hits.to_torch() if as_torch else hits
-
+        in_flight: deque[_PendingSearch] = deque()
         try:
             for q in queries:
                 if not isinstance(q, SearchQuery):
                     q = SearchQuery(keys=q)
-                batch_k = int(q.k or k)
-                requests = self._search_requests(
-                    q.keys, batch_k, q.exclude_ids, with_values, timeout
+                in_flight.append(
+                    self._start_search(q.keys, q.k or k, q.exclude_ids, with_values, timeout)
                 )
-                calls = self._submit("Search", requests, timeout)
-                in_flight.append((batch_k, tensors.is_torch_tensor(q.keys), calls))
                 if len(in_flight) >= window:
-                    yield finish()
+                    yield self._finish_search(in_flight.popleft())
             while in_flight:
-                yield finish()
+                yield self._finish_search(in_flight.popleft())
         finally:
-            for _, _, calls in in_flight:
-                for _, future in calls:
+            for pending in in_flight:
+                for _, future in pending.calls:
                     future.cancel()
 
     def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:

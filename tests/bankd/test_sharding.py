@@ -210,6 +210,20 @@ def test_search_with_exclusion_equals_unsharded(setup: SimpleNamespace) -> None:
     assert not any(np.isin(got.ids[i], exclude[i]).any() for i in range(40))
 
 
+@pytest.mark.parametrize("separate_values_over", [None, 0])
+def test_values_with_the_search_or_fetched_after(
+    setup: SimpleNamespace, separate_values_over: int | None
+) -> None:
+    """None: values always come with each shard's answer; 0: always fetched after."""
+    targets = [f"127.0.0.1:{s.port}" for s in setup.servers[1:]]
+    q = queries(setup, 40, seed=16)
+    exclude = [[int(setup.ids[i])] for i in range(40)]
+    with ShardedBankClient(targets, separate_values_over=separate_values_over) as bank:
+        for k in (1, 8):
+            got = bank.search(q, k=k, exclude_ids=exclude)
+            assert_equal_hits(got, setup.full.search(q, k=k, exclude_ids=exclude))
+
+
 def test_k_larger_than_a_shard(setup: SimpleNamespace) -> None:
     """k=1500 > three shards' sizes: they return everything, padded; the merge is exact."""
     q = queries(setup, 40, seed=12)
@@ -219,8 +233,13 @@ def test_k_larger_than_a_shard(setup: SimpleNamespace) -> None:
     assert_equal_hits(got, want)
     q = q[:3]
     assert_equal_hits(setup.sharded.search(q, k=1100), setup.full.search(q, k=1100))
-    everything = setup.sharded.search(q, k=N, with_values=False)
-    assert sorted(everything.ids[0].tolist()) == sorted(setup.ids.tolist())
+    gone = [int(setup.ids[0]), int(setup.ids[4999])]
+    everything = setup.sharded.search(q[:1], k=N, exclude_ids=[gone])  # more than the full max_k
+    assert sorted(everything.ids[0, :-2].tolist()) == sorted(set(setup.ids.tolist()) - set(gone))
+    assert everything.ids[0, -2:].tolist() == [-1, -1]
+    assert (everything.scores[0, -2:] == -np.inf).all() and not everything.values[0, -2:].any()
+    rows = np.argsort(setup.ids)[np.searchsorted(np.sort(setup.ids), everything.ids[0, :-2])]
+    np.testing.assert_array_equal(everything.values[0, :-2], setup.values[rows])
 
 
 def test_torch_and_stream(setup: SimpleNamespace, helpers: SimpleNamespace) -> None:
@@ -347,9 +366,8 @@ def test_merge_orders_ties_by_id_and_pads_last() -> None:
     m = merge_hits([a, b], 4)
     assert m.ids.tolist() == [[4, 9, 2, -1]]
     np.testing.assert_array_equal(m.scores, np.float32([[0.5, 0.5, 0.1, -np.inf]]))
-    np.testing.assert_array_equal(
-        m.values[0], np.stack([v[0, 0] + 10, v[0, 0], v[0, 1] + 10, v[0, 1]])
-    )
+    want = np.stack([v[0, 0] + 10, v[0, 0], v[0, 1] + 10, np.zeros_like(v[0, 0])])  # pad: 0
+    np.testing.assert_array_equal(m.values[0], want)
     l2 = merge_hits([a, b], 3, metric="l2")  # distances: smallest first, padding still last
     assert l2.ids.tolist() == [[2, 4, 9]]
     short = merge_hits([Hits(np.array([[3]]), np.array([[1.0]], np.float32))], 2)
