@@ -286,6 +286,12 @@ def test_info(setup: SimpleNamespace) -> None:
     shard_infos = setup.sharded.shard_infos()
     assert [s.entries for s in shard_infos] == [1024, 1024, 2048, 904]
     assert info.bank_id not in {s.bank_id for s in shard_infos}
+    fp = EncoderFingerprint("enc", "c" * 64, "w" * 64)
+    assert setup.sharded.check_encoder(fp, allow_mismatch=True) == fp
+    with pytest.raises(EncoderMismatch, match="records no vision encoder"):
+        setup.sharded.check_encoder(fp)
+    with pytest.raises(FailedPrecondition, match=r"shard 0 of 4 .*no encoder loaded"):
+        setup.sharded.embed([b"not an image"])
 
 
 def test_fetch(setup: SimpleNamespace) -> None:
