@@ -6,7 +6,9 @@
   or a local directory: ``AutoModelForCausalLM`` + ``AutoTokenizer``;
 * ``"tiny"``: a 4-layer Qwen2 with a 1000-token byte-level BPE tokenizer, both trained
   here on ``pretrain_texts`` (the demo captions, see ``texts_for_tiny_lm``), so the demo
-  runs offline (DESIGN decision 12). It is built once and cached as a normal checkpoint
+  runs offline (DESIGN decision 12). Pretraining packs each text after its most related
+  texts (in-context pretraining), so the tiny LM, like a real one, has learned to use
+  related text in its context: what TinyAlign's retrieved tokens offer it. It is built once and cached as a normal checkpoint
   directory under ``$TINYALIGN_CACHE`` (default ``~/.cache/tinyalign``), named by a hash
   of everything that made it, and then loaded by path with the same code as a real one.
 
@@ -21,12 +23,14 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
@@ -36,9 +40,9 @@ from .conversation import IGNORE_INDEX, IMAGE_TOKEN
 log = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
-DEFAULT_PRETRAIN_STEPS = 300  # ~0.9 loss on the 2000 demo captions, 30-60 s on 2 cores
+DEFAULT_PRETRAIN_STEPS = 600  # in-context pretraining; ~1.4 loss on related-caption sequences
 _RECIPE_FILE = "tinyalign_llm.json"
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3 in this order
 
 
@@ -59,6 +63,10 @@ class TinyLMConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 30
+    # In-context pretraining: each training sequence is a text preceded by this many of its
+    # most related texts (shared words), so the LM learns to use related text in its context
+    # the way a real LLM does; 0 trains on single texts.
+    related_texts: int = 3
 
 
 def default_cache_dir() -> Path:
@@ -340,10 +348,40 @@ def _build_tiny(
     }
 
 
+def related_texts(texts: list[str], k: int, chunk: int = 2048) -> np.ndarray:
+    """(len(texts), k) indices of each text's k most related other texts.
+
+    Related = cosine of TF-IDF bags of lowercase words; ties go to the lower index.
+    """
+    vocab: dict[str, int] = {}
+    rows = [
+        [vocab.setdefault(w, len(vocab)) for w in re.findall(r"[a-z0-9]+", t.lower())]
+        for t in texts
+    ]
+    tf = np.zeros((len(texts), max(1, len(vocab))), dtype=np.float32)
+    for i, ids in enumerate(rows):
+        np.add.at(tf[i], ids, 1.0)
+    idf = np.log((1 + len(texts)) / (1 + (tf > 0).sum(0))) + 1.0
+    vec = tf * idf
+    vec /= np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    k = min(k, len(texts) - 1)
+    out = np.empty((len(texts), max(k, 0)), dtype=np.int64)
+    for start in range(0, len(texts), chunk):
+        sim = vec[start : start + chunk] @ vec.T
+        sim[np.arange(sim.shape[0]), np.arange(start, start + sim.shape[0])] = -np.inf
+        out[start : start + chunk] = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return out
+
+
 def _pretrain(model, tokenizer, texts, seed, steps, config: TinyLMConfig, progress) -> None:
-    """Causal LM loss on shuffled batches of texts; AdamW, linear warmup then cosine decay."""
+    """Causal LM loss on shuffled batches; AdamW, linear warmup then cosine decay.
+
+    Each sequence is a text preceded by ``config.related_texts`` related ones, one per line
+    (in-context pretraining, Shi et al. 2024: related documents in one context).
+    """
     if steps == 0:
         return
+    related = related_texts(texts, config.related_texts)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = min(config.warmup_steps, max(1, steps // 10))
@@ -361,7 +399,8 @@ def _pretrain(model, tokenizer, texts, seed, steps, config: TinyLMConfig, progre
         if len(order) < config.batch_size:
             order += torch.randperm(len(texts), generator=gen).tolist()
         picked, order = order[: config.batch_size], order[config.batch_size :]
-        loss = model(**_batch(tokenizer, [texts[i] for i in picked], config.max_text_tokens)).loss
+        sequences = ["\n".join([texts[j] for j in related[i][::-1]] + [texts[i]]) for i in picked]
+        loss = model(**_batch(tokenizer, sequences, config.max_text_tokens)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

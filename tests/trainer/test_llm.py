@@ -142,3 +142,21 @@ def test_directory_without_model_raises(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         load_llm(str(tmp_path / "empty"))
+
+
+def test_related_texts_pick_the_most_word_sharing_others() -> None:
+    texts = [
+        "A red circle on a gray background.",
+        "A blue square at the top.",
+        "A red circle on a white background.",
+        "Two blue squares at the top.",
+        "What is in the image?",
+    ]
+    related = llm_mod.related_texts(texts, 2)
+    assert related.shape == (5, 2)
+    assert related[0, 0] == 2 and related[2, 0] == 0  # the two red circles
+    assert related[1, 0] == 3 and related[3, 0] == 1  # the blue squares at the top
+    assert all(i not in row for i, row in enumerate(related.tolist()))  # never itself
+    # Chunked and unchunked scoring agree; k is capped at the number of other texts.
+    assert (llm_mod.related_texts(texts, 2, chunk=2) == related).all()
+    assert llm_mod.related_texts(texts[:2], 5).shape == (2, 1)
