@@ -187,7 +187,7 @@ def _captions(path: str) -> dict[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import build, demo_data, shard
+    from . import build_config, demo_data, shard  # none imports torch: serve starts light
 
     parser = argparse.ArgumentParser(
         prog="bankd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo_data.run)
 
     p = sub.add_parser("build", help="build a bank from LLaVA-format data")
-    build.add_arguments(p)
-    p.set_defaults(func=build.run)
+    build_config.add_arguments(p)
+    p.set_defaults(func=build_config.run)
 
     p = sub.add_parser("shard", help="split a bank into S banks, one bankd per shard")
     shard.add_arguments(p)

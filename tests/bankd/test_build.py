@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd.build import BuildConfig, add_arguments, build_bank, run, select_entries
+from bankd.build import BuildConfig, build_bank, select_entries
+from bankd.build_config import add_arguments, run
 from bankd.data import ImageCaptionDataset, load_llava_json
 from bankd.demo_data import DemoDataConfig, generate
 from bankd.models.embedder import Embedder
