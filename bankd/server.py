@@ -67,6 +67,7 @@ class ServerConfig:
     tls_key: str | None = None  # PEM private key (unencrypted)
     tls_client_ca: str | None = None  # PEM CA bundle: clients need a cert it signed (mTLS)
     auth_token_file: str | None = None  # bearer token every MemoryBank call must carry
+    health_port: int | None = None  # plaintext port serving grpc.health.v1 alone; 0 = free
 
 
 def _rpc(method: str) -> Callable:
@@ -294,7 +295,9 @@ class BankServer:
         self.load_error: BaseException | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._metrics_http: Any = None
+        self._health_grpc: Any = None
         self.security = ServerSecurity.from_files(
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
@@ -340,6 +343,8 @@ class BankServer:
         if not self.port:
             raise errors.Unavailable(f"cannot bind {address}")
         self._grpc.start()
+        if self.config.health_port is not None:
+            self._start_health_port()
         if self.config.metrics_port is not None:
             self._metrics_http, self.metrics_port = self.metrics.serve_http(
                 self.config.metrics_port, self.config.metrics_host
@@ -362,6 +367,28 @@ class BankServer:
         else:
             self._load()
         return self
+
+    def _start_health_port(self) -> None:
+        """The same health statuses, plaintext, on a port of their own.
+
+        Kubernetes' gRPC probes and Docker's HEALTHCHECK cannot speak TLS; this port
+        answers grpc.health.v1 only (every other method is UNIMPLEMENTED, no reflection),
+        so it reveals no more than whether the bank is being served.
+        """
+        self._health_grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bankd-health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        address = f"{self.config.host}:{self.config.health_port}"
+        self.health_port = self._health_grpc.add_insecure_port(address)
+        if not self.health_port:
+            self._grpc.stop(0)
+            raise errors.Unavailable(f"cannot bind the health port {address}")
+        self._health_grpc.start()
+        log.info(
+            "health (grpc.health.v1 only, plaintext) on %s:%d", self.config.host, self.health_port
+        )
 
     def _load(self) -> None:
         try:
@@ -412,6 +439,8 @@ class BankServer:
         t0 = time.monotonic()
         self.servicer.drain(grace)
         self._grpc.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
+        if self._health_grpc is not None:
+            self._health_grpc.stop(0).wait()
         if self.servicer.service is not None:
             self.servicer.service.close()
         if self._metrics_http is not None:
