@@ -186,7 +186,13 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
     def SearchStream(
         self, request_iterator: Iterator[pb.SearchRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.SearchStreamResponse]:
-        """Requests are queued as they arrive; answers go out as searches complete."""
+        """Requests are queued as they arrive; answers go out as searches complete.
+
+        Counted twice in ``bankd_requests_total``: each message's answer as
+        ``SearchStream.message`` with its own code (a stream carries errors per message),
+        and the stream once as ``SearchStream``: OK, or CANCELLED when the client went
+        away before every request was answered.
+        """
         m = self.metrics
         try:
             service = self.service_or_unavailable()
@@ -197,6 +203,8 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         done: queue.Queue = queue.Queue()
         window = threading.Semaphore(STREAM_WINDOW)
         m.inflight.inc()
+
+        client_gone = threading.Event()
 
         def reader() -> None:
             submitted = 0
@@ -216,7 +224,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                         continue
                     fut.add_done_callback(lambda f, r=req, t=t0: done.put((r, t, f, None)))
             except Exception:  # the client went away; answer what was submitted
-                pass
+                client_gone.set()
             finally:
                 done.put(submitted)
 
@@ -228,6 +236,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                     item = done.get(timeout=1.0)
                 except queue.Empty:
                     if not context.is_active():
+                        client_gone.set()
                         return
                     continue
                 if isinstance(item, int):
@@ -237,10 +246,14 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                 yield self._stream_answer(service, req, fut, err, t0)
                 answered += 1
                 window.release()
+        except GeneratorExit:  # gRPC closes the generator of a cancelled call
+            client_gone.set()
+            raise
         finally:
             self.release()
             m.inflight.dec()
-            m.requests.labels(method="SearchStream", code="OK").inc()
+            code = "CANCELLED" if client_gone.is_set() else "OK"
+            m.requests.labels(method="SearchStream", code=code).inc()
 
     def _stream_answer(
         self, service: BankService, req: pb.SearchRequest, fut: Any, err: Any, t0: float
