@@ -226,8 +226,6 @@ def _train_stage(
     config, enc, kf = pipe.config, pipe.encoder, pipe.embedder.key_function
     spec = PerceiverSpec(max_text_tokens=pipe.text_tokens)
     dims = (enc.vision_dim, enc.text_dim, enc.num_patches)
-    baseline = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
-    models = {"random_init": baseline}
     cache = None
     if (saved := work.trained()) is not None:
         log.info("resuming: key function and Perceiver from %s", work.path)
@@ -242,7 +240,9 @@ def _train_stage(
         work.save_trained(weights, record)
     if (info := work.record("informativeness")) is None:
         t = time.perf_counter()
-        info = _measure(pipe, train_rows, eval_rows, cache, {"trained": compressor, **models})
+        baseline = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
+        models = {"trained": compressor, "random_init": baseline}
+        info = _measure(pipe, train_rows, eval_rows, cache, models)
         record["timings"]["informativeness_s"] = time.perf_counter() - t
         work.record("informativeness", info)
     return compressor, record, info
