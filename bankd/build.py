@@ -18,27 +18,34 @@ caching the features when they fit the memory budget; the value compressor is tr
 self-supervised on them; the informativeness of its values (trained vs. the same
 compressor untrained) is measured on the evaluation split; pass 2 runs every entry
 through encoder -> keys (``Embedder``, the path the server's Embed rpc uses) and values
-(fp16) and streams them into ``BankWriter``. Same inputs + seed -> byte-identical keys
-and values on the same machine.
+(fp16), appended chunk by chunk (one encoder batch each) to the work directory, then
+copied into ``BankWriter``, which commits the bank atomically. Same inputs + seed ->
+byte-identical keys and values on the same machine.
+
+Interrupted (Ctrl-C, kill -9, a lost node)? Run the same command again: the build
+resumes from ``<out stem>.partial/`` (``bankd.workdir``), skipping pass 1 and training
+once the Perceiver was saved, and pass 2 from the last complete chunk; the bank equals
+an uninterrupted build's. Changed settings or data refuse to resume; ``--restart``
+discards the checkpoints.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .build_config import BuildConfig
 from .data import (
     ImageCaptionDataset,
     Sample,
@@ -61,57 +68,12 @@ from .models.perceiver import (
     train_compressor,
 )
 from .models.probe import format_informativeness, informativeness
+from .workdir import BuildWorkDir
 
 log = logging.getLogger(__name__)
 
 PROBE_TRAIN_MAX = 4000  # pairs the informativeness probes are fitted on, at most
 MIN_EVAL_PAIRS = 20  # fewer held-out pairs than this: no informativeness report
-_FLAG_FIELDS = ("data", "image_folder", "out", "encoder", "seed", "entries", "batch_size")
-_FLAG_FIELDS += ("workers", "device", "perceiver_steps", "perceiver_lr", "text_weight")
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """Everything that decides the bank; logged at start and saved in its manifest."""
-
-    data: Path
-    image_folder: Path
-    out: Path  # index path, e.g. bank/bank.faiss; the other files go next to it
-    encoder: str = "tiny"
-    seed: int = 0
-    entries: int | None = None  # a seeded sample of this many pairs; None = all
-    index_factory: str = "Flat"
-    batch_size: int = 64  # encoder batch
-    workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
-    device: str = "auto"  # cuda when available
-    perceiver_steps: int = 600
-    perceiver_lr: float = 1e-3
-    perceiver_batch_size: int = 32
-    perceiver_train_samples: int = 50_000  # seeded subset the compressor trains on
-    max_text_tokens: int = 96  # caption tokens fed to the compressor (capped by the encoder)
-    text_weight: float = 0.0  # weight of the question-text component of keys
-    key_temperature: float = 1.0
-    eval_fraction: float = 0.1  # pairs kept out of compressor training, for the report
-    feature_cache_mb: int = 2048  # cache frozen features in memory up to this size
-    threads: int | None = None  # torch CPU threads; None = cores minus max(1, workers)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        lowest = {"entries": 1, "batch_size": 1, "workers": 0, "perceiver_steps": 0, "threads": 1}
-        lowest |= {"perceiver_batch_size": 1, "perceiver_train_samples": 1}
-        lowest |= {"max_text_tokens": 1, "feature_cache_mb": 0}
-        for name, low in lowest.items():
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if not self.perceiver_lr > 0:
-            raise ValueError(f"perceiver_lr must be > 0, got {self.perceiver_lr}")
-        KeyConfig(temperature=self.key_temperature, text_weight=self.text_weight)  # validates
-
-    def to_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 @contextlib.contextmanager
@@ -171,21 +133,30 @@ class _Pipeline:
         kw = {"num_workers": c.workers, "collate_fn": collate, "generator": gen}
         return DataLoader(data, size or c.batch_size, shuffle=gen is not None, **kw)
 
-    def batches(self, rows: np.ndarray, desc: str, seed: int | None = None, size: int = 0):
+    def batches(
+        self, rows: np.ndarray, desc: str, seed: int | None = None, size: int = 0, done: int = 0
+    ):
         """Yield (loader batch, keys, features) over ``rows``; in order unless shuffled.
 
-        ``batch["index"]`` holds positions in ``rows``.
+        ``batch["index"]`` holds positions in ``rows``; ``done``: pairs the progress bar
+        counts as done before these (a resumed pass).
         """
-        bar = tqdm(total=len(rows), desc=desc, unit="pair", disable=not self.config.progress)
+        bar = tqdm(
+            total=done + len(rows),
+            initial=done,
+            desc=desc,
+            unit="pair",
+            disable=not self.config.progress,
+        )
         for batch in self.loader(rows, seed, size):
             yield batch, *self.encode(batch)
             bar.update(len(batch["index"]))
         bar.close()
 
-    def keys_and_values(self, compressor: ValueCompressor, rows: np.ndarray):
+    def keys_and_values(self, compressor: ValueCompressor, rows: np.ndarray, done: int = 0):
         """Pass 2: yield (positions in ``rows``, keys (B, D) float32, values (B, 32, 96)
         float16), numpy, in order: vision tower, key function, text tower, compressor."""
-        for batch, keys, feats in self.batches(rows, "pass 2 (keys, values)"):
+        for batch, keys, feats in self.batches(rows, "pass 2 (keys, values)", done=done):
             values = compress(compressor, feats).half().cpu().numpy()
             yield batch["index"].numpy(), keys.float().cpu().numpy(), values
 
@@ -240,8 +211,121 @@ def _measure(
     return informativeness(values, *captions, *attributes, seed=pipe.config.seed)
 
 
-def build_bank(config: BuildConfig) -> Path:
-    """Build the bank described by ``config``; return the index path."""
+# Fields that do not change what a build writes: a build resumes across changes to them.
+_NOT_IDENTITY = ("progress", "workers", "threads")
+
+
+def _train_stage(
+    pipe: _Pipeline, train_rows: np.ndarray, eval_rows: np.ndarray, work: BuildWorkDir
+) -> tuple[ValueCompressor, dict, dict]:
+    """Pass 1, the Perceiver, informativeness: (compressor, training record, info).
+
+    Checkpointed in ``work`` after training and after measuring; a resumed build loads
+    the key function's center and the compressor instead of recomputing them.
+    """
+    config, enc, kf = pipe.config, pipe.encoder, pipe.embedder.key_function
+    spec = PerceiverSpec(max_text_tokens=pipe.text_tokens)
+    dims = (enc.vision_dim, enc.text_dim, enc.num_patches)
+    cache = None
+    if (saved := work.trained()) is not None:
+        log.info("resuming: key function and Perceiver from %s", work.path)
+        kf.load_state_dict(load_safetensors(saved["keyfn"]))
+        compressor = ValueCompressor(spec, *dims, seed=config.seed)
+        compressor.load_state_dict(load_safetensors(saved["perceiver"]))
+        compressor = compressor.to(pipe.device).eval()
+        record = work.state["trained"]
+    else:
+        compressor, record, cache = _train(pipe, train_rows, eval_rows, spec, dims)
+        weights = {"keyfn": kf.weights_bytes(), "perceiver": compressor.weights_bytes()}
+        work.save_trained(weights, record)
+    if (info := work.record("informativeness")) is None:
+        t = time.perf_counter()
+        baseline = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
+        models = {"trained": compressor, "random_init": baseline}
+        info = _measure(pipe, train_rows, eval_rows, cache, models)
+        record["timings"]["informativeness_s"] = time.perf_counter() - t
+        work.record("informativeness", info)
+    return compressor, record, info
+
+
+def _train(pipe: _Pipeline, train_rows, eval_rows, spec: PerceiverSpec, dims: tuple) -> tuple:
+    """Pass 1 (key center, feature cache) and Perceiver training: (compressor, record, cache)."""
+    config, enc, kf = pipe.config, pipe.encoder, pipe.embedder.key_function
+    fit_rows = np.union1d(train_rows, eval_rows)
+    use_cache = pipe.feature_bytes(len(fit_rows)) <= config.feature_cache_mb * 2**20
+    log.info("features of %d pairs %s", len(fit_rows), "cached" if use_cache else "recomputed")
+    timings: dict[str, float] = {}
+
+    # Pass 1: the key center (and the feature cache).
+    t = time.perf_counter()
+    pooled, text_pooled, parts = [], [], []
+    for batch, _, feats in pipe.batches(fit_rows, "pass 1 (center)"):
+        pooled.append(kf.pool(feats.vision).cpu())
+        if kf.uses_text:
+            q_mask = batch["prompt_mask"].to(pipe.device)
+            with autocast_context(pipe.device):
+                q = enc.text_features(batch["prompt_ids"], q_mask)
+            text_pooled.append(kf.pool_text(q, q_mask).cpu())
+        if use_cache:
+            parts.append(FeatureBatch(*(x.cpu() for x in feats)))
+    kf.fit_center(pooled, text_pooled if kf.uses_text else None)
+    cache = (fit_rows, FeatureBatch(*map(torch.cat, zip(*parts, strict=True)))) if parts else None
+    del parts
+    timings["pass1_s"] = time.perf_counter() - t
+
+    # The value compressor (its untrained twin is the informativeness baseline).
+    t = time.perf_counter()
+    compressor = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
+    if cache is not None:
+        source = CachedFeatures(
+            *pipe.features(train_rows, cache),
+            batch_size=config.perceiver_batch_size,
+            seed=config.seed,
+        )
+    else:
+        source = _EncodedBatches(pipe, train_rows, config.seed)
+    losses = []
+    if config.perceiver_steps and len(train_rows):
+        losses = train_compressor(
+            compressor,
+            source,
+            config.perceiver_steps,
+            config.perceiver_lr,
+            config.seed,
+            vocab_size=enc.vocab_size,
+            progress=config.progress,
+        )
+    timings["perceiver_s"] = time.perf_counter() - t
+    record = {
+        "steps": len(losses),
+        "train_pairs": int(len(train_rows)),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "timings": timings,
+    }
+    return compressor, record, cache
+
+
+def _pass2(
+    pipe: _Pipeline, compressor: ValueCompressor, work: BuildWorkDir, value_shape: tuple
+) -> None:
+    """Every entry -> key + value, appended to ``work`` chunk by chunk from where it stopped."""
+    n, size = len(pipe.samples), pipe.config.batch_size
+    done = work.rows_done
+    if done:
+        chunks = -(-n // size)
+        log.info("resuming from chunk %d/%d (%d of %d entries done)", done // size, chunks, done, n)
+    with work.open_rows(pipe.embedder.key_function.dim, value_shape) as rows:
+        for _, keys, values in pipe.keys_and_values(compressor, np.arange(done, n), done):
+            rows.append(keys, values)
+
+
+def build_bank(config: BuildConfig, *, restart: bool = False) -> Path:
+    """Build the bank described by ``config``; return the index path.
+
+    Checkpoints go to ``<out stem>.partial/`` (``bankd.workdir``): run the same build
+    again after an interruption and it resumes; ``restart`` discards them first.
+    """
     from .store import BankWriter  # the store (and faiss) only when building
 
     t_start = time.perf_counter()
@@ -255,87 +339,36 @@ def build_bank(config: BuildConfig) -> Path:
     samples = select_entries(samples, config.entries, config.seed)
     ids = entry_ids(samples)
     n = len(samples)
-    timings: dict[str, float] = {}
 
     with build_environment(config):
         pipe = _Pipeline(config, samples)
         enc, kf = pipe.encoder, pipe.embedder.key_function
+        identity = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
+        identity["device"] = str(pipe.device)
+        work = BuildWorkDir.open(config.out, identity, config.data, restart=restart)
         train_rows, eval_rows = split_pairs(
             n, config.eval_fraction, config.perceiver_train_samples, config.seed
         )
-        fit_rows = np.union1d(train_rows, eval_rows)
-        use_cache = pipe.feature_bytes(len(fit_rows)) <= config.feature_cache_mb * 2**20
-        counts = (n, len(train_rows), len(eval_rows), "cached" if use_cache else "recomputed")
-        log.info("%d entries, %d compressor-training, %d evaluation pairs; features %s", *counts)
+        counts = (n, len(train_rows), len(eval_rows))
+        log.info("%d entries, %d compressor-training, %d evaluation pairs", *counts)
+        compressor, record, info = _train_stage(pipe, train_rows, eval_rows, work)
+        record = {k: v for k, v in record.items() if k != "timings"}  # state keeps its own
+        timings = dict(work.state["trained"]["timings"])
 
-        # Pass 1: the key center (and the feature cache).
         t = time.perf_counter()
-        pooled, text_pooled, parts = [], [], []
-        for batch, _, feats in pipe.batches(fit_rows, "pass 1 (center)"):
-            pooled.append(kf.pool(feats.vision).cpu())
-            if kf.uses_text:
-                q_mask = batch["prompt_mask"].to(pipe.device)
-                with autocast_context(pipe.device):
-                    q = enc.text_features(batch["prompt_ids"], q_mask)
-                text_pooled.append(kf.pool_text(q, q_mask).cpu())
-            if use_cache:
-                parts.append(FeatureBatch(*(x.cpu() for x in feats)))
-        kf.fit_center(pooled, text_pooled if kf.uses_text else None)
-        cache = (
-            (fit_rows, FeatureBatch(*map(torch.cat, zip(*parts, strict=True)))) if parts else None
-        )
-        del parts
-        timings["pass1_s"] = time.perf_counter() - t
+        value_shape = (compressor.spec.num_latents, compressor.spec.d_latents)
+        _pass2(pipe, compressor, work, value_shape)
+        timings["pass2_s"] = time.perf_counter() - t
 
-        # The value compressor, and its untrained twin as the informativeness baseline.
-        t = time.perf_counter()
-        spec = PerceiverSpec(max_text_tokens=pipe.text_tokens)
-        dims = (enc.vision_dim, enc.text_dim, enc.num_patches)
-        compressor = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
-        baseline = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
-        if cache is not None:
-            source = CachedFeatures(
-                *pipe.features(train_rows, cache),
-                batch_size=config.perceiver_batch_size,
-                seed=config.seed,
-            )
-        else:
-            source = _EncodedBatches(pipe, train_rows, config.seed)
-        losses = []
-        if config.perceiver_steps and len(train_rows):
-            losses = train_compressor(
-                compressor,
-                source,
-                config.perceiver_steps,
-                config.perceiver_lr,
-                config.seed,
-                vocab_size=enc.vocab_size,
-                progress=config.progress,
-            )
-        timings["perceiver_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        models = {"trained": compressor, "random_init": baseline}
-        info = _measure(pipe, train_rows, eval_rows, cache, models)
-        timings["informativeness_s"] = time.perf_counter() - t
-        del cache, source
-
-        # Pass 2: every entry -> key + value, streamed to the writer in row order.
-        t = time.perf_counter()
-        value_shape = (spec.num_latents, spec.d_latents)
+        keys, values = work.rows(n, kf.dim, value_shape)
         with BankWriter(config.out, n_entries=n, key_dim=kf.dim, value_shape=value_shape) as w:
-            for pos, keys, values in pipe.keys_and_values(compressor, np.arange(n)):
-                w.add(keys, values, ids[pos])
-            timings["pass2_s"] = time.perf_counter() - t
+            for s in range(0, n, 8192):
+                w.add(keys[s : s + 8192], values[s : s + 8192], ids[s : s + 8192])
             timings["total_s"] = time.perf_counter() - t_start
             report = {
                 "entries": n,
                 "skipped_without_image": n_no_image,
-                "perceiver": {
-                    "steps": len(losses),
-                    "train_pairs": int(len(train_rows)),
-                    "first_loss": losses[0] if losses else None,
-                    "final_loss": float(np.mean(losses[-20:])) if losses else None,
-                },
+                "perceiver": record,
                 "informativeness": info,
                 "timings": {k: round(v, 2) for k, v in timings.items()},
             }
@@ -358,52 +391,9 @@ def build_bank(config: BuildConfig) -> Path:
                 report=report,
                 seed=config.seed,
             )
+        del keys, values
+        work.remove()  # after the commit: a crash before this only costs re-committing
     log.info(
         "bank written to %s in %.1f s\n%s", path, timings["total_s"], format_informativeness(info)
     )
     return Path(path)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``bankd build``."""
-    d = {k: f.default for k, f in BuildConfig.__dataclass_fields__.items()}
-    add = parser.add_argument
-    add("--data", type=Path, required=True, help="LLaVA-format JSON")
-    add("--image-folder", type=Path, required=True, help="folder image paths are relative to")
-    add("--out", type=Path, required=True, help="index path, e.g. bank/bank.faiss")
-    add("--encoder", default=d["encoder"], help="'tiny', a model directory or a SigLIP/CLIP hub id")
-    add("--seed", type=int, default=d["seed"])
-    add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
-    add(
-        "--index-type", default=d["index_factory"], help="FAISS factory: Flat, IVF1024,Flat, HNSW32"
-    )
-    add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
-    add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
-    add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")
-    add("--threads", type=int, default=None, help="torch CPU threads (cores left by workers)")
-    add("--perceiver-steps", type=int, default=d["perceiver_steps"])
-    add("--perceiver-lr", type=float, default=d["perceiver_lr"])
-    add(
-        "--text-weight",
-        type=float,
-        default=d["text_weight"],
-        help="weight of the question text in keys, 0..1 (0: image only)",
-    )
-    add("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``bankd build``; bad arguments raise ValueError."""
-    from .store import BankPaths
-
-    same_name = (*_FLAG_FIELDS, "threads")
-    config = BuildConfig(
-        **{f: getattr(args, f) for f in same_name},
-        index_factory=args.index_type,
-        progress=not args.no_progress,
-    )
-    path = build_bank(config)
-    report = json.loads(BankPaths(path).manifest.read_text()).get("report") or {}
-    timings = report.get("timings", {})
-    print(f"build: wrote {report.get('entries')} entries to {path} in {timings.get('total_s')} s")
-    return 0  # the informativeness table is in the log and in the manifest's report

@@ -45,6 +45,13 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "--metrics-port", type=int, default=9100, help="Prometheus /metrics port; -1 disables"
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="also serve grpc.health.v1 alone, in plaintext, on this port of --host "
+        "(for probes that cannot speak TLS; default off)",
+    )
     p.add_argument("--device", default="auto", help="search device: auto, cpu, cuda, cuda:N")
     p.add_argument(
         "--max-concurrent-rpcs",
@@ -109,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
+        health_port=args.health_port,
     )
     tune_allocator()
     server = BankServer(config)  # ValueError (exit 2) for bad security flags or files
@@ -131,9 +139,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     print(
         f"bankd serving {args.index} on {args.host}:{server.port} ({server.security.describe()})"
-        + (
-            f", metrics on {args.metrics_host}:{server.metrics_port}" if server.metrics_port else ""
-        ),
+        + (f", metrics on {args.metrics_host}:{server.metrics_port}" if server.metrics_port else "")
+        + (f", health on {args.host}:{server.health_port}" if server.health_port else ""),
         flush=True,
     )
     server.wait()
@@ -187,7 +194,7 @@ def _captions(path: str) -> dict[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import build, demo_data, shard
+    from . import build_config, demo_data, shard  # none imports torch: serve starts light
 
     parser = argparse.ArgumentParser(
         prog="bankd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo_data.run)
 
     p = sub.add_parser("build", help="build a bank from LLaVA-format data")
-    build.add_arguments(p)
-    p.set_defaults(func=build.run)
+    build_config.add_arguments(p)
+    p.set_defaults(func=build_config.run)
 
     p = sub.add_parser("shard", help="split a bank into S banks, one bankd per shard")
     shard.add_arguments(p)

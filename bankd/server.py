@@ -67,6 +67,7 @@ class ServerConfig:
     tls_key: str | None = None  # PEM private key (unencrypted)
     tls_client_ca: str | None = None  # PEM CA bundle: clients need a cert it signed (mTLS)
     auth_token_file: str | None = None  # bearer token every MemoryBank call must carry
+    health_port: int | None = None  # plaintext port serving grpc.health.v1 alone; 0 = free
 
 
 def _rpc(method: str) -> Callable:
@@ -185,7 +186,13 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
     def SearchStream(
         self, request_iterator: Iterator[pb.SearchRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.SearchStreamResponse]:
-        """Requests are queued as they arrive; answers go out as searches complete."""
+        """Requests are queued as they arrive; answers go out as searches complete.
+
+        Counted twice in ``bankd_requests_total``: each message's answer as
+        ``SearchStream.message`` with its own code (a stream carries errors per message),
+        and the stream once as ``SearchStream``: OK, or CANCELLED when the client went
+        away before every request was answered.
+        """
         m = self.metrics
         try:
             service = self.service_or_unavailable()
@@ -196,6 +203,8 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         done: queue.Queue = queue.Queue()
         window = threading.Semaphore(STREAM_WINDOW)
         m.inflight.inc()
+
+        client_gone = threading.Event()
 
         def reader() -> None:
             submitted = 0
@@ -215,7 +224,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                         continue
                     fut.add_done_callback(lambda f, r=req, t=t0: done.put((r, t, f, None)))
             except Exception:  # the client went away; answer what was submitted
-                pass
+                client_gone.set()
             finally:
                 done.put(submitted)
 
@@ -227,6 +236,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                     item = done.get(timeout=1.0)
                 except queue.Empty:
                     if not context.is_active():
+                        client_gone.set()
                         return
                     continue
                 if isinstance(item, int):
@@ -236,10 +246,14 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                 yield self._stream_answer(service, req, fut, err, t0)
                 answered += 1
                 window.release()
+        except GeneratorExit:  # gRPC closes the generator of a cancelled call
+            client_gone.set()
+            raise
         finally:
             self.release()
             m.inflight.dec()
-            m.requests.labels(method="SearchStream", code="OK").inc()
+            code = "CANCELLED" if client_gone.is_set() else "OK"
+            m.requests.labels(method="SearchStream", code=code).inc()
 
     def _stream_answer(
         self, service: BankService, req: pb.SearchRequest, fut: Any, err: Any, t0: float
@@ -294,7 +308,9 @@ class BankServer:
         self.load_error: BaseException | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._metrics_http: Any = None
+        self._health_grpc: Any = None
         self.security = ServerSecurity.from_files(
             tls_cert=config.tls_cert,
             tls_key=config.tls_key,
@@ -340,6 +356,8 @@ class BankServer:
         if not self.port:
             raise errors.Unavailable(f"cannot bind {address}")
         self._grpc.start()
+        if self.config.health_port is not None:
+            self._start_health_port()
         if self.config.metrics_port is not None:
             self._metrics_http, self.metrics_port = self.metrics.serve_http(
                 self.config.metrics_port, self.config.metrics_host
@@ -362,6 +380,28 @@ class BankServer:
         else:
             self._load()
         return self
+
+    def _start_health_port(self) -> None:
+        """The same health statuses, plaintext, on a port of their own.
+
+        Kubernetes' gRPC probes and Docker's HEALTHCHECK cannot speak TLS; this port
+        answers grpc.health.v1 only (every other method is UNIMPLEMENTED, no reflection),
+        so it reveals no more than whether the bank is being served.
+        """
+        self._health_grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="bankd-health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+        address = f"{self.config.host}:{self.config.health_port}"
+        self.health_port = self._health_grpc.add_insecure_port(address)
+        if not self.health_port:
+            self._grpc.stop(0)
+            raise errors.Unavailable(f"cannot bind the health port {address}")
+        self._health_grpc.start()
+        log.info(
+            "health (grpc.health.v1 only, plaintext) on %s:%d", self.config.host, self.health_port
+        )
 
     def _load(self) -> None:
         try:
@@ -412,6 +452,8 @@ class BankServer:
         t0 = time.monotonic()
         self.servicer.drain(grace)
         self._grpc.stop(max(0.0, grace - (time.monotonic() - t0))).wait()
+        if self._health_grpc is not None:
+            self._health_grpc.stop(0).wait()
         if self.servicer.service is not None:
             self.servicer.service.close()
         if self._metrics_http is not None:

@@ -13,7 +13,9 @@ For ``--out bank/bank.faiss`` the bank is these files side by side:
 Everything is written under a temporary folder first; on finish the old manifest is
 removed, the files are renamed into place and the manifest is renamed LAST. A bank
 without a manifest, or whose files do not match the manifest's sizes and SHA-256
-checksums, is refused by ``Bank.load`` with a message naming the file.
+checksums, is refused by ``Bank.load`` with a message naming the file. While
+``bankd build`` runs, its checkpoints live in ``bank.partial/`` (``bankd.workdir``),
+which ``Bank.load`` refuses too.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (making the renames and removals in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -202,7 +205,7 @@ class BankWriter:
 
         files = {}
         for part, p in staged.items():
-            _fsync(p)
+            fsync_path(p)
             files[self.paths.file(part).name] = {
                 "bytes": p.stat().st_size,
                 "sha256": sha256_file(p),
@@ -225,14 +228,20 @@ class BankWriter:
         }
         tmp_manifest = self.tmp / "manifest.json"
         tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync(tmp_manifest)
+        fsync_path(tmp_manifest)
 
         # Commit: no manifest while files are being swapped, so a crash here leaves
         # something Bank.load refuses rather than a mix of old and new files.
+        # The directory is fsynced after the removal and after the renames, so that
+        # after a power cut the new manifest never sits beside old or missing files.
+        parent = self.paths.index.parent
         self.paths.manifest.unlink(missing_ok=True)
+        fsync_path(parent)
         for part, p in staged.items():
             os.replace(p, self.paths.file(part) if part != "faiss" else self.paths.index)
+        fsync_path(parent)
         os.replace(tmp_manifest, self.paths.manifest)
+        fsync_path(parent)
         self.committed = True
         shutil.rmtree(self.tmp, ignore_errors=True)
         log.info(
@@ -341,8 +350,23 @@ class Bank:
         Raises BankFileError naming the file and the problem.
         """
         paths = BankPaths(Path(index_path))
+        unfinished = paths.file("partial")  # bankd.workdir.work_dir_of
+        if paths.index.is_dir():
+            what = (
+                "an unfinished build's work directory" if paths.index.suffix == ".partial" else ""
+            )
+            raise BankFileError(
+                f"{paths.index}: {what or 'a directory'}, not a bank index; serve the "
+                f"{paths.stem}.faiss that the build writes when it completes"
+            )
         if not paths.index.exists():
-            raise BankFileError(f"{paths.index}: index file not found")
+            hint = (
+                f" ({unfinished} holds an unfinished build: run the same `bankd build` "
+                "again to resume it)"
+                if unfinished.is_dir()
+                else ""
+            )
+            raise BankFileError(f"{paths.index}: index file not found{hint}")
         if not paths.manifest.exists():
             raise BankFileError(
                 f"{paths.manifest}: manifest not found; the bank at {paths.index} is "

@@ -263,7 +263,7 @@ def helpers() -> SimpleNamespace:
 # -- `bankd serve` as a child process ----------------------------------------------------
 
 SERVING = re.compile(r"bankd serving .* on (\S+):(\d+)")
-START_TIMEOUT_S = 120.0  # `bankd serve` imports torch: seconds on a busy 2-core machine
+START_TIMEOUT_S = 120.0  # generous: a busy 2-core machine; with --encoder, torch loads
 
 
 class ServeProcess:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd.build import BuildConfig, add_arguments, build_bank, run, select_entries
+from bankd.build import BuildConfig, build_bank, select_entries
+from bankd.build_config import add_arguments, run
 from bankd.data import ImageCaptionDataset, load_llava_json
 from bankd.demo_data import DemoDataConfig, generate
 from bankd.models.embedder import Embedder
@@ -218,3 +219,87 @@ def test_trained_values_are_at_least_as_informative_and_far_less_redundant(tmp_p
     for r in (trained, untrained):  # reported, with the other probes
         assert 0 <= r["caption_recovery"]["exact"] <= r["caption_recovery"]["word_accuracy"] <= 1
         assert 0 < r["attribute_knn"] <= 1 and 0.5 <= r["caption_word_auc_knn"] <= 1
+
+
+# -- interrupted builds ----------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """What Ctrl-C does to a build, without being a KeyboardInterrupt pytest would catch."""
+
+
+def _interrupt_after(monkeypatch, chunks: int) -> None:
+    """Make the next build stop right after its pass 2 counted ``chunks`` chunks."""
+    from bankd.workdir import RowAppender
+
+    append = RowAppender.append
+
+    def counting(self, keys, values):
+        append(self, keys, values)
+        if self.work.state["chunks_done"] >= chunks:
+            raise Interrupted
+
+    monkeypatch.setattr(RowAppender, "append", counting)
+
+
+def _same_files(a: Path, b: Path) -> None:
+    files = [Bank.load(p).manifest["files"] for p in (a, b)]
+    rename = {k.replace(b.stem, a.stem): v for k, v in files[1].items()}
+    assert files[0] == rename
+
+
+def test_interrupted_build_resumes_to_an_identical_bank(bank, demo, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "bank.faiss"
+    work = tmp_path / "bank.partial"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        build_bank(_config(demo, out))
+    monkeypatch.undo()
+    state = json.loads((work / "state.json").read_text())
+    assert state["rows_done"] == 32 and state["chunks_done"] == 1 and "trained" in state
+    assert not out.exists() and not list(tmp_path.glob("bank.manifest.json"))
+    # A chunk written but not yet counted (killed between the two): cut off on resume.
+    with open(work / "keys.f32", "ab") as f:
+        f.write(b"\x7f" * 4 * 128 * 5)
+
+    caplog.set_level("INFO", logger="bankd.build")
+    resumed = build_bank(_config(demo, out))
+    assert "resuming from chunk 1/3 (32 of 80 entries done)" in caplog.text
+    assert "resuming: key function and Perceiver" in caplog.text
+    assert not work.exists()
+    _same_files(bank, resumed)
+    a, b = Bank.load(bank), Bank.load(resumed)
+    assert b.manifest["report"]["perceiver"]["steps"] == 3
+    assert b.manifest["report"]["informativeness"] == a.manifest["report"]["informativeness"]
+
+
+def test_a_changed_build_refuses_to_resume_until_restart(bank, demo, tmp_path, monkeypatch):
+    out = tmp_path / "bank.faiss"
+    _interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        build_bank(_config(demo, out))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"bank\.partial .*changed: seed.*--restart"):
+        build_bank(_config(demo, out, seed=1))
+    # Workers and progress bars do not change the bank: the build resumes across them.
+    _same_files(bank, build_bank(_config(demo, out, workers=1, progress=True)))
+    # --restart: from scratch, whatever the work directory held.
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        build_bank(_config(demo, out, seed=1))
+    monkeypatch.undo()
+    restarted = build_bank(_config(demo, out, batch_size=16), restart=True)
+    assert Bank.load(restarted).manifest["config"]["batch_size"] == 16
+
+
+def test_serve_refuses_an_unfinished_build(demo, tmp_path, monkeypatch):
+    from bankd_client.errors import BankFileError
+
+    out = tmp_path / "bank.faiss"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        build_bank(_config(demo, out))
+    with pytest.raises(BankFileError, match=r"bank\.faiss: index file not found .*bank\.partial"):
+        Bank.load(out)
+    with pytest.raises(BankFileError, match=r"bank\.partial: an unfinished build's work dir"):
+        Bank.load(tmp_path / "bank.partial")

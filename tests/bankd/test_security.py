@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bankd import cli
 from bankd.server import ServerConfig
-from bankd_client import BankClient, Unauthenticated, Unavailable
+from bankd_client import BankClient, Unauthenticated, Unavailable, tensors
 from bankd_client.credentials import add_connection_flags, connection_options
 from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
@@ -327,6 +327,28 @@ def test_health_over_tls_needs_no_token(serve: Any, pki: Pki) -> None:
     creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_crt.read_bytes())
     with grpc.secure_channel(f"localhost:{server.port}", creds) as channel:
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_plaintext_health_port_beside_tls(serve: Any, pki: Pki, bank: Any) -> None:
+    """--health-port: probes that cannot speak TLS get health, and nothing else."""
+    server = serve(**tls_config(pki, mutual=True, token=True), health_port=0)
+    assert server.health_port and server.health_port != server.port
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        stub = health_pb2_grpc.HealthStub(channel)
+        overall = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert overall.status == health_pb2.HealthCheckResponse.SERVING
+        search = pb_grpc.MemoryBankStub(channel).Search
+        request = pb.SearchRequest(keys=tensors.encode(bank.queries(1, seed=0)), k=1)
+        with pytest.raises(grpc.RpcError) as refused:
+            search(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    server.health.enter_graceful_shutdown()  # what SIGTERM does first: seen there too
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # still TLS only
+        with pytest.raises(grpc.RpcError):
+            health_status(channel)
 
 
 def test_client_wait_ready_with_token_and_mtls(serve: Any, connect: Any, pki: Pki) -> None:

@@ -335,6 +335,7 @@ def test_stream_torch_items_come_back_as_torch(client: BankClient, bank: Any) ->
 def test_stream_bad_request_raises_at_its_position(
     client: BankClient, bank: Any, helpers: Any, server: Any
 ) -> None:
+    before = samples(scrape(server.metrics_port))
     batches: list[Any] = [bank.queries(3, seed=i) for i in range(12)]
     batches[7] = np.ones((3, bank.keys.shape[1] + 1), np.float32)  # wrong dimension
     got = []
@@ -355,12 +356,22 @@ def test_stream_bad_request_raises_at_its_position(
     while inflight() != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert inflight() == 0
+    # ... and is counted as cancelled by its client, the complete one as OK.
+    after = samples(scrape(server.metrics_port))
+    streams = {
+        code: after.get(key, 0) - before.get(key, 0)
+        for code in ("OK", "CANCELLED")
+        for key in [("bankd_requests_total", (("code", code), ("method", "SearchStream")))]
+    }
+    assert streams == {"OK": 1, "CANCELLED": 1}
 
 
 def test_raw_stream_answers_every_request_and_continues_after_an_error(
-    stub: Any, bank: Any, helpers: Any
+    stub: Any, bank: Any, helpers: Any, server: Any
 ) -> None:
-    """The contract below the client: one response per request, `error` on the bad one."""
+    """The contract below the client: one response per request, `error` on the bad one;
+    each answer counted in bankd_requests_total by its own code, the stream once."""
+    before = samples(scrape(server.metrics_port))
     qs = [bank.queries(2, seed=50 + i) for i in range(10)]
     requests = [
         pb.SearchRequest(keys=tensors.encode(q), k=3, request_id=f"r{i}") for i, q in enumerate(qs)
@@ -381,6 +392,17 @@ def test_raw_stream_answers_every_request_and_continues_after_an_error(
             hits = Hits.from_pb(r.result)
             assert hits.request_id == f"r{i}" and hits.values is None
             helpers.assert_topk(bank, q, 3, hits.ids, hits.scores)
+    after = samples(scrape(server.metrics_port))
+    counted = {
+        (labels[1][1], labels[0][1]): value - before.get((name, labels), 0)
+        for (name, labels), value in after.items()
+        if name == "bankd_requests_total" and labels[1][1].startswith("SearchStream")
+    }
+    assert {k: v for k, v in counted.items() if v} == {
+        ("SearchStream.message", "OK"): 8,
+        ("SearchStream.message", "INVALID_ARGUMENT"): 2,
+        ("SearchStream", "OK"): 1,
+    }
 
 
 # -- Fetch -----------------------------------------------------------------------------

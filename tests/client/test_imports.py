@@ -1,10 +1,12 @@
-"""Import boundaries: the client stays light, `bankd` is cheap, models are server-free.
+"""Import boundaries: the client stays light, `bankd` is cheap, models are server-free,
+and `bankd serve` (also `info`, `query`) runs without torch or transformers.
 
 Each check runs in a fresh interpreter so modules imported by other tests do not count.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import subprocess
 import sys
@@ -48,3 +50,36 @@ def test_client_proto_package_does_not_shadow_bankd() -> None:
     loaded = _modules_after("import bankd_client.proto.bankd_pb2_grpc")
     assert "bankd_client.proto.bankd_pb2" in loaded
     assert "bankd" not in _top_level(loaded)
+
+
+# A bank written from arrays has no key function, so Embed is off and nothing needs torch.
+_SERVE = """
+import tempfile, numpy as np
+from bankd.cli import build_parser
+from bankd.server import BankServer, ServerConfig
+from bankd.store import write_bank
+args = build_parser().parse_args(["serve", "--index", "x.faiss"])
+folder = tempfile.mkdtemp()
+rng = np.random.default_rng(0)
+index = write_bank(folder + "/bank.faiss", rng.standard_normal((50, 8), dtype=np.float32),
+                   rng.standard_normal((50, 32, 96)).astype(np.float16))
+server = BankServer(ServerConfig(index=str(index), port=0, metrics_port=0, device="{device}"))
+server.start()
+server.stop(grace=0)
+"""
+# Without /dev/nvidia* "auto" must not import torch to look for CUDA either.
+_DEVICES = ["cpu"] + ([] if glob.glob("/dev/nvidia[0-9]*") else ["auto"])
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+def test_serving_does_not_import_torch(device: str) -> None:
+    loaded = _top_level(_modules_after(_SERVE.format(device=device)))
+    assert "grpc" in loaded and "faiss" in loaded  # it did serve
+    assert not loaded & {"torch", "transformers"}, sorted(loaded & {"torch", "transformers"})
+
+
+def test_building_imports_torch_only_when_it_builds() -> None:
+    """The parser and the build's config are light; the builder itself is torch."""
+    parsed = "from bankd.cli import build_parser\nbuild_parser().parse_args(['info'])"
+    assert "torch" not in _top_level(_modules_after(parsed))
+    assert "torch" in _top_level(_modules_after("import bankd.build"))

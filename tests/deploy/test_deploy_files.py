@@ -35,7 +35,7 @@ GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "bankd.json"
 
 SERVICE = bankd_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name  # bankd.v1.MemoryBank
-GRPC_PORT, METRICS_PORT = 50051, 9100
+GRPC_PORT, METRICS_PORT, HEALTH_PORT = 50051, 9100, 50052  # health: plaintext, TLS or not
 DASHBOARD_PANELS = (
     "Search latency (p50/p90/p99)",
     "Queries per second",
@@ -175,7 +175,7 @@ def test_deployment_container() -> None:
     _, pod, container = _deployment()
     assert container["image"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, "health": HEALTH_PORT}
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -187,7 +187,9 @@ def test_deployment_container() -> None:
 def test_deployment_grpc_probes() -> None:
     _, _, container = _deployment()
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == GRPC_PORT, probe
+        assert container[probe]["grpc"]["port"] == HEALTH_PORT, probe
+    args = container["args"]
+    assert args[args.index("--health-port") + 1] == str(HEALTH_PORT)
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE
     # a large bank loads (and verifies checksums) for minutes before the first SERVING
     startup = container["startupProbe"]
@@ -416,6 +418,7 @@ def test_compose_bankd_services() -> None:
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert parse_serve(gpu["command"]).device == "cuda"
+    assert parse_serve(gpu["command"]).health_port == HEALTH_PORT  # the image's HEALTHCHECK
 
 
 def test_dockerfile() -> None:
@@ -429,13 +432,13 @@ def test_dockerfile() -> None:
     assert users[-1].split(":")[0].isdigit(), "numeric USER, so runAsNonRoot can check it"
 
     exposed = {p for w, rest in final if w == "EXPOSE" for p in rest.split()}
-    assert {str(GRPC_PORT), str(METRICS_PORT)} <= exposed
+    assert {str(GRPC_PORT), str(METRICS_PORT), str(HEALTH_PORT)} <= exposed
 
     (healthcheck,) = [rest for w, rest in final if w == "HEALTHCHECK"]
     probe = json.loads(healthcheck[healthcheck.index(" CMD ") + 5 :])  # exec form
     assert probe[:2] == ["python", "-c"]
     assert "grpc_health" in probe[2] and f"service='{SERVICE}'" in probe[2]
-    assert f"localhost:{GRPC_PORT}" in probe[2]
+    assert f"localhost:{HEALTH_PORT}" in probe[2]  # plaintext: works with TLS on
 
     (entrypoint,) = [json.loads(rest) for w, rest in final if w == "ENTRYPOINT"]
     (cmd,) = [json.loads(rest) for w, rest in final if w == "CMD"]
@@ -443,6 +446,7 @@ def test_dockerfile() -> None:
     args = parse_serve(cmd)
     assert args.host == "0.0.0.0" and args.metrics_host == "0.0.0.0"
     assert args.index == "/bank/bank.faiss"
+    assert args.health_port == HEALTH_PORT  # what the HEALTHCHECK asks
 
     for word, rest in instructions:
         if word == "COPY" and not rest.startswith("--from"):

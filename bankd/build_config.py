@@ -1,0 +1,113 @@
+"""``bankd build``'s configuration and flags, importable without torch.
+
+``bankd.cli`` builds its parser from here so that ``bankd serve``, ``info`` and
+``query`` start without loading torch; the build itself is ``bankd.build``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+_FLAG_FIELDS = ("data", "image_folder", "out", "encoder", "seed", "entries", "batch_size")
+_FLAG_FIELDS += ("workers", "device", "perceiver_steps", "perceiver_lr", "text_weight")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides the bank; logged at start and saved in its manifest."""
+
+    data: Path
+    image_folder: Path
+    out: Path  # index path, e.g. bank/bank.faiss; the other files go next to it
+    encoder: str = "tiny"
+    seed: int = 0
+    entries: int | None = None  # a seeded sample of this many pairs; None = all
+    index_factory: str = "Flat"
+    batch_size: int = 64  # encoder batch
+    workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
+    device: str = "auto"  # cuda when available
+    perceiver_steps: int = 600
+    perceiver_lr: float = 1e-3
+    perceiver_batch_size: int = 32
+    perceiver_train_samples: int = 50_000  # seeded subset the compressor trains on
+    max_text_tokens: int = 96  # caption tokens fed to the compressor (capped by the encoder)
+    text_weight: float = 0.0  # weight of the question-text component of keys
+    key_temperature: float = 1.0
+    eval_fraction: float = 0.1  # pairs kept out of compressor training, for the report
+    feature_cache_mb: int = 2048  # cache frozen features in memory up to this size
+    threads: int | None = None  # torch CPU threads; None = cores minus max(1, workers)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        lowest = {"entries": 1, "batch_size": 1, "workers": 0, "perceiver_steps": 0, "threads": 1}
+        lowest |= {"perceiver_batch_size": 1, "perceiver_train_samples": 1}
+        lowest |= {"max_text_tokens": 1, "feature_cache_mb": 0}
+        for name, low in lowest.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not self.perceiver_lr > 0:
+            raise ValueError(f"perceiver_lr must be > 0, got {self.perceiver_lr}")
+        from .models.keys import KeyConfig  # torch: only once a build is configured
+
+        KeyConfig(temperature=self.key_temperature, text_weight=self.text_weight)  # validates
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``bankd build``."""
+    d = {k: f.default for k, f in BuildConfig.__dataclass_fields__.items()}
+    add = parser.add_argument
+    add("--data", type=Path, required=True, help="LLaVA-format JSON")
+    add("--image-folder", type=Path, required=True, help="folder image paths are relative to")
+    add("--out", type=Path, required=True, help="index path, e.g. bank/bank.faiss")
+    add("--encoder", default=d["encoder"], help="'tiny', a model directory or a SigLIP/CLIP hub id")
+    add("--seed", type=int, default=d["seed"])
+    add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
+    add(
+        "--index-type", default=d["index_factory"], help="FAISS factory: Flat, IVF1024,Flat, HNSW32"
+    )
+    add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
+    add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
+    add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")
+    add("--threads", type=int, default=None, help="torch CPU threads (cores left by workers)")
+    add("--perceiver-steps", type=int, default=d["perceiver_steps"])
+    add("--perceiver-lr", type=float, default=d["perceiver_lr"])
+    add(
+        "--text-weight",
+        type=float,
+        default=d["text_weight"],
+        help="weight of the question text in keys, 0..1 (0: image only)",
+    )
+    add("--no-progress", action="store_true", help="no progress bars")
+    add(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoints of an interrupted build of this --out and start over "
+        "(default: resume when the config and data match, refuse when they do not)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``bankd build``; bad arguments raise ValueError."""
+    from .build import build_bank
+    from .store import BankPaths
+
+    same_name = (*_FLAG_FIELDS, "threads")
+    config = BuildConfig(
+        **{f: getattr(args, f) for f in same_name},
+        index_factory=args.index_type,
+        progress=not args.no_progress,
+    )
+    path = build_bank(config, restart=args.restart)
+    report = json.loads(BankPaths(path).manifest.read_text()).get("report") or {}
+    timings = report.get("timings", {})
+    print(f"build: wrote {report.get('entries')} entries to {path} in {timings.get('total_s')} s")
+    return 0  # the informativeness table is in the log and in the manifest's report
