@@ -320,11 +320,12 @@ def _pass2(
             rows.append(keys, values)
 
 
-def build_bank(config: BuildConfig, *, restart: bool = False) -> Path:
+def build_bank(config: BuildConfig, *, restart: bool = False, discard_other: bool = False) -> Path:
     """Build the bank described by ``config``; return the index path.
 
     Checkpoints go to ``<out stem>.partial/`` (``bankd.workdir``): run the same build
-    again after an interruption and it resumes; ``restart`` discards them first.
+    again after an interruption and it resumes; ``restart`` discards them first, and
+    ``discard_other`` discards them only when they belong to other inputs.
     """
     from .store import BankWriter  # the store (and faiss) only when building
 
@@ -345,7 +346,9 @@ def build_bank(config: BuildConfig, *, restart: bool = False) -> Path:
         enc, kf = pipe.encoder, pipe.embedder.key_function
         identity = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
         identity["device"] = str(pipe.device)
-        work = BuildWorkDir.open(config.out, identity, config.data, restart=restart)
+        work = BuildWorkDir.open(
+            config.out, identity, config.data, restart=restart, discard_other=discard_other
+        )
         train_rows, eval_rows = split_pairs(
             n, config.eval_fraction, config.perceiver_train_samples, config.seed
         )

@@ -62,11 +62,19 @@ class BuildWorkDir:
 
     @classmethod
     def open(
-        cls, index_path: Path, config: dict[str, Any], data: Path, *, restart: bool = False
+        cls,
+        index_path: Path,
+        config: dict[str, Any],
+        data: Path,
+        *,
+        restart: bool = False,
+        discard_other: bool = False,
     ) -> BuildWorkDir:
         """The work directory for building ``index_path``: resumed, or new.
 
-        Raises ValueError when it holds a build of other inputs (unless ``restart``).
+        Raises ValueError when it holds a build of other inputs, unless ``restart`` (always
+        start over) or ``discard_other`` (start over only then: for callers that own the
+        output folder, such as ``tinyalign experiment``).
         """
         from . import __version__
 
@@ -80,9 +88,13 @@ class BuildWorkDir:
             state = json.loads(state_file.read_text())
             if state.get("identity") == identity:
                 return cls(path, state)
+            changed = ", ".join(_changed(state.get("identity") or {}, identity))
+            if discard_other:
+                log.info("discarding %s, an unfinished build of other inputs (%s)", path, changed)
+                return cls.open(index_path, config, data, restart=True)
             raise ValueError(
                 f"{path} holds an unfinished build of other inputs "
-                f"(changed: {', '.join(_changed(state.get('identity') or {}, identity))}); "
+                f"(changed: {changed}); "
                 "run the original command to resume it, or add --restart to discard it"
             )
         if path.exists():  # created, but interrupted before its first state was written

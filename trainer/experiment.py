@@ -227,7 +227,7 @@ def ensure_bank(config: ExperimentConfig, folder: Path, directory: Path) -> tupl
         if json.loads(stamp.read_text()) == want and all(built.get(k) == want[k] for k in keys):
             log.info("experiment: reusing the bank %s (same data and build settings)", index)
             return index, False
-    build_bank(build)
+    build_bank(build, discard_other=True)  # the folder is the experiment's own
     stamp.write_text(json.dumps(want, indent=1) + "\n")
     return index, True
 

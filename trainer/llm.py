@@ -8,9 +8,10 @@
   here on ``pretrain_texts`` (the demo captions, see ``texts_for_tiny_lm``), so the demo
   runs offline (DESIGN decision 12). Pretraining packs each text after its most related
   texts (in-context pretraining), so the tiny LM, like a real one, has learned to use
-  related text in its context: what TinyAlign's retrieved tokens offer it. It is built once and cached as a normal checkpoint
-  directory under ``$TINYALIGN_CACHE`` (default ``~/.cache/tinyalign``), named by a hash
-  of everything that made it, and then loaded by path with the same code as a real one.
+  related text in its context: what TinyAlign's retrieved tokens offer it. It is built
+  once and cached as a normal checkpoint directory under ``$TINYALIGN_CACHE`` (default
+  ``~/.cache/tinyalign``), named by a hash of everything that made it, and then loaded
+  by path with the same code as a real one.
 
 The tiny tokenizer adds BOS the way Llama's does, so the demo exercises that path of the
 conversation code. Every returned tokenizer pads on the right and has a pad token.

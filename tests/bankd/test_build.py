@@ -292,6 +292,23 @@ def test_a_changed_build_refuses_to_resume_until_restart(bank, demo, tmp_path, m
     assert Bank.load(restarted).manifest["config"]["batch_size"] == 16
 
 
+def test_discard_other_starts_over_only_for_other_inputs(bank, demo, tmp_path, monkeypatch):
+    out = tmp_path / "bank.faiss"
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        build_bank(_config(demo, out, seed=1))
+    monkeypatch.undo()
+    # A caller that owns the folder (tinyalign experiment) replaces the other build ...
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        build_bank(_config(demo, out), discard_other=True)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "bank.partial" / "state.json").read_text())
+    assert state["identity"]["config"]["seed"] == 0 and state["chunks_done"] == 1
+    # ... and resumes its own.
+    _same_files(bank, build_bank(_config(demo, out), discard_other=True))
+
+
 def test_serve_refuses_an_unfinished_build(demo, tmp_path, monkeypatch):
     from bankd_client.errors import BankFileError
 
