@@ -4,8 +4,9 @@ Fast and offline. The serve arguments in the Dockerfile, the compose file and th
 Kubernetes Deployment are parsed with `bankd serve`'s own argument parser; the metric
 names in the dashboard and the alert rules are checked against the metrics a server
 exports; promtool (when installed) checks the Prometheus files and runs the alert unit
-tests; kubectl (when installed) renders the kustomization; kubernetes-validate (when
-installed) checks the manifests against the Kubernetes schemas.
+tests; kubectl (when installed) renders the kustomization; kubernetes-validate checks the
+manifests against the Kubernetes schemas; `docker compose config` (or Debian's
+docker-compose, both installed by .ci/run when missing) validates the compose file.
 """
 
 from __future__ import annotations
@@ -403,6 +404,40 @@ def test_compose_services_and_mounts() -> None:
     prometheus = _bind_mounts(services["prometheus"])
     for rule_file in load(PROMETHEUS / "prometheus.yml")["rule_files"]:
         assert prometheus[f"/etc/prometheus/{rule_file}"] == PROMETHEUS / rule_file
+
+
+def _compose_command() -> list[str] | None:
+    """`docker compose` (v2) when its plugin is there, else Debian's `docker-compose`."""
+    docker = shutil.which("docker")
+    if docker:
+        version = subprocess.run([docker, "compose", "version"], capture_output=True)
+        if version.returncode == 0:
+            return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_config_validates(tmp_path: Path) -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor docker-compose is installed")
+    compose_file = DEPLOY / "docker-compose.yml"
+    if command[0].endswith("docker-compose"):
+        # The Python docker-compose (1.29) validates against the schema it predates the
+        # top-level `name` key with; everything else in the file is in that schema.
+        text = compose_file.read_text()
+        assert re.search(r"^name: bankd$", text, re.MULTILINE)
+        compose_file = tmp_path / "docker-compose.yml"  # paths resolve from DEPLOY below
+        compose_file.write_text(re.sub(r"^name: bankd\n", "", text, flags=re.MULTILINE))
+    result = subprocess.run(
+        [*command, "-f", str(compose_file), "--project-directory", str(DEPLOY), "config"],
+        capture_output=True,
+        text=True,
+        cwd=DEPLOY,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    assert {"bankd", "bankd-gpu", "prometheus", "grafana"} <= rendered["services"].keys()
 
 
 def test_compose_bankd_services() -> None:
