@@ -80,7 +80,10 @@ class BuildConfig:
     encoder: str = "tiny"
     seed: int = 0
     entries: int | None = None  # a seeded sample of this many pairs; None = all
-    index_factory: str = "Flat"
+    index_factory: str = "auto"  # FAISS factory string, or "auto" (bankd.autoindex)
+    memory_budget: str = "8GiB"  # what the index may take in memory ("auto" chooses by it)
+    recall_target: float | None = 0.95  # efSearch / nprobe tuned to reach this recall@k
+    recall_k: int = 5
     batch_size: int = 64  # encoder batch
     workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
     device: str = "auto"  # cuda when available
@@ -106,6 +109,13 @@ class BuildConfig:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.recall_target is not None and not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
+        if self.recall_k < 1:
+            raise ValueError(f"recall_k must be >= 1, got {self.recall_k}")
+        from .autoindex import parse_bytes  # faiss only when building
+
+        parse_bytes(self.memory_budget)  # validates
         if not self.perceiver_lr > 0:
             raise ValueError(f"perceiver_lr must be > 0, got {self.perceiver_lr}")
         KeyConfig(temperature=self.key_temperature, text_weight=self.text_weight)  # validates
@@ -242,6 +252,7 @@ def _measure(
 
 def build_bank(config: BuildConfig) -> Path:
     """Build the bank described by ``config``; return the index path."""
+    from .autoindex import parse_bytes
     from .store import BankWriter  # the store (and faiss) only when building
 
     t_start = time.perf_counter()
@@ -357,6 +368,9 @@ def build_bank(config: BuildConfig) -> Path:
                 source_ids=[s.id for s in samples],
                 report=report,
                 seed=config.seed,
+                memory_budget_bytes=parse_bytes(config.memory_budget),
+                recall_target=config.recall_target,
+                recall_k=config.recall_k,
             )
     log.info(
         "bank written to %s in %.1f s\n%s", path, timings["total_s"], format_informativeness(info)
@@ -375,8 +389,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=d["seed"])
     add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
     add(
-        "--index-type", default=d["index_factory"], help="FAISS factory: Flat, IVF1024,Flat, HNSW32"
+        "--index-type",
+        default=d["index_factory"],
+        help="FAISS factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64) or 'auto': "
+        "chosen by entries, key dim and --memory-budget",
     )
+    add("--memory-budget", default=d["memory_budget"], help="index memory for auto (8GiB, 512MB)")
+    add(
+        "--recall-target",
+        type=float,
+        default=d["recall_target"],
+        help="tune efSearch / nprobe to this recall@k against exact search (0: keep FAISS's)",
+    )
+    add("--recall-k", type=int, default=d["recall_k"], help="the k of the recall target")
     add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
     add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
     add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")
@@ -400,10 +425,20 @@ def run(args: argparse.Namespace) -> int:
     config = BuildConfig(
         **{f: getattr(args, f) for f in same_name},
         index_factory=args.index_type,
+        memory_budget=args.memory_budget,
+        recall_target=args.recall_target or None,
+        recall_k=args.recall_k,
         progress=not args.no_progress,
     )
     path = build_bank(config)
-    report = json.loads(BankPaths(path).manifest.read_text()).get("report") or {}
+    manifest = json.loads(BankPaths(path).manifest.read_text())
+    report, index = manifest.get("report") or {}, manifest.get("index") or {}
     timings = report.get("timings", {})
     print(f"build: wrote {report.get('entries')} entries to {path} in {timings.get('total_s')} s")
+    recall = index.get("recall", {})
+    print(
+        f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "
+        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {index.get('search_params') or 'none'}"
+        f", recall@{recall.get('k')} {recall.get('value')}"
+    )
     return 0  # the informativeness table is in the log and in the manifest's report
