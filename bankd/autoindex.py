@@ -11,8 +11,9 @@ records):
 * ``IVF{nlist},Flat`` when the vectors fit but the graph does not, or N is past
   ``hnsw_max`` (nlist about 4 sqrt(N), a power of two, at least 39 training points
   per list);
-* ``IVF{nlist},PQ{m}`` when even the vectors do not fit: the largest m (dividing d,
-  8-bit codes) whose codes fit the budget.
+* ``IVF{nlist},PQ{m}np`` when even the vectors do not fit: the largest m (dividing
+  d, 8-bit codes) whose codes fit the budget ("np": no polysemous training, which
+  costs most of the build and serves a search mode bankd does not use).
 
 ``tune`` measures recall@k against exact search and picks the smallest efSearch
 (HNSW) or nprobe (IVF) reaching the target. The protocol mirrors how the bank is
@@ -118,16 +119,19 @@ def choose_factory(
         reason = f"{why}; the vectors ({flat / 2**30:.2f} GiB) fit {gib}"
         choice = IndexChoice(f"IVF{nlist},Flat", reason, size)
     else:
+        def pq_bytes(m: int) -> int:  # codes and ids, centroids, codebooks
+            return n * (m + 8) + centroids + d * 256 * 4
+
         for m in (m for m in PQ_M if d % m == 0):
-            size = n * (m + 8) + centroids + d * 256 * 4
+            size = pq_bytes(m)
             if size <= budget:
                 reason = f"the vectors ({flat / 2**30:.2f} GiB) do not fit {gib}: {m}-byte codes"
-                choice = IndexChoice(f"IVF{nlist},PQ{m}", reason, size)
+                choice = IndexChoice(f"IVF{nlist},PQ{m}np", reason, size)
                 break
         else:
             raise ValueError(
                 f"no index over {n} x {d} keys fits a memory budget of {budget} bytes "
-                f"(the smallest, IVF{nlist},PQ1, needs about {n * 9 + centroids} bytes)"
+                f"(the smallest, IVF{nlist},PQ1np, needs about {pq_bytes(1)} bytes)"
             )
     log.info("index choice: %s (%s; about %.1f MB)", choice.factory, choice.reason,
              choice.estimated_bytes / 1e6)  # fmt: skip
