@@ -107,6 +107,10 @@ def choose_factory(
     flat = n * d * 4
     nlist = ivf_nlist(n)
     centroids = nlist * d * 4
+
+    def pq_bytes(m: int) -> int:  # codes and ids, centroids, codebooks
+        return n * (m + 8) + centroids + d * 256 * 4
+
     if n <= flat_max and flat <= budget:
         choice = IndexChoice("Flat", f"N={n} <= {flat_max}: exact search", flat)
     elif n <= hnsw_max and hnsw_bytes(n, d) <= budget:
@@ -119,9 +123,6 @@ def choose_factory(
         reason = f"{why}; the vectors ({flat / 2**30:.2f} GiB) fit {gib}"
         choice = IndexChoice(f"IVF{nlist},Flat", reason, size)
     else:
-        def pq_bytes(m: int) -> int:  # codes and ids, centroids, codebooks
-            return n * (m + 8) + centroids + d * 256 * 4
-
         for m in (m for m in PQ_M if d % m == 0):
             size = pq_bytes(m)
             if size <= budget:
@@ -275,7 +276,7 @@ def tune(index: Any, sample: RecallSample, target: float) -> dict[str, Any]:
     if not space:
         recall = sample.measure(index)
         return {"params": {}, "recall": recall, "target": target, "reached": recall >= target}
-    (name, top), = space.items()
+    ((name, top),) = space.items()
     ladder = [v for v in (EF_SEARCH_LADDER if name == "efSearch" else NPROBE_LADDER) if v < top]
     ladder.append(top)
     tried: dict[int, float] = {}
@@ -341,7 +342,9 @@ def build_tuned(
         desc["search_params"] = {}
         desc["recall"] = {"k": recall_k, "value": 1.0, "protocol": "exact search"}
     else:
-        sample = RecallSample.from_keys(keys, recall_k, faiss_metric, size=recall_queries, seed=seed)
+        sample = RecallSample.from_keys(
+            keys, recall_k, faiss_metric, size=recall_queries, seed=seed
+        )
         if recall_target is not None:
             tuned = tune(index, sample, recall_target)
             params, recall = tuned["params"], tuned["recall"]

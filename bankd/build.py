@@ -435,10 +435,10 @@ def run(args: argparse.Namespace) -> int:
     report, index = manifest.get("report") or {}, manifest.get("index") or {}
     timings = report.get("timings", {})
     print(f"build: wrote {report.get('entries')} entries to {path} in {timings.get('total_s')} s")
-    recall = index.get("recall", {})
+    recall, params = index.get("recall", {}), index.get("search_params") or "none"
     print(
         f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "
-        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {index.get('search_params') or 'none'}"
-        f", recall@{recall.get('k')} {recall.get('value')}"
+        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {params}, "
+        f"recall@{recall.get('k')} {recall.get('value')}"
     )
     return 0  # the informativeness table is in the log and in the manifest's report

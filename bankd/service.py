@@ -164,9 +164,10 @@ class BankService:
             param = OVERRIDES[field][0]
             if param not in self.max_params:
                 kind = self.bank.manifest.get("index_factory", "")
-                has = ", ".join(
-                    f for f, (p, _) in OVERRIDES.items() if p in self.max_params
-                ) or "no search parameter (exact or fixed search)"
+                has = (
+                    ", ".join(f for f, (p, _) in OVERRIDES.items() if p in self.max_params)
+                    or "no search parameter (exact or fixed search)"
+                )
                 raise errors.InvalidArgument(
                     f"{field} does not apply to this bank's index ({kind}); it takes {has}"
                 )

@@ -107,9 +107,7 @@ def test_exact_index_has_recall_one(bank: Any, sample: RecallSample) -> None:
     assert sample.measure(build_index(bank.keys, "Flat")) == pytest.approx(1.0, abs=2e-3)
 
 
-def test_tuning_reaches_the_target_with_the_smallest_nprobe(
-    ivf: Any, sample: RecallSample
-) -> None:
+def test_tuning_reaches_the_target_with_the_smallest_nprobe(ivf: Any, sample: RecallSample) -> None:
     out = tune(ivf, sample, 0.95)
     nprobe = out["params"]["nprobe"]
     assert out["reached"] and out["recall"] >= 0.95

@@ -20,7 +20,8 @@ from bankd_client import BankClient, InvalidArgument, ShardedBankClient
 def recall(bank: Any, queries: np.ndarray, ids: np.ndarray, helpers: Any, k: int = 5) -> float:
     """Fraction of the exact top-k ids (brute force) that the hits hold."""
     exact = bank.ids[np.argsort(-helpers.brute_force(bank, queries), axis=1)[:, :k]]
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids.tolist(), exact.tolist())]))
+    pairs = zip(ids.tolist(), exact.tolist(), strict=True)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in pairs]))
 
 
 @pytest.fixture
@@ -42,7 +43,9 @@ def test_info_reports_the_tuned_default_and_limits(ivf_client: BankClient) -> No
     assert info.recall_k == 5 and 0.5 <= info.recall < 1
 
 
-def test_nprobe_override_changes_recall(ivf_client: BankClient, ivf_bank: Any, helpers: Any) -> None:
+def test_nprobe_override_changes_recall(
+    ivf_client: BankClient, ivf_bank: Any, helpers: Any
+) -> None:
     q = ivf_bank.queries(64, seed=1)
     default = ivf_client.search(q, k=5, with_values=False)
     every_list = ivf_client.search(q, k=5, nprobe=32)
