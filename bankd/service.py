@@ -59,7 +59,7 @@ OVERRIDES = {"nprobe": ("nprobe", "max_nprobe"), "ef_search": ("efSearch", "max_
 OVERRIDES_BY_PARAM = {param: limit for param, limit in OVERRIDES.values()}
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: == on the keys arrays is not a bool
 class _Pending:
     keys: np.ndarray
     k: int
@@ -177,7 +177,8 @@ class BankService:
                     f"{field}={value} is out of range; this bank takes 1..{top} "
                     f"(0 or unset: its default {self.searcher.defaults[param]})"
                 )
-            out[param] = int(value)
+            if value != self.searcher.defaults[param]:  # the default merges with the rest
+                out[param] = int(value)
         return out
 
     def validate_search(
@@ -287,12 +288,13 @@ class BankService:
             if first is None:
                 return
             batch, rows = [first], len(first.keys)
-            for p in [p for p in held if p.params == first.params]:
-                if rows >= self.limits.merge_max_rows:
-                    break
-                held.remove(p)
-                batch.append(p)
-                rows += len(p.keys)
+            waiting, held = held, []
+            for p in waiting:
+                if p.params == first.params and rows < self.limits.merge_max_rows:
+                    batch.append(p)
+                    rows += len(p.keys)
+                else:
+                    held.append(p)
             wait_until = time.monotonic() + self.limits.merge_wait_s
             while rows < self.limits.merge_max_rows:
                 try:
