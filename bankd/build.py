@@ -327,6 +327,7 @@ def build_bank(config: BuildConfig, *, restart: bool = False, discard_other: boo
     again after an interruption and it resumes; ``restart`` discards them first, and
     ``discard_other`` discards them only when they belong to other inputs.
     """
+    from .autoindex import parse_bytes
     from .store import BankWriter  # the store (and faiss) only when building
 
     t_start = time.perf_counter()
@@ -393,6 +394,9 @@ def build_bank(config: BuildConfig, *, restart: bool = False, discard_other: boo
                 source_ids=[s.id for s in samples],
                 report=report,
                 seed=config.seed,
+                memory_budget_bytes=parse_bytes(config.memory_budget),
+                recall_target=config.recall_target,
+                recall_k=config.recall_k,
             )
         del keys, values
         work.remove()  # after the commit: a crash before this only costs re-committing

@@ -25,7 +25,10 @@ class BuildConfig:
     encoder: str = "tiny"
     seed: int = 0
     entries: int | None = None  # a seeded sample of this many pairs; None = all
-    index_factory: str = "Flat"
+    index_factory: str = "auto"  # FAISS factory string, or "auto" (bankd.autoindex)
+    memory_budget: str = "8GiB"  # what the index may take in memory ("auto" chooses by it)
+    recall_target: float | None = 0.95  # efSearch / nprobe tuned to reach this recall@k
+    recall_k: int = 5
     batch_size: int = 64  # encoder batch
     workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
     device: str = "auto"  # cuda when available
@@ -51,6 +54,13 @@ class BuildConfig:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.recall_target is not None and not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
+        if self.recall_k < 1:
+            raise ValueError(f"recall_k must be >= 1, got {self.recall_k}")
+        from .autoindex import parse_bytes  # faiss only once a build is configured
+
+        parse_bytes(self.memory_budget)  # validates
         if not self.perceiver_lr > 0:
             raise ValueError(f"perceiver_lr must be > 0, got {self.perceiver_lr}")
         from .models.keys import KeyConfig  # torch: only once a build is configured
@@ -72,8 +82,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=d["seed"])
     add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
     add(
-        "--index-type", default=d["index_factory"], help="FAISS factory: Flat, IVF1024,Flat, HNSW32"
+        "--index-type",
+        default=d["index_factory"],
+        help="FAISS factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64) or 'auto': "
+        "chosen by entries, key dim and --memory-budget",
     )
+    add("--memory-budget", default=d["memory_budget"], help="index memory for auto (8GiB, 512MB)")
+    add(
+        "--recall-target",
+        type=float,
+        default=d["recall_target"],
+        help="tune efSearch / nprobe to this recall@k against exact search (0: keep FAISS's)",
+    )
+    add("--recall-k", type=int, default=d["recall_k"], help="the k of the recall target")
     add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
     add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
     add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")
@@ -104,10 +125,20 @@ def run(args: argparse.Namespace) -> int:
     config = BuildConfig(
         **{f: getattr(args, f) for f in same_name},
         index_factory=args.index_type,
+        memory_budget=args.memory_budget,
+        recall_target=args.recall_target or None,
+        recall_k=args.recall_k,
         progress=not args.no_progress,
     )
     path = build_bank(config, restart=args.restart)
-    report = json.loads(BankPaths(path).manifest.read_text()).get("report") or {}
+    manifest = json.loads(BankPaths(path).manifest.read_text())
+    report, index = manifest.get("report") or {}, manifest.get("index") or {}
     timings = report.get("timings", {})
     print(f"build: wrote {report.get('entries')} entries to {path} in {timings.get('total_s')} s")
+    recall, params = index.get("recall", {}), index.get("search_params") or "none"
+    print(
+        f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "
+        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {params}, "
+        f"recall@{recall.get('k')} {recall.get('value')}"
+    )
     return 0  # the informativeness table is in the log and in the manifest's report

@@ -63,6 +63,15 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-k", type=int, default=1024, help="largest k a request may ask for")
     p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit")
     p.add_argument(
+        "--max-nprobe",
+        type=int,
+        default=1024,
+        help="largest nprobe a request may ask for (IVF; also capped at the index's nlist)",
+    )
+    p.add_argument(
+        "--max-ef-search", type=int, default=1024, help="largest ef_search a request may ask for"
+    )
+    p.add_argument(
         "--merge-wait-us",
         type=float,
         default=500,
@@ -98,6 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_k=args.max_k,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         merge_wait_s=args.merge_wait_us / 1e6,
+        max_nprobe=args.max_nprobe,
+        max_ef_search=args.max_ef_search,
     )
     config = ServerConfig(
         index=args.index,

@@ -1,7 +1,9 @@
 """Top-k maximum-inner-product search over a bank's keys, with exact exclusion.
 
 The index is a FAISS factory string ("Flat" by default; "HNSW32", "IVF1024,Flat",
-"IVF4096,PQ64" for large banks). Where search runs:
+"IVF4096,PQ64" for large banks; ``bankd.autoindex`` chooses one for "auto"). Its
+search parameters (efSearch, nprobe) are set once when the bank loads, and a search
+may override them for itself through FAISS SearchParameters. Where search runs:
 
 * CPU: the FAISS index itself.
 * CUDA with a FAISS GPU build: the index cloned to the GPU.
@@ -25,6 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .autoindex import current_params, search_parameters, tunable
 from .topk import SearchResult, fetch_count, gather_values, select
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,10 @@ class Searcher:
         ids: entry id of each row [N].
         device: "auto", "cpu", or "cuda[:n]".
         params: FAISS search parameters to set, e.g. {"efSearch": 64, "nprobe": 16}.
+
+    ``tunable`` names the parameter a search may override per call ({"efSearch": max}
+    for HNSW, {"nprobe": nlist} for IVF, {} otherwise, and {} on a FAISS GPU index);
+    ``defaults`` are the values searches use when they do not.
     """
 
     def __init__(
@@ -147,13 +154,22 @@ class Searcher:
                 self.device = f"cuda:{gpu}"
             else:
                 log.warning("no FAISS GPU build: %s index searched on the CPU", describe(index))
+        self.tunable = tunable(index) if self._index is index else {}
+        self.defaults = current_params(index)
         self.max_k = min(MAX_K_GPU if self.device != "cpu" else MAX_K_CPU, self.n)
 
-    def raw_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Best `fetch` (scores, rows) per query [B, d] float32; rows are -1 where none."""
+    def raw_search(
+        self, queries: np.ndarray, fetch: int, params: dict[str, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best `fetch` (scores, rows) per query [B, d] float32; rows are -1 where none.
+
+        params overrides ``tunable`` parameters for this call only (FAISS
+        SearchParameters; the shared index is not changed).
+        """
         if self.torch_index is not None:
             return self.torch_index.search_numpy(queries, fetch)
-        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        sp = search_parameters(self._index, params) if params else None
+        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch, params=sp)
 
     def select(
         self,
@@ -166,10 +182,14 @@ class Searcher:
         return select(self.ids, scores, rows, k, exclude)
 
     def search(
-        self, queries: np.ndarray, k: int, exclude: list[list[int]] | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: list[list[int]] | None = None,
+        params: dict[str, int] | None = None,
     ) -> SearchResult:
         """Top-k for queries [B, d], never returning an id in exclude[b] for row b."""
-        scores, rows = self.raw_search(queries, fetch_count(k, exclude, self.n))
+        scores, rows = self.raw_search(queries, fetch_count(k, exclude, self.n), params)
         return self.select(scores, rows, k, exclude)
 
 

@@ -105,8 +105,16 @@ class LocalBank:
         exclude_ids: Any = None,
         with_values: bool = True,
         timeout: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Hits:
-        """Exact top-k; same arguments, results and errors as ``BankClient.search``."""
+        """Exact top-k; same arguments, results and errors as ``BankClient.search``
+        (nprobe / ef_search are refused, as a server refuses them on a Flat index)."""
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value:
+                raise errors.InvalidArgument(
+                    f"{name} does not apply to this bank's index (exact search in process)"
+                )
         q = tensors.as_numpy(keys, name="keys")
         if q.ndim != 2 or q.shape[1] != self.bank.key_dim or len(q) == 0:
             raise errors.InvalidArgument(

@@ -177,6 +177,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                 _exclude_lists(request),
                 _deadline(self._timeout(context)),
                 request.with_values,
+                service.search_overrides(request.nprobe, request.ef_search),
             )
         result = pending.result()
         values = service.values_for(result) if request.with_values else None
@@ -217,7 +218,11 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                         with service.arriving():
                             keys = tensors.decode(req.keys, name="keys")
                             fut = service.submit(
-                                keys, req.k, _exclude_lists(req), with_values=req.with_values
+                                keys,
+                                req.k,
+                                _exclude_lists(req),
+                                with_values=req.with_values,
+                                params=service.search_overrides(req.nprobe, req.ef_search),
                             )
                     except Exception as e:
                         done.put((req, t0, None, _as_bank_error(e)))

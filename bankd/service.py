@@ -7,8 +7,10 @@ was wrong; the gRPC servicer (``bankd.server``) only converts at the edge.
 Concurrent searches are merged: a single worker thread takes the first waiting
 request, waits up to ``merge_wait_s`` for more (up to ``merge_max_rows`` rows), runs
 ONE index search over all their rows and hands each caller its slice. Many small
-trainer batches then cost about what one big batch costs. Values are gathered in
-the callers' threads, in parallel, after the search.
+trainer batches then cost about what one big batch costs. Only requests with the
+same per-request search parameters (nprobe, ef_search) are merged; the others wait
+for the next search. Values are gathered in the callers' threads, in parallel,
+after the search.
 """
 
 from __future__ import annotations
@@ -48,15 +50,23 @@ class ServiceLimits:
     merge_wait_s: float = 0.0005
     merge_max_rows: int = 8192
     max_message_bytes: int = 256 * 1024 * 1024
+    max_nprobe: int = 1024  # per-request nprobe (IVF), also capped at the index's nlist
+    max_ef_search: int = 1024  # per-request efSearch (HNSW)
 
 
-@dataclass
+# Request field -> FAISS parameter name, and the ServiceLimits field that caps it.
+OVERRIDES = {"nprobe": ("nprobe", "max_nprobe"), "ef_search": ("efSearch", "max_ef_search")}
+OVERRIDES_BY_PARAM = {param: limit for param, limit in OVERRIDES.values()}
+
+
+@dataclass(eq=False)  # compared by identity: == on the keys arrays is not a bool
 class _Pending:
     keys: np.ndarray
     k: int
     exclude: list[list[int]] | None
     deadline: float | None
     future: Future
+    params: tuple[tuple[str, int], ...] = ()  # per-request FAISS parameters; merge key
 
 
 class BankService:
@@ -76,10 +86,19 @@ class BankService:
         self.limits = limits
         self.metrics = metrics or Metrics()
         self.embedder = embedder
+        if search_params is None:
+            search_params = bank.search_params  # what the build tuned, if anything
         self.searcher = Searcher(
             bank.index, bank.keys, bank.ids, device=device, params=search_params
         )
         self.max_k = min(limits.max_k, self.searcher.max_k)
+        # The largest value a request may give each overridable parameter.
+        self.max_params = {
+            name: min(top, getattr(limits, OVERRIDES_BY_PARAM[name]))
+            for name, top in self.searcher.tunable.items()
+        }
+        if search_params:
+            log.info("search parameters %s (bank defaults)", self.searcher.defaults)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         # Requests being decoded right now (see `arriving`): the merge loop waits for
         # them, and does not wait at all when nobody else is on the way.
@@ -117,6 +136,12 @@ class BankService:
             embed_available=self.embedder is not None,
             search_device=self.searcher.device,
             max_message_bytes=self.limits.max_message_bytes,
+            nprobe=self.searcher.defaults.get("nprobe", 0),
+            ef_search=self.searcher.defaults.get("efSearch", 0),
+            max_nprobe=self.max_params.get("nprobe", 0),
+            max_ef_search=self.max_params.get("efSearch", 0),
+            recall=float(self.bank.recall.get("value", 0.0)),
+            recall_k=int(self.bank.recall.get("k", 0)),
         )
 
     # -- search ------------------------------------------------------------------------
@@ -125,6 +150,36 @@ class BankService:
         """Upper bound of a Search response's size: ids, scores, values, framing."""
         per_hit = 8 + 4 + (2 * int(np.prod(self.bank.value_shape)) if with_values else 0)
         return batch * k * per_hit + 4096
+
+    def search_overrides(self, nprobe: int = 0, ef_search: int = 0) -> dict[str, int]:
+        """FAISS parameters of a request's nprobe / ef_search (0: the bank's default).
+
+        InvalidArgument for a negative value, one past the limit, or one the index
+        does not have (a Flat index has neither: its search is exact already).
+        """
+        out = {}
+        for field, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value == 0:
+                continue
+            param = OVERRIDES[field][0]
+            if param not in self.max_params:
+                kind = self.bank.manifest.get("index_factory", "")
+                has = (
+                    ", ".join(f for f, (p, _) in OVERRIDES.items() if p in self.max_params)
+                    or "no search parameter (exact or fixed search)"
+                )
+                raise errors.InvalidArgument(
+                    f"{field} does not apply to this bank's index ({kind}); it takes {has}"
+                )
+            top = self.max_params[param]
+            if not 1 <= value <= top:
+                raise errors.InvalidArgument(
+                    f"{field}={value} is out of range; this bank takes 1..{top} "
+                    f"(0 or unset: its default {self.searcher.defaults[param]})"
+                )
+            if value != self.searcher.defaults[param]:  # the default merges with the rest
+                out[param] = int(value)
+        return out
 
     def validate_search(
         self,
@@ -191,13 +246,17 @@ class BankService:
         exclude: list[list[int]] | None = None,
         deadline: float | None = None,
         with_values: bool = True,
+        params: dict[str, int] | None = None,
     ) -> Future:
-        """Validate and queue a search; the Future gives a SearchResult."""
+        """Validate and queue a search; the Future gives a SearchResult.
+
+        params: FAISS parameters for this search only, from ``search_overrides``.
+        """
         self.validate_search(keys, k, exclude, with_values)
         fut: Future = Future()
-        self._queue.put(
-            _Pending(keys.astype(np.float32, copy=False), k, exclude or None, deadline, fut)
-        )
+        keys = keys.astype(np.float32, copy=False)
+        merge_key = tuple(sorted((params or {}).items()))
+        self._queue.put(_Pending(keys, k, exclude or None, deadline, fut, merge_key))
         return fut
 
     def search(
@@ -208,21 +267,34 @@ class BankService:
         *,
         with_values: bool = True,
         timeout: float | None = None,
+        nprobe: int = 0,
+        ef_search: int = 0,
     ) -> tuple[SearchResult, np.ndarray | None]:
         """Blocking search: (ids/scores/rows, values [B, k, 32, 96] or None)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        result = self.submit(keys, k, exclude, deadline, with_values).result()
+        params = self.search_overrides(nprobe, ef_search)
+        result = self.submit(keys, k, exclude, deadline, with_values, params).result()
         return result, self.values_for(result) if with_values else None
 
     def values_for(self, result: SearchResult) -> np.ndarray:
         return gather_values(self.bank.values, result.rows)
 
     def _merge_loop(self) -> None:
+        # Requests with other search parameters than the batch being formed wait here,
+        # in arrival order, for a later batch: one index search takes one set.
+        held: list[_Pending] = []
         while True:
-            first = self._queue.get()
+            first = held.pop(0) if held else self._queue.get()
             if first is None:
                 return
             batch, rows = [first], len(first.keys)
+            waiting, held = held, []
+            for p in waiting:
+                if p.params == first.params and rows < self.limits.merge_max_rows:
+                    batch.append(p)
+                    rows += len(p.keys)
+                else:
+                    held.append(p)
             wait_until = time.monotonic() + self.limits.merge_wait_s
             while rows < self.limits.merge_max_rows:
                 try:
@@ -240,6 +312,9 @@ class BankService:
                 if item is None:
                     self._queue.put(None)
                     break
+                if item.params != first.params:
+                    held.append(item)
+                    continue
                 batch.append(item)
                 rows += len(item.keys)
             self._run_merged(batch)
@@ -259,7 +334,8 @@ class BankService:
             queries = live[0].keys if len(live) == 1 else np.concatenate([p.keys for p in live])
             fetch = max(p.k + max((len(e) for e in p.exclude or []), default=0) for p in live)
             fetch = min(fetch, self.searcher.n)
-            scores, rows = self.searcher.raw_search(queries, fetch)
+            params = dict(live[0].params) or None  # every request in a batch has the same
+            scores, rows = self.searcher.raw_search(queries, fetch, params)
             self.metrics.index_search_latency.observe(time.perf_counter() - t0)
             self.metrics.merged_rows.observe(len(queries))
             start = 0

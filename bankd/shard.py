@@ -85,6 +85,7 @@ def split_bank(
     if bank.paths.file("sources.json").name in m["files"]:
         sources = json.loads(bank.paths.file("sources.json").read_text())
     kf = bank.key_function()
+    recall = bank.recall
     common = {
         "index_factory": m.get("index_factory", "Flat"),
         "metric": m.get("metric", "ip"),
@@ -94,6 +95,9 @@ def split_bank(
         "weights": {name: bank.weights(name) for name in m.get("weights", {})},
         "report": m.get("report", {}),
         "seed": int(m.get("config", {}).get("seed", 0)),
+        # Each shard's index is tuned again to the bank's recall target, on its own keys.
+        "recall_target": recall.get("target"),
+        "recall_k": int(recall.get("k", 5)),
     }
     paths = shard_paths(index, shards, Path(out))
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):

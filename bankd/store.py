@@ -162,9 +162,20 @@ class BankWriter:
         report: dict[str, Any] | None = None,
         train_sample: int = 100_000,
         seed: int = 0,
+        memory_budget_bytes: int | None = None,
+        recall_target: float | None = None,
+        recall_k: int = 5,
     ) -> Path:
-        """Build the index, write the manifest, and move the bank into place."""
-        from .index import build_index, write_index  # faiss only when writing
+        """Build the index, write the manifest, and move the bank into place.
+
+        index_factory is a FAISS factory string or "auto" (``bankd.autoindex``: chosen
+        from N, d and memory_budget_bytes). With recall_target (default 0.95 for
+        "auto") efSearch / nprobe are tuned to reach it; the manifest's ``index``
+        records the choice, the search parameters the server applies by default,
+        recall@recall_k against exact search and the index's size.
+        """
+        from .autoindex import build_tuned  # faiss only when writing
+        from .index import write_index
 
         if self.count != self.n:
             raise ValueError(f"{self.count} entries added, {self.n} declared")
@@ -174,7 +185,17 @@ class BankWriter:
             raise ValueError(f"{len(source_ids)} source ids for {self.n} entries")
         for arr in (self.keys, self.values, self.ids):
             arr.flush()
-        index = build_index(self.keys, index_factory, metric, train_sample=train_sample, seed=seed)
+        index, index_desc = build_tuned(
+            self.keys,
+            index_factory,
+            metric,
+            memory_budget_bytes=memory_budget_bytes,
+            recall_target=recall_target,
+            recall_k=recall_k,
+            train_sample=train_sample,
+            seed=seed,
+        )
+        index_factory = index_desc["factory"]
         staged: dict[str, Path] = {"faiss": self.tmp / "index.faiss"}
         write_index(index, staged["faiss"])
         staged.update(
@@ -217,6 +238,7 @@ class BankWriter:
             "value_shape": list(self.value_shape),
             "value_dtype": "float16",
             "index_factory": index_factory,
+            "index": index_desc,
             "metric": metric,
             "vision_encoder": vision_encoder.to_dict() if vision_encoder else None,
             "text_encoder": text_encoder.to_dict() if text_encoder else None,
@@ -311,6 +333,16 @@ class Bank:
 
     def weights(self, name: str) -> bytes:
         return (self.paths.index.parent / self.manifest["weights"][name]).read_bytes()
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The FAISS search parameters the bank was tuned to ({} when none)."""
+        return dict((self.manifest.get("index") or {}).get("search_params") or {})
+
+    @property
+    def recall(self) -> dict[str, Any]:
+        """recall@k measured at build ({"k", "value", ...}; {} for older banks)."""
+        return dict((self.manifest.get("index") or {}).get("recall") or {})
 
     def bytes_by_part(self) -> dict[str, int]:
         """File sizes summed by a fixed set of parts: index, keys, values, ids, ..."""

@@ -4,6 +4,8 @@
     python bench/search_latency.py                       # N=100000, d=768, B=128, k=5, Flat
     python bench/search_latency.py --n 20000 --d 256     # quick check, well under a minute
     python bench/search_latency.py --index HNSW32 --json search_latency.json
+    python bench/search_latency.py --index auto          # bankd.autoindex's choice, tuned
+    python bench/search_latency.py --index HNSW32 --ef-search 64   # per-request override
     python bench/search_latency.py --workdir /tmp/bench-bank   # keep the bank, reuse it next run
 
 It writes a synthetic bank with cluster structure (unit keys scattered around
@@ -24,13 +26,16 @@ does it in ``bankd.index``), so a batch search takes the BLAS path in each. The
 server's own histograms (scraped from its /metrics after every call) split each
 RPC into the server's handler time and its index search. The last line printed is
 ``ratio(bankd/in-process) = X.XX``, the ratio of the median latencies; the project's
-target at the defaults is <= 1.5. Progress goes to stderr; exit status 0.
+target at the defaults is <= 1.5. For approximate indexes it also prints recall@k of
+the reference and of bankd against exact search of the same queries (ids of the
+exact top-k over the bank's keys). Progress goes to stderr; exit status 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -50,6 +55,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bankd.autoindex import exact_topk, search_parameters
 from bankd.store import VALUE_SHAPE, BankPaths, BankWriter
 
 BLAS_THRESHOLD = 16  # the value bankd.index sets; faiss 1.15's default is far higher
@@ -70,13 +76,20 @@ class BenchConfig:
     k: int = 5
     repeats: int = 20
     warmup: int = 3
-    index: str = "Flat"
+    index: str = "Flat"  # FAISS factory string or "auto"
+    nprobe: int | None = None  # per-request override in both processes (IVF)
+    ef_search: int | None = None  # per-request override in both processes (HNSW)
     clusters: int = 1000
     seed: int = 0
     merge_wait_us: float | None = None  # None: `bankd serve`'s default
     threads: int = 0  # OpenMP threads of FAISS in each process; 0 = FAISS's default
     workdir: str | None = None
     json: str | None = None
+
+    def search_params(self) -> dict[str, int]:
+        """FAISS parameters of --nprobe / --ef-search, for the reference's searches."""
+        given = {"nprobe": self.nprobe, "efSearch": self.ef_search}
+        return {name: v for name, v in given.items() if v}
 
     def bank_spec(self) -> dict[str, Any]:
         """The fields that decide the bank's content (a kept bank is reused if they match)."""
@@ -154,17 +167,20 @@ def make_queries(cfg: BenchConfig, index_path: Path) -> list[np.ndarray]:
 class Reference:
     """In-process FAISS on the bank's index file + numpy gather from the values memmap."""
 
-    def __init__(self, index_path: Path) -> None:
+    def __init__(self, index_path: Path, params: dict[str, int] | None = None) -> None:
         paths = BankPaths(index_path)
         faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
         self.index = faiss.read_index(str(index_path))
         # (N, 32, 96) fp16
         self.values = np.load(paths.file("values.npy"), mmap_mode="r", allow_pickle=False)
         self.ids = np.load(paths.file("ids.npy"), allow_pickle=False)  # (N,) int64
+        # The same per-call parameters the bankd request carries (None: the index's own,
+        # which a tuned bank's index file holds).
+        self.params = search_parameters(self.index, params) if params else None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         t0 = time.perf_counter()
-        scores, rows = self.index.search(queries, k)  # (B, k) each
+        scores, rows = self.index.search(queries, k, params=self.params)  # (B, k) each
         t1 = time.perf_counter()
         ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
         values = self.values[rows.reshape(-1)].reshape(*rows.shape, *self.values.shape[1:])
@@ -321,11 +337,18 @@ TIMINGS = (
 
 
 def measure_batch(
-    ref: Reference, client: Any, server: ServerProcess, queries: np.ndarray, k: int, flip: bool
+    ref: Reference,
+    client: Any,
+    server: ServerProcess,
+    queries: np.ndarray,
+    cfg: BenchConfig,
+    flip: bool,
 ) -> tuple[dict[str, float], dict[str, np.ndarray], Any]:
     """One batch through the reference, bankd with values, bankd without: seconds each."""
     t: dict[str, float] = {}
     out: dict[str, Any] = {}
+    k = cfg.k
+    search = functools.partial(client.search, k=k, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
 
     def run_ref() -> None:
         (out["ref"], parts), t["ref"] = _timed(lambda: ref.search(queries, k))
@@ -333,13 +356,13 @@ def measure_batch(
 
     def run_rpc() -> None:
         before = server.server_seconds()  # scraped outside the timed call
-        out["rpc"], t["rpc"] = _timed(lambda: client.search(queries, k=k, with_values=True))
+        out["rpc"], t["rpc"] = _timed(lambda: search(queries, with_values=True))
         after = server.server_seconds()
         t["server_handler"] = after["handler"] - before["handler"]
         t["server_index_search"] = after["index_search"] - before["index_search"]
 
     def run_rpc_ids() -> None:
-        _, t["rpc_no_values"] = _timed(lambda: client.search(queries, k=k, with_values=False))
+        _, t["rpc_no_values"] = _timed(lambda: search(queries, with_values=False))
 
     # Alternate the order so that neither side always runs right after the other.
     steps = [run_ref, run_rpc, run_rpc_ids]
@@ -372,11 +395,12 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
     batches = make_queries(cfg, index_path)
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)  # the reference searches in this thread
-    ref = Reference(index_path)
+    ref = Reference(index_path, cfg.search_params())
     progress("starting the bankd server process")
     server = ServerProcess(index_path, workdir / "server.log", cfg)
     times: dict[str, list[float]] = {name: [] for name in TIMINGS}
     agree = Agreement()
+    found: dict[str, list[np.ndarray]] = {"ref": [], "bankd": []}
     try:
         with BankClient(f"127.0.0.1:{server.port}", timeout=600) as client:
             client.wait_ready(timeout=SERVER_START_S)
@@ -385,8 +409,10 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
                 "measured batches, interleaved"
             )
             for i, queries in enumerate(batches):
-                t, want, hits = measure_batch(ref, client, server, queries, cfg.k, flip=i % 2 == 1)
+                t, want, hits = measure_batch(ref, client, server, queries, cfg, flip=i % 2 == 1)
                 agree.add(want, hits)
+                found["ref"].append(want["ids"])
+                found["bankd"].append(np.asarray(hits.ids))
                 if i >= cfg.warmup:
                     for name in TIMINGS:
                         times[name].append(t[name])
@@ -405,6 +431,8 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
         "paired_ratio_median": float(np.median(np.divide(times["rpc"], times["ref"]))),
         "ratio_no_values": stats["rpc_no_values"]["median_ms"] / stats["ref_search"]["median_ms"],
         "agreement": asdict(agree),
+        "recall": recall_vs_exact(cfg, index_path, batches, found),
+        "index": json.loads(BankPaths(index_path).manifest.read_text()).get("index", {}),
         "wire": wire_cost(want),
         "reference_settings": f"faiss distance_compute_blas_threshold="
         f"{faiss.cvar.distance_compute_blas_threshold}, "
@@ -412,6 +440,26 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
         "server_settings": f"{server.settings}, merge wait "
         + ("`bankd serve`'s default" if cfg.merge_wait_us is None else f"{cfg.merge_wait_us:g} us"),
     }
+
+
+def recall_vs_exact(
+    cfg: BenchConfig, index_path: Path, batches: list[np.ndarray], found: dict[str, list]
+) -> dict[str, float] | None:
+    """recall@k of each side's ids against exact inner-product search of the same
+    queries (None for a Flat index: it is the exact search)."""
+    paths = BankPaths(index_path)
+    if json.loads(paths.manifest.read_text()).get("index_factory") == "Flat":
+        return None
+    keys = np.load(paths.file("keys.npy"), mmap_mode="r", allow_pickle=False)
+    ids = np.load(paths.file("ids.npy"), allow_pickle=False)
+    progress(f"exact search of the {len(batches) * cfg.batch} queries for recall@{cfg.k}")
+    truth = ids[exact_topk(keys, np.concatenate(batches), cfg.k, faiss.METRIC_INNER_PRODUCT)]
+    out = {}
+    for side, parts in found.items():
+        got = np.concatenate(parts)
+        hits = sum(len(set(g) & set(w)) for g, w in zip(got.tolist(), truth.tolist(), strict=True))
+        out[side] = hits / truth.size
+    return out
 
 
 # -- report --------------------------------------------------------------------------
@@ -425,8 +473,12 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
         return f"  {label:<44s} {s[name]['median_ms']:9.1f} {s[name]['p90_ms']:9.1f}"
 
     transport = s["rpc"]["median_ms"] - s["server_handler"]["median_ms"]
+    idx = r.get("index") or {}
+    chosen = f" -> {idx['factory']} ({idx.get('reason', '')})" if cfg.index == "auto" else ""
+    params = {**idx.get("search_params", {}), **cfg.search_params()}
     lines = [
-        f"search latency: N={cfg.n} d={cfg.d} B={cfg.batch} k={cfg.k} index={cfg.index} "
+        f"search latency: N={cfg.n} d={cfg.d} B={cfg.batch} k={cfg.k} index={cfg.index}"
+        f"{chosen}, search params {params or 'FAISS defaults'} "
         f"(clusters={cfg.clusters}, seed={cfg.seed}, {cfg.repeats} batches measured after "
         f"{cfg.warmup} warm-up)",
         f"reference (this process): {r['reference_settings']}",
@@ -447,6 +499,13 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
         f"median of per-batch ratios (bankd / reference, same batch) = "
         f"{r['paired_ratio_median']:.2f}",
         f"ratio without values (bankd ids-only RPC / faiss search) = {r['ratio_no_values']:.2f}",
+    ]
+    if r["recall"] is not None:
+        lines.append(
+            f"recall@{cfg.k} against exact search of the same queries: reference "
+            f"{r['recall']['ref']:.4f}, bankd {r['recall']['bankd']:.4f}"
+        )
+    lines += [
         f"ratio(bankd/in-process) = {r['ratio']:.2f}",
     ]
     return "\n".join(lines)
@@ -463,7 +522,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--k", type=int, default=d.k, help="hits per query")
     p.add_argument("--repeats", type=int, default=d.repeats, help="measured batches")
     p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches (not measured)")
-    p.add_argument("--index", default=d.index, help="FAISS factory string")
+    p.add_argument("--index", default=d.index, help="FAISS factory string, or auto")
+    p.add_argument("--nprobe", type=int, default=None, help="per-request nprobe (IVF)")
+    p.add_argument("--ef-search", type=int, default=None, help="per-request efSearch (HNSW)")
     p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(

@@ -206,7 +206,14 @@ class BankClient:
         return self._info
 
     def _search_request(
-        self, keys: Any, k: int, exclude_ids: Any, with_values: bool, request_id: str = ""
+        self,
+        keys: Any,
+        k: int,
+        exclude_ids: Any,
+        with_values: bool,
+        request_id: str = "",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> pb.SearchRequest:
         arr = tensors.as_numpy(keys, name="keys")
         if arr.dtype not in (np.float32, np.float16):
@@ -223,6 +230,8 @@ class BankClient:
             exclude=exclude,
             with_values=with_values,
             request_id=request_id,
+            nprobe=int(nprobe or 0),  # the server checks the range (one place, one message)
+            ef_search=int(ef_search or 0),
         )
 
     def search(
@@ -233,13 +242,21 @@ class BankClient:
         exclude_ids: Any = None,
         with_values: bool = True,
         timeout: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Hits:
         """Top-k entries for each of B query keys [B, d] (numpy or torch, fp32 or fp16).
 
         exclude_ids: None, or B lists of entry ids the matching query must not get
         (e.g. ``[[own_id] for own_id in batch_ids]``).
+        nprobe / ef_search: the index's search parameter for this call only (IVF /
+        HNSW banks; None: the bank's default, ``info().nprobe`` / ``.ef_search``).
+        Past ``info().max_nprobe`` / ``.max_ef_search``, or on an index without the
+        parameter, InvalidArgument.
         """
-        request = self._search_request(keys, k, exclude_ids, with_values)
+        request = self._search_request(
+            keys, k, exclude_ids, with_values, nprobe=nprobe, ef_search=ef_search
+        )
         hits = Hits.from_pb(self._call(self._stub.Search, request, timeout))
         return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
 
@@ -250,12 +267,15 @@ class BankClient:
         *,
         with_values: bool = True,
         timeout: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Iterator[Hits]:
         """Search a stream of batches over one SearchStream call; yields in input order.
 
         Each item is a keys array [B, d] or a ``SearchQuery(keys, exclude_ids, k)``. The
         server works on several batches at once and may answer out of order; answers
-        are put back in request order here by request id.
+        are put back in request order here by request id. nprobe / ef_search apply to
+        every batch, as in ``search``.
         """
         torch_out: list[bool] = []
 
@@ -265,7 +285,13 @@ class BankClient:
                     q = SearchQuery(keys=q)
                 torch_out.append(tensors.is_torch_tensor(q.keys))
                 yield self._search_request(
-                    q.keys, q.k or k, q.exclude_ids, with_values, request_id=str(i)
+                    q.keys,
+                    q.k or k,
+                    q.exclude_ids,
+                    with_values,
+                    request_id=str(i),
+                    nprobe=nprobe,
+                    ef_search=ef_search,
                 )
 
         call = self._stub.SearchStream(

@@ -142,6 +142,14 @@ def combine_info(targets: Sequence[str], infos: Sequence[BankInfo]) -> BankInfo:
         embed_available=any(info.embed_available for info in infos),
         search_device=",".join(dict.fromkeys(i.search_device for i in infos)),
         max_message_bytes=min(info.max_message_bytes for info in infos),
+        # Shards are indexed (and tuned) on their own: the most any shard uses, the
+        # least any accepts, the lowest recall any measured.
+        nprobe=max(info.nprobe for info in infos),
+        ef_search=max(info.ef_search for info in infos),
+        max_nprobe=min(info.max_nprobe for info in infos),
+        max_ef_search=min(info.max_ef_search for info in infos),
+        recall=min(info.recall for info in infos),
+        recall_k=first.recall_k,
     )
 
 
@@ -282,14 +290,20 @@ class ShardedBankClient:
         return list(self._shard_infos)
 
     def _start_search(
-        self, keys: Any, k: int, exclude_ids: Any, with_values: bool, timeout: float | None
+        self,
+        keys: Any,
+        k: int,
+        exclude_ids: Any,
+        with_values: bool,
+        timeout: float | None,
+        params: dict[str, int | None],
     ) -> _PendingSearch:
         """Validate, then send the same batch to every shard (k capped at each one's size)."""
         info = self.info(timeout=timeout)
         k = int(k)
         if not 1 <= k <= info.max_k:
             raise errors.InvalidArgument(f"k={k} is out of range; it must be 1..{info.max_k}")
-        base = self.shards[0]._search_request(keys, k, exclude_ids, with_values)
+        base = self.shards[0]._search_request(keys, k, exclude_ids, with_values, **params)
         b = base.keys.shape[0]
         value_bytes = 2 * int(np.prod(info.value_shape))
         if with_values and b * k * (12 + value_bytes) + 4096 > info.max_message_bytes:
@@ -351,9 +365,13 @@ class ShardedBankClient:
         exclude_ids: Any = None,
         with_values: bool = True,
         timeout: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Hits:
-        """Top-k over all shards for B query keys [B, d]; same arguments as BankClient.search."""
-        pending = self._start_search(keys, k, exclude_ids, with_values, timeout)
+        """Top-k over all shards for B query keys [B, d]; same arguments as BankClient.search
+        (nprobe / ef_search go to every shard, each checking them against its own index)."""
+        params = {"nprobe": nprobe, "ef_search": ef_search}
+        pending = self._start_search(keys, k, exclude_ids, with_values, timeout, params)
         return self._finish_search(pending)
 
     def stream_search(
@@ -364,6 +382,8 @@ class ShardedBankClient:
         with_values: bool = True,
         timeout: float | None = None,
         window: int = 4,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Iterator[Hits]:
         """Search a stream of batches, up to `window` batches in flight; yields in input order.
 
@@ -374,12 +394,15 @@ class ShardedBankClient:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         in_flight: deque[_PendingSearch] = deque()
+        params = {"nprobe": nprobe, "ef_search": ef_search}
         try:
             for q in queries:
                 if not isinstance(q, SearchQuery):
                     q = SearchQuery(keys=q)
                 in_flight.append(
-                    self._start_search(q.keys, q.k or k, q.exclude_ids, with_values, timeout)
+                    self._start_search(
+                        q.keys, q.k or k, q.exclude_ids, with_values, timeout, params
+                    )
                 )
                 if len(in_flight) >= window:
                     yield self._finish_search(in_flight.popleft())

@@ -74,6 +74,12 @@ class BankInfo:
     embed_available: bool = False
     search_device: str = "cpu"
     max_message_bytes: int = 0
+    nprobe: int = 0  # the bank's default nprobe (IVF); 0: the index has none
+    ef_search: int = 0  # the bank's default efSearch (HNSW); 0: the index has none
+    max_nprobe: int = 0  # largest nprobe a search may ask for
+    max_ef_search: int = 0  # largest ef_search a search may ask for
+    recall: float = 0.0  # recall@recall_k measured at build (1.0: exact); 0: not measured
+    recall_k: int = 0
 
     def to_pb(self) -> pb.GetInfoResponse:
         msg = pb.GetInfoResponse(
@@ -90,6 +96,12 @@ class BankInfo:
             embed_available=self.embed_available,
             search_device=self.search_device,
             max_message_bytes=self.max_message_bytes,
+            nprobe=self.nprobe,
+            ef_search=self.ef_search,
+            max_nprobe=self.max_nprobe,
+            max_ef_search=self.max_ef_search,
+            recall=self.recall,
+            recall_k=self.recall_k,
         )
         if self.vision_encoder is not None:
             msg.vision_encoder.CopyFrom(fingerprint_to_pb(self.vision_encoder))
@@ -118,6 +130,12 @@ class BankInfo:
             embed_available=msg.embed_available,
             search_device=msg.search_device,
             max_message_bytes=msg.max_message_bytes,
+            nprobe=msg.nprobe,
+            ef_search=msg.ef_search,
+            max_nprobe=msg.max_nprobe,
+            max_ef_search=msg.max_ef_search,
+            recall=msg.recall,
+            recall_k=msg.recall_k,
         )
 
     def summary(self) -> dict[str, Any]:

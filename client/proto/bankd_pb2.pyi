@@ -55,7 +55,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("entries", "key_dim", "value_shape", "value_dtype", "index_type", "metric", "vision_encoder", "text_encoder", "key_function", "max_k", "max_batch", "bank_id", "server_version", "embed_available", "search_device", "max_message_bytes")
+    __slots__ = ("entries", "key_dim", "value_shape", "value_dtype", "index_type", "metric", "vision_encoder", "text_encoder", "key_function", "max_k", "max_batch", "bank_id", "server_version", "embed_available", "search_device", "max_message_bytes", "nprobe", "ef_search", "max_nprobe", "max_ef_search", "recall", "recall_k")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     VALUE_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,12 @@ class GetInfoResponse(_message.Message):
     EMBED_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     SEARCH_DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NPROBE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    RECALL_K_FIELD_NUMBER: _ClassVar[int]
     entries: int
     key_dim: int
     value_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -88,7 +94,13 @@ class GetInfoResponse(_message.Message):
     embed_available: bool
     search_device: str
     max_message_bytes: int
-    def __init__(self, entries: _Optional[int] = ..., key_dim: _Optional[int] = ..., value_shape: _Optional[_Iterable[int]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., vision_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., text_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., key_function: _Optional[_Union[KeyFunction, _Mapping]] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., bank_id: _Optional[str] = ..., server_version: _Optional[str] = ..., embed_available: _Optional[bool] = ..., search_device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    nprobe: int
+    ef_search: int
+    max_nprobe: int
+    max_ef_search: int
+    recall: float
+    recall_k: int
+    def __init__(self, entries: _Optional[int] = ..., key_dim: _Optional[int] = ..., value_shape: _Optional[_Iterable[int]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., vision_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., text_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., key_function: _Optional[_Union[KeyFunction, _Mapping]] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., bank_id: _Optional[str] = ..., server_version: _Optional[str] = ..., embed_available: _Optional[bool] = ..., search_device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., max_nprobe: _Optional[int] = ..., max_ef_search: _Optional[int] = ..., recall: _Optional[float] = ..., recall_k: _Optional[int] = ...) -> None: ...
 
 class ExcludeIds(_message.Message):
     __slots__ = ("ids",)
@@ -97,18 +109,22 @@ class ExcludeIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("keys", "k", "exclude", "with_values", "request_id")
+    __slots__ = ("keys", "k", "exclude", "with_values", "request_id", "nprobe", "ef_search")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     WITH_VALUES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     keys: Tensor
     k: int
     exclude: _containers.RepeatedCompositeFieldContainer[ExcludeIds]
     with_values: bool
     request_id: str
-    def __init__(self, keys: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[_Union[ExcludeIds, _Mapping]]] = ..., with_values: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    nprobe: int
+    ef_search: int
+    def __init__(self, keys: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[_Union[ExcludeIds, _Mapping]]] = ..., with_values: _Optional[bool] = ..., request_id: _Optional[str] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("ids", "scores", "values", "request_id")

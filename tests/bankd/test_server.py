@@ -86,10 +86,10 @@ def slow_down(srv: Any, seconds: float) -> threading.Event:
     original = type(searcher).raw_search.__get__(searcher)  # never a previous slow_down
     entered = threading.Event()
 
-    def raw_search(queries: np.ndarray, fetch: int) -> Any:
+    def raw_search(queries: np.ndarray, fetch: int, params: Any = None) -> Any:
         entered.set()
         time.sleep(seconds)
-        return original(queries, fetch)
+        return original(queries, fetch, params)
 
     searcher.raw_search = raw_search
     return entered
