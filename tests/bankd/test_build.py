@@ -193,27 +193,35 @@ def test_cli_flags(demo, tmp_path, capsys):
     assert Bank.load(tmp_path / "bank.faiss").entries == 24
 
 
-def test_trained_values_are_at_least_as_informative_and_far_less_redundant(tmp_path):
-    """Trained vs. untrained compressor (same seed) on held-out demo pairs, via the build's
-    own report. Measured at this size: caption-word AUC 0.946 vs 0.936, attribute ridge
-    0.857 vs 0.845, connector 0.685 vs 0.637, token cosine 0.47 vs 0.96. The untrained
-    compressor is already a good random-feature map of this easy data, so content is
-    asserted to be no worse (100 test pairs: +-0.03 noise) and redundancy much lower."""
-    generate(DemoDataConfig(out=tmp_path / "d", n=500, heldout=0, seed=1), progress=False)
+def test_trained_values_are_far_more_informative_than_untrained(tmp_path):
+    """Trained vs. untrained compressor (same seed) on 200 held-out demo pairs, via the
+    build's own report. Measured at this size (1000 pairs, 800 steps, about 2.5 min on 2
+    cores): attributes through the per-token connector probe 0.850 vs 0.699 (errors
+    0.15 vs 0.30), caption read back exactly 0.135 vs 0.055, ridge on the whole value
+    0.921 vs 0.903, token cosine 0.32 vs 0.96. Noise of a rate over 200 pairs: about
+    +-0.02 (0.013 for the 1200 attribute predictions)."""
+    generate(DemoDataConfig(out=tmp_path / "d", n=1000, heldout=0, seed=1), progress=False)
     config = BuildConfig(
         data=tmp_path / "d" / "data.json",
         image_folder=tmp_path / "d",
         out=tmp_path / "bank.faiss",
-        perceiver_steps=200,
+        perceiver_steps=800,
         eval_fraction=0.2,
         workers=0,
         progress=False,
     )
     info = Bank.load(build_bank(config)).manifest["report"]["informativeness"]
     trained, untrained = info["trained"], info["random_init"]
-    assert info["test_pairs"] == 100 and trained["attribute_ridge"] > 3 * info["attribute_chance"]
-    for probe in ("caption_word_auc", "attribute_ridge", "attribute_connector"):
-        assert trained[probe] >= untrained[probe] - 0.03, probe
+    assert info["test_pairs"] == 200 and trained["attribute_ridge"] > 3 * info["attribute_chance"]
+    # Far better where values are read as the VLM reads them, one latent token at a time:
+    # at most 0.65x the untrained compressor's attribute errors, and the whole caption
+    # read back at least 1.8x as often.
+    errors = [1 - r["attribute_connector"] for r in (trained, untrained)]
+    assert errors[0] < 0.65 * errors[1], errors
+    exact = [r["caption_recovery"]["exact"] for r in (trained, untrained)]
+    assert exact[0] >= 1.8 * exact[1] and exact[0] - exact[1] >= 0.05, exact
+    for probe in ("caption_word_auc", "attribute_ridge", "attribute_knn"):
+        assert trained[probe] >= untrained[probe] - 0.02, probe
     assert trained["token_cosine"] < untrained["token_cosine"] - 0.3
     assert trained["value_cosine"] < untrained["value_cosine"]
     for r in (trained, untrained):  # reported, with the other probes
