@@ -45,8 +45,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import faiss
-import numpy as np
+# Passive OpenMP waiting in this process and the peers' (`bankd serve` sets it for
+# itself): spinning threads on a shared machine slow every search several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_backends as pb  # noqa: E402  (the peers)
@@ -280,13 +284,11 @@ def run_peer(name: str, cfg: PeersConfig, index_path: Path, workdir: Path) -> di
             {"config": asdict(cfg), "peer": name, "index": str(index_path), "result": str(result)}
         )
     )
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `bankd serve` sets for itself
     sl.progress(f"{name}: starting its process")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peer-child", str(job)]
     with open(workdir / f"peer-{name}.log", "wb") as log:
         try:
-            rc = subprocess.run(cmd, stderr=log, env=env, timeout=PEER_TIMEOUT_S).returncode
+            rc = subprocess.run(cmd, stderr=log, timeout=PEER_TIMEOUT_S).returncode
         except subprocess.TimeoutExpired:
             return f"no answer in {PEER_TIMEOUT_S:.0f} s"
     if rc != 0 or not result.exists():
@@ -307,10 +309,16 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
     flat, hnsw, write_s = banks_for(cfg, workdir)
     batches = sl.make_queries(cfg.bank(), flat)
     measured = np.concatenate(batches[cfg.warmup :])
+    systems: dict[str, dict[str, Any]] = {}
+
+    def done(name: str, figures: dict[str, Any]) -> None:
+        figures["load_average"] = os.getloadavg()[0]  # the machine's, as it was measured
+        systems[name] = figures
+
     sl.progress("in-process FAISS Flat: the exact answers")
     times, truth = in_process(flat, batches, cfg.k, cfg.warmup)
-    systems: dict[str, dict[str, Any]] = {"faiss_flat": {"times": times, "ids": truth}}
-    systems["bankd_flat"] = measure_bankd("flat", flat, cfg, batches, workdir, {})
+    done("faiss_flat", {"times": times, "ids": truth})
+    done("bankd_flat", measure_bankd("flat", flat, cfg, batches, workdir, {}))
     skipped: dict[str, str] = {}
     for group in cfg.peers:
         for name in pb.PEER_GROUPS[group]:
@@ -319,7 +327,7 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
                 skipped[name] = out
                 sl.progress(f"skipped {name}: {out}")
             else:
-                systems[name] = out
+                done(name, out)
     peer_recalls = [recall(systems[n]["ids"], truth) for n in HNSW_PEERS if n in systems]
     ef = cfg.ef_search
     if not ef:
@@ -327,9 +335,9 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
         sl.progress(f"tuning bankd's efSearch to recall {target} (the best HNSW peer's)")
         ef = tune_ef_search(hnsw, measured, truth, target) if target is not None else 64
     times, ids = in_process(hnsw, batches, cfg.k, cfg.warmup, ef=ef)
-    systems["faiss_hnsw"] = {"times": times, "ids": ids}
+    done("faiss_hnsw", {"times": times, "ids": ids})
     kwargs = serve_ef_search(hnsw, ef)
-    systems["bankd_hnsw"] = measure_bankd("hnsw", hnsw, cfg, batches, workdir, kwargs)
+    done("bankd_hnsw", measure_bankd("hnsw", hnsw, cfg, batches, workdir, kwargs))
     for r in systems.values():
         r["recall"] = recall(r.pop("ids"), truth)
         r.update(sl._stats(r.pop("times")))
@@ -341,7 +349,6 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
         "bankd_ef_search": ef,
         "bank_write_s": write_s,
         "ratios": ratios(systems),
-        "load_average": os.getloadavg(),
     }
 
 
@@ -382,10 +389,9 @@ def report(cfg: PeersConfig, r: dict[str, Any]) -> str:
     s, ef = r["systems"], r["bankd_ef_search"]
     lines = [
         f"peers: N={cfg.n} d={cfg.d} B={cfg.batch} k={cfg.k}, values [32, 96] fp16 returned "
-        f"and decoded ({cfg.repeats} batches measured after {cfg.warmup} warm-up; load "
-        f"average {r['load_average'][0]:.2f})",
+        f"and decoded ({cfg.repeats} batches measured after {cfg.warmup} warm-up)",
         f"  {'system':<34s} {'index':<22s} {'median ms':>9s} {'p90 ms':>8s} "
-        f"{f'recall@{cfg.k}':>9s} {'load s':>7s} {'wrong':>5s}  RSS MB (peak)",
+        f"{f'recall@{cfg.k}':>9s} {'load s':>7s} {'wrong':>5s} {'loadavg':>7s}  RSS MB (peak)",
     ]
     for name, (system, index) in LABELS.items():
         if name not in s:
@@ -396,7 +402,7 @@ def report(cfg: PeersConfig, r: dict[str, Any]) -> str:
             f"  {system:<34s} {index.format(ef=ef, peer_ef=cfg.peer_ef):<22s} "
             f"{x['median_ms']:9.1f} {x['p90_ms']:8.1f} {x['recall']:9.4f} "
             f"{'' if load is None else f'{load:7.1f}':>7s} {x.get('value_mismatches', ''):>5} "
-            f" {_memory(x)}"
+            f"{x['load_average']:7.2f}  {_memory(x)}"
         )
     for name, why in r["skipped"].items():
         lines.append(f"  skipped {name}: {why}")
@@ -406,7 +412,8 @@ def report(cfg: PeersConfig, r: dict[str, Any]) -> str:
         + ", ".join(
             f"{k} {'reused' if v is None else f'{v:.1f} s'}" for k, v in r["bank_write_s"].items()
         )
-        + "); wrong: hits whose decoded value is not the entry's",
+        + "); wrong: hits whose decoded value is not the entry's; loadavg: the machine's "
+        "1-minute load average after the system was measured",
         "  RSS MB: bankd, the server process; peers, what loading and searching added to "
         "their process (+), with its peak",
     ]
