@@ -20,7 +20,8 @@ fp16 [32, 96] value returned and decoded to a (B, k, 32, 96) array:
   measured against) and in-process FAISS HNSW at bankd's efSearch, for reference.
 
 bankd's efSearch is the smallest of a ladder whose recall@k on the measured queries is
-at least the best HNSW peer's (`--ef-search` fixes it). The Search RPC takes no search
+at least that of the faster HNSW peer, the one the ratio divides by (`--ef-search`
+fixes it). The Search RPC takes no search
 parameters yet, so the value is written into the served HNSW index (FAISS keeps
 efSearch in the index file); `serve_ef_search` is the one place to change once it does.
 
@@ -60,6 +61,7 @@ from bankd.store import Bank, BankPaths, sha256_file  # noqa: E402
 
 HNSW_FACTORY = "HNSW32"
 EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+DEFAULT_EF_SEARCH = 64  # bankd's efSearch when no HNSW peer ran and none is given
 PEER_TIMEOUT_S = 3600.0
 
 
@@ -77,7 +79,7 @@ class PeersConfig:
     seed: int = 0
     peers: tuple[str, ...] = ("milvus", "chroma")
     peer_ef: int = 64  # efSearch of the HNSW peers
-    ef_search: int = 0  # bankd's; 0: tuned to the best HNSW peer's recall
+    ef_search: int = 0  # bankd's; 0: tuned to the recall of the faster HNSW peer
     workdir: str | None = None
     json: str | None = None
 
@@ -328,12 +330,14 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
                 sl.progress(f"skipped {name}: {out}")
             else:
                 done(name, out)
-    peer_recalls = [recall(systems[n]["ids"], truth) for n in HNSW_PEERS if n in systems]
     ef = cfg.ef_search
-    if not ef:
-        target = max(peer_recalls, default=None)
-        sl.progress(f"tuning bankd's efSearch to recall {target} (the best HNSW peer's)")
-        ef = tune_ef_search(hnsw, measured, truth, target) if target is not None else 64
+    measured_peers = [n for n in HNSW_PEERS if n in systems]
+    if not ef and measured_peers:
+        fastest = min(measured_peers, key=lambda n: float(np.median(systems[n]["times"])))
+        target = recall(systems[fastest]["ids"], truth)
+        sl.progress(f"tuning bankd's efSearch to recall {target:.4f} ({fastest}'s, the faster)")
+        ef = tune_ef_search(hnsw, measured, truth, target)
+    ef = ef or DEFAULT_EF_SEARCH
     times, ids = in_process(hnsw, batches, cfg.k, cfg.warmup, ef=ef)
     done("faiss_hnsw", {"times": times, "ids": ids})
     kwargs = serve_ef_search(hnsw, ef)
@@ -435,14 +439,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PeersConfig, str | None]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = PeersConfig()
-    p.add_argument("--n", type=int, default=d.n, help="bank entries")
-    p.add_argument("--d", type=int, default=d.d, help="key dimension")
-    p.add_argument("--batch", type=int, default=d.batch, help="queries per search (B)")
-    p.add_argument("--k", type=int, default=d.k, help="hits per query")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="measured batches")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches (not measured)")
-    p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
-    p.add_argument("--seed", type=int, default=d.seed)
+    sl.add_workload_args(p, d)
     p.add_argument(
         "--peers", default=",".join(d.peers), help=f"comma list of {', '.join(pb.PEER_GROUPS)}"
     )
@@ -451,7 +448,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PeersConfig, str | None]:
         "--ef-search",
         type=int,
         default=d.ef_search,
-        help="bankd's efSearch (default: tuned to the best HNSW peer's recall)",
+        help="bankd's efSearch (default: tuned to the recall of the faster HNSW peer)",
     )
     p.add_argument("--workdir", default=None, help="keep the banks here (reused if they match)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")

@@ -452,20 +452,25 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    d = BenchConfig()
+def add_workload_args(p: argparse.ArgumentParser, d: Any) -> None:
+    """The bank's and the queries' flags, shared by the benchmarks on this bank; d: defaults."""
     p.add_argument("--n", type=int, default=d.n, help="bank entries")
     p.add_argument("--d", type=int, default=d.d, help="key dimension")
     p.add_argument("--batch", type=int, default=d.batch, help="queries per search (B)")
     p.add_argument("--k", type=int, default=d.k, help="hits per query")
     p.add_argument("--repeats", type=int, default=d.repeats, help="measured batches")
     p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches (not measured)")
-    p.add_argument("--index", default=d.index, help="FAISS factory string")
     p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
     p.add_argument("--seed", type=int, default=d.seed)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = BenchConfig()
+    add_workload_args(p, d)
+    p.add_argument("--index", default=d.index, help="FAISS factory string")
     p.add_argument(
         "--merge-wait-us",
         type=float,

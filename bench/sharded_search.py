@@ -225,16 +225,9 @@ def parse_args(argv: list[str] | None = None) -> ShardBenchConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = ShardBenchConfig()
-    p.add_argument("--n", type=int, default=d.n, help="bank entries")
-    p.add_argument("--d", type=int, default=d.d, help="key dimension")
-    p.add_argument("--batch", type=int, default=d.batch, help="queries per search (B)")
-    p.add_argument("--k", type=int, default=d.k, help="hits per query")
+    sl.add_workload_args(p, d)
     p.add_argument("--shards", type=int, default=d.shards, help="shards (S)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="measured batches")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches (not measured)")
     p.add_argument("--index", default=d.index, help="FAISS factory string")
-    p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--threads",
         type=int,

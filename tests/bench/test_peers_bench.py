@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,9 @@ for module in ("milvus_lite", "chromadb"):
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} not installed (the peers extra)", allow_module_level=True)
 
-PEERS_PY = Path(__file__).resolve().parents[2] / "bench" / "peers.py"
 
-
-def load_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_peers", PEERS_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_peers_at_tiny_n(tmp_path: Path, capsys: Any) -> None:
-    peers = load_module()
+def test_peers_at_tiny_n(tmp_path: Path, capsys: Any, load_bench: Callable[[str], Any]) -> None:
+    peers = load_bench("peers")
     out = tmp_path / "peers.json"
     argv = ["--n", "1500", "--d", "32", "--clusters", "16", "--batch", "32", "--k", "5"]
     argv += ["--repeats", "2", "--warmup", "1", "--workdir", str(tmp_path / "work")]
