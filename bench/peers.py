@@ -34,7 +34,6 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -42,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,28 +65,18 @@ PEER_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
-class PeersConfig:
-    """What one run measures; filled from the command line, saved with the figures."""
+class PeersConfig(sl.BenchConfig):
+    """What one run measures: search_latency's workload (its `index`, `merge_wait_us` and
+    `threads` keep their defaults) and the peers; saved with the figures."""
 
-    n: int = 100_000
-    d: int = 768
-    batch: int = 128
-    k: int = 5
-    repeats: int = 20
-    warmup: int = 3
-    clusters: int = 1000
-    seed: int = 0
     peers: tuple[str, ...] = ("milvus", "chroma")
     peer_ef: int = 64  # efSearch of the HNSW peers
     ef_search: int = 0  # bankd's; 0: tuned to the recall of the faster HNSW peer
-    workdir: str | None = None
-    json: str | None = None
 
     def bank(self, index: str = "Flat") -> sl.BenchConfig:
         """The search_latency config that writes the same bank and queries."""
-        names = {f.name for f in fields(sl.BenchConfig)} - {"json", "index"}
-        own = {n: getattr(self, n) for n in names if hasattr(self, n)}
-        return replace(sl.BenchConfig(), index=index, **own)
+        own = {f.name: getattr(self, f.name) for f in fields(sl.BenchConfig)}
+        return sl.BenchConfig(**{**own, "index": index})
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -460,7 +449,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[PeersConfig, str | None]:
     positive = (a.n, a.d, a.batch, a.k, a.repeats, a.clusters, a.peer_ef)
     if min(positive) < 1 or a.warmup < 0 or a.ef_search < 0 or a.k > a.n:
         p.error("n, d, batch, k, repeats, clusters, peer-ef must be positive; k <= n")
-    values = {f.name: getattr(a, f.name) for f in fields(PeersConfig)} | {"peers": peers}
+    values = {f.name: getattr(a, f.name, getattr(d, f.name)) for f in fields(PeersConfig)}
+    values["peers"] = peers
     return PeersConfig(**values), a.peer_child
 
 
@@ -469,15 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     if job is not None:
         return peer_child(job)
     sl.progress(f"config: {asdict(cfg)}")
-    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="bankd-peers-") as where:
-        workdir = Path(where)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with sl.workdir_for(cfg.workdir, "bankd-peers-") as workdir:
         results = measure(cfg, workdir)
-    print(report(cfg, results), flush=True)
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
-        sl.progress(f"figures written to {cfg.json}")
+    sl.publish(report(cfg, results), cfg, results)
     return 0
 
 

@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -494,22 +494,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     return cfg, a.serve_index
 
 
+@contextlib.contextmanager
+def workdir_for(kept: str | None, prefix: str) -> Iterator[Path]:
+    """The kept folder (made if missing), else a temporary one removed afterwards."""
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        yield Path(kept)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as where:
+        yield Path(where)
+
+
+def publish(text: str, cfg: Any, results: dict[str, Any]) -> None:
+    """Print the report; write the config and figures to cfg.json when given."""
+    print(text, flush=True)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
+        progress(f"figures written to {cfg.json}")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, serve_index = parse_args(argv)
     if serve_index is not None:
         return serve_child(serve_index, cfg)
     progress(f"config: {asdict(cfg)}")
-    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="bankd-bench-") as where:
-        workdir = Path(where)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_for(cfg.workdir, "bankd-bench-") as workdir:
         index_path = bank_for(cfg, workdir)
         results = measure(cfg, index_path, workdir)
-    text = report(cfg, results)
-    print(text, flush=True)
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
-        progress(f"figures written to {cfg.json}")
+    publish(report(cfg, results), cfg, results)
     return 0
 
 

@@ -31,11 +31,9 @@ shard per node gives (see bench/README.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -261,17 +259,11 @@ def parse_args(argv: list[str] | None = None) -> ShardBenchConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     sl.progress(f"config: {asdict(cfg)}")
-    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="bankd-bench-") as where:
-        workdir = Path(where)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with sl.workdir_for(cfg.workdir, "bankd-bench-") as workdir:
         index = sl.bank_for(cfg.bank(), workdir)
         shards = shards_for(cfg, index, workdir)
         results = measure(cfg, index, shards, workdir)
-    print(report(cfg, results), flush=True)
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
-        sl.progress(f"figures written to {cfg.json}")
+    sl.publish(report(cfg, results), cfg, results)
     return 0
 
 
