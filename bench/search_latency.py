@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -511,22 +511,27 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    d = BenchConfig()
+def add_workload_args(p: argparse.ArgumentParser, d: Any) -> None:
+    """The bank's and the queries' flags, shared by the benchmarks on this bank; d: defaults."""
     p.add_argument("--n", type=int, default=d.n, help="bank entries")
     p.add_argument("--d", type=int, default=d.d, help="key dimension")
     p.add_argument("--batch", type=int, default=d.batch, help="queries per search (B)")
     p.add_argument("--k", type=int, default=d.k, help="hits per query")
     p.add_argument("--repeats", type=int, default=d.repeats, help="measured batches")
     p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches (not measured)")
+    p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    d = BenchConfig()
+    add_workload_args(p, d)
     p.add_argument("--index", default=d.index, help="FAISS factory string, or auto")
     p.add_argument("--nprobe", type=int, default=None, help="per-request nprobe (IVF)")
     p.add_argument("--ef-search", type=int, default=None, help="per-request efSearch (HNSW)")
-    p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--merge-wait-us",
         type=float,
@@ -550,22 +555,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     return cfg, a.serve_index
 
 
+@contextlib.contextmanager
+def workdir_for(kept: str | None, prefix: str) -> Iterator[Path]:
+    """The kept folder (made if missing), else a temporary one removed afterwards."""
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        yield Path(kept)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as where:
+        yield Path(where)
+
+
+def publish(text: str, cfg: Any, results: dict[str, Any]) -> None:
+    """Print the report; write the config and figures to cfg.json when given."""
+    print(text, flush=True)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
+        progress(f"figures written to {cfg.json}")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, serve_index = parse_args(argv)
     if serve_index is not None:
         return serve_child(serve_index, cfg)
     progress(f"config: {asdict(cfg)}")
-    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="bankd-bench-") as where:
-        workdir = Path(where)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_for(cfg.workdir, "bankd-bench-") as workdir:
         index_path = bank_for(cfg, workdir)
         results = measure(cfg, index_path, workdir)
-    text = report(cfg, results)
-    print(text, flush=True)
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
-        progress(f"figures written to {cfg.json}")
+    publish(report(cfg, results), cfg, results)
     return 0
 
 

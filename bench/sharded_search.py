@@ -31,11 +31,9 @@ shard per node gives (see bench/README.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -225,16 +223,9 @@ def parse_args(argv: list[str] | None = None) -> ShardBenchConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = ShardBenchConfig()
-    p.add_argument("--n", type=int, default=d.n, help="bank entries")
-    p.add_argument("--d", type=int, default=d.d, help="key dimension")
-    p.add_argument("--batch", type=int, default=d.batch, help="queries per search (B)")
-    p.add_argument("--k", type=int, default=d.k, help="hits per query")
+    sl.add_workload_args(p, d)
     p.add_argument("--shards", type=int, default=d.shards, help="shards (S)")
-    p.add_argument("--repeats", type=int, default=d.repeats, help="measured batches")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="warm-up batches (not measured)")
     p.add_argument("--index", default=d.index, help="FAISS factory string")
-    p.add_argument("--clusters", type=int, default=d.clusters, help="cluster centres of the keys")
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--threads",
         type=int,
@@ -268,17 +259,11 @@ def parse_args(argv: list[str] | None = None) -> ShardBenchConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     sl.progress(f"config: {asdict(cfg)}")
-    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="bankd-bench-") as where:
-        workdir = Path(where)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with sl.workdir_for(cfg.workdir, "bankd-bench-") as workdir:
         index = sl.bank_for(cfg.bank(), workdir)
         shards = shards_for(cfg, index, workdir)
         results = measure(cfg, index, shards, workdir)
-    print(report(cfg, results), flush=True)
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
-        sl.progress(f"figures written to {cfg.json}")
+    sl.publish(report(cfg, results), cfg, results)
     return 0
 
 

@@ -8,9 +8,8 @@ here checks a duration.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,11 @@ import pytest
 
 pytestmark = pytest.mark.slow  # two `bankd serve` children: seconds each
 
-LOAD_PY = Path(__file__).resolve().parents[2] / "bench" / "load.py"
 
-
-def load_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_load", LOAD_PY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_load_under_and_over_the_concurrency_limit(tmp_path: Path, capsys: Any) -> None:
-    load = load_module()
+def test_load_under_and_over_the_concurrency_limit(
+    tmp_path: Path, capsys: Any, load_bench: Callable[[str], Any]
+) -> None:
+    load = load_bench("load")
     common = ["--seconds", "2", "--warmup", "0.3", "--n", "2000", "--d", "32"]
     common += ["--workdir", str(tmp_path / "work"), "--sample-s", "0.5"]
     under, over = tmp_path / "under.json", tmp_path / "over.json"
