@@ -104,7 +104,9 @@ def test_run_survives_a_killed_and_restarted_bank(
     restarted: list[Any] = []
 
     def restart() -> None:
-        time.sleep(0.5)
+        # Down for longer than gRPC's own reconnect attempts (about 1.5 s; `bankd serve`
+        # restarts in under a second), so the Retriever's retrying is what bridges it.
+        time.sleep(3.0)
         restarted.append(serve(demo.bank, port=first.port).wait_serving())
 
     steps, out = 12, tmp_path / "run"
