@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # FAISS's loader reports at INFO each CPU-specific build it tries and does not find.
+    logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.root.level))
     try:
         return int(args.func(args) or 0)
     except BankError as e:

@@ -224,6 +224,8 @@ def _setup_logging() -> None:
         if "WORLD_SIZE" in os.environ
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # FAISS's loader reports at INFO each CPU-specific build it tries and does not find.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
