@@ -83,6 +83,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--encoder", default=None, help="encoder for Embed (default: the bank's own)")
     p.add_argument("--no-embed", action="store_true", help="do not load an encoder; Embed is off")
+    p.add_argument(
+        "--mmap-index",
+        action="store_true",
+        help="map the index's vectors (flat codes, IVF lists) from its file instead of reading "
+        "them into memory: banks larger than RAM; the values are always mapped",
+    )
     g = p.add_argument_group("security (README: Security)")
     g.add_argument("--tls-cert", help="PEM certificate chain of the server: serve TLS")
     g.add_argument("--tls-key", help="PEM private key of --tls-cert (unencrypted)")
@@ -122,6 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         encoder=args.encoder,
         no_embed=args.no_embed,
+        mmap_index=args.mmap_index,
         limits=limits,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -73,8 +73,15 @@ def write_index(index: Any, path: os.PathLike) -> None:
     faiss.write_index(index, str(path))
 
 
-def read_index(path: os.PathLike) -> Any:
-    return faiss.read_index(str(path))
+def read_index(path: os.PathLike, mmap: bool = False) -> Any:
+    """The FAISS index at ``path``; ``mmap``: map its vector data (flat codes, IVF lists)
+    read-only from the file instead of reading it into memory, so the page cache holds
+    only what searches touch and a bank larger than RAM can be served (an HNSW graph
+    and IVF centroids are still read)."""
+    if not mmap:
+        return faiss.read_index(str(path))
+    flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY  # IFC: IVF lists and flat codes
+    return faiss.read_index(str(path), flags)
 
 
 def describe(index: Any) -> str:

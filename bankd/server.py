@@ -62,6 +62,7 @@ class ServerConfig:
     verify: bool = True
     encoder: str | None = None  # load this encoder for Embed instead of the bank's
     no_embed: bool = False
+    mmap_index: bool = False  # map the index's vectors from the file (larger-than-RAM banks)
     limits: ServiceLimits = ServiceLimits()
     tls_cert: str | None = None  # PEM certificate chain; with tls_key: serve TLS
     tls_key: str | None = None  # PEM private key (unencrypted)
@@ -411,7 +412,9 @@ class BankServer:
     def _load(self) -> None:
         try:
             t0 = time.perf_counter()
-            bank = Bank.load(self.config.index, verify=self.config.verify)
+            bank = Bank.load(
+                self.config.index, verify=self.config.verify, mmap_index=self.config.mmap_index
+            )
             embedder = None if self.config.no_embed else _load_embedder(bank, self.config)
             self.servicer.service = BankService(
                 bank,

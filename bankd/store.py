@@ -373,12 +373,18 @@ class Bank:
 
     @classmethod
     def load(
-        cls, index_path: str | os.PathLike, *, verify: bool = True, load_index: bool = True
+        cls,
+        index_path: str | os.PathLike,
+        *,
+        verify: bool = True,
+        load_index: bool = True,
+        mmap_index: bool = False,
     ) -> Bank:
         """Open a bank, refusing a missing, corrupt or inconsistent one.
 
         verify: check SHA-256 checksums of every file (sizes are always checked).
         load_index: read the FAISS index (False: keys and values only, no faiss import).
+        mmap_index: map the index's vector data from its file (``bankd.index.read_index``).
         Raises BankFileError naming the file and the problem.
         """
         paths = BankPaths(Path(index_path))
@@ -450,7 +456,7 @@ class Bank:
             from .index import read_index
 
             try:
-                index = read_index(paths.index)
+                index = read_index(paths.index, mmap=mmap_index)
             except Exception as e:
                 raise BankFileError(f"{paths.index}: cannot read the FAISS index ({e})") from None
         if index is not None and (index.ntotal != n or index.d != d):

@@ -322,3 +322,25 @@ def test_rewrite_replaces_the_bank(make_bank: Any) -> None:
     np.testing.assert_array_equal(bank.keys, keys)
     assert bank.bank_id != old_id
     assert _leftovers(old.path.parent) == []
+
+
+# -- serving the index memory-mapped ---------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["Flat", "SQfp16", "IVF16,Flat", "IVF16,SQ8", "HNSW16"])
+def test_mapped_index_searches_like_a_read_one(tmp_path: Path, factory: str) -> None:
+    from bankd.index import Searcher
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((2000, 32)).astype(np.float32)
+    values = rng.standard_normal((2000, 2, 3)).astype(np.float16)
+    index = write_bank(tmp_path / "bank.faiss", keys, values, index_factory=factory)
+    queries = keys[:50] + 0.1 * rng.standard_normal((50, 32)).astype(np.float32)
+    hits = []
+    for mmap in (False, True):
+        bank = Bank.load(index, mmap_index=mmap)
+        searcher = Searcher(bank.index, bank.keys, bank.ids, device="cpu")
+        hits.append(searcher.search(queries, 5, exclude=[[i] for i in range(50)]))
+    assert np.array_equal(hits[0].ids, hits[1].ids)
+    assert np.allclose(hits[0].scores, hits[1].scores)
+    assert not any(i in row for i, row in enumerate(hits[1].ids.tolist()))
