@@ -4,6 +4,7 @@
     python bench/throughput.py                        # N=100000, d=768, k=5, Flat; 1, 8, 32 clients
     python bench/throughput.py --n 20000 --d 256 --seconds 5      # quick check
     python bench/throughput.py --clients 32 --merge-wait-us 2000  # another merge window
+    python bench/throughput.py --rounds 3             # every phase three times, interleaved
     python bench/throughput.py --workdir /tmp/bench-bank   # keep the bank; reused next run
 
 It writes `bench/search_latency.py`'s synthetic bank (clustered unit keys, random fp16
@@ -18,7 +19,9 @@ values returned and decoded, in phases one after another:
   the values, in this process (context: the floor of the work the server does).
 
 Each phase runs `--warmup-s` and then `--seconds`; the queries of calls that complete
-inside the measured window count. Between phases the server's own histograms are
+inside the measured window count. The server phases run `--rounds` (2) times in turn
+and add up, so that a change in the machine's load reaches every phase alike. Between
+phases the server's own histograms are
 scraped: the rows per index search after merging (`bankd_merged_batch_rows`) and the
 index search time. Every answer's ids are compared with the in-process search of the
 same rows. The last line is `ratio(C x B=b / 1 x B=512) = X.XX`, the queries/s of the
@@ -61,6 +64,7 @@ class ThroughputConfig(sl.BenchConfig):
     client_batch: int = 16
     seconds: float = 10.0
     warmup_s: float = 2.0
+    rounds: int = 2
 
     def bank(self) -> sl.BenchConfig:
         """The search_latency config of the same bank and a pool of POOL_BATCHES batches."""
@@ -87,6 +91,15 @@ class Phase:
     def queries_per_s(self) -> float:
         return self.rows / self.seconds
 
+    def add(self, other: Phase) -> None:
+        """Another round of the same phase."""
+        self.seconds += other.seconds
+        self.calls += other.calls
+        self.rows += other.rows
+        self.wrong_rows += other.wrong_rows
+        for code, n in (other.errors or {}).items():
+            self.errors[code] = self.errors.get(code, 0) + n
+
 
 def scrape_merging(metrics_port: int) -> dict[str, float]:
     """Sums and counts of the server's merged-rows and index-search histograms."""
@@ -99,15 +112,15 @@ def scrape_merging(metrics_port: int) -> dict[str, float]:
     return out
 
 
-def merging_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Index searches, mean rows per search and mean search time over a phase."""
-    d = {name: after[name] - before[name] for name in after}
+def merging(d: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Index searches, mean rows per search, mean search time and the fraction of the
+    wall_s seconds the phase ran spent searching, from its summed histogram deltas."""
     searches = d["bankd_merged_batch_rows_count"]
     return {
         "index_searches": searches,
         "rows_per_search": d["bankd_merged_batch_rows_sum"] / max(searches, 1),
         "search_ms": 1e3 * d["bankd_index_search_latency_seconds_sum"] / max(searches, 1),
-        "search_busy": d["bankd_index_search_latency_seconds_sum"],  # seconds searching
+        "busy": d["bankd_index_search_latency_seconds_sum"] / wall_s,
     }
 
 
@@ -195,18 +208,31 @@ def measure(cfg: ThroughputConfig, index_path: Path, workdir: Path) -> dict[str,
     sl.progress("starting the bankd server process")
     server = sl.ServerProcess(index_path, workdir / "server.log", cfg)
     plan = [(1, cfg.batch)] + [(c, cfg.client_batch) for c in cfg.clients]
-    phases = []
+    phases: list[Phase] = []
+    deltas: list[dict[str, float]] = []
     try:
-        for clients, b in plan:
-            sl.progress(f"phase {clients} x B={b}: {cfg.warmup_s:g} s + {cfg.seconds:g} s")
-            before = scrape_merging(server.metrics_port)
-            phase = run_clients(cfg, server.port, pool, truth, clients, b)
-            phase.server = merging_between(before, scrape_merging(server.metrics_port))
-            phases.append(phase)
-            sl.progress(f"  {phase.queries_per_s:.0f} queries/s")
+        for r in range(cfg.rounds):
+            for i, (clients, b) in enumerate(plan):
+                sl.progress(
+                    f"round {r + 1}/{cfg.rounds}, {clients} x B={b}: "
+                    f"{cfg.warmup_s:g} s + {cfg.seconds:g} s"
+                )
+                before = scrape_merging(server.metrics_port)
+                phase = run_clients(cfg, server.port, pool, truth, clients, b)
+                after = scrape_merging(server.metrics_port)
+                sl.progress(f"  {phase.queries_per_s:.0f} queries/s")
+                if r == 0:
+                    phases.append(phase)
+                    deltas.append(dict.fromkeys(after, 0.0))
+                else:
+                    phases[i].add(phase)
+                for name in after:
+                    deltas[i][name] += after[name] - before[name]
     finally:
         sl.progress("stopping the server")
         server.stop()
+    for phase, d in zip(phases, deltas, strict=True):
+        phase.server = merging(d, cfg.rounds * (cfg.warmup_s + cfg.seconds))
     sl.progress(f"in-process faiss, B={cfg.batch}")
     phases.append(in_process(cfg, ref, pool))
     top = phases[len(cfg.clients)]  # the largest C: clients are sorted
@@ -223,7 +249,7 @@ def report(cfg: ThroughputConfig, r: dict[str, Any]) -> str:
     lines = [
         f"throughput: N={cfg.n} d={cfg.d} k={cfg.k} index={cfg.index}, values returned "
         f"(clusters={cfg.clusters}, seed={cfg.seed}; {cfg.warmup_s:g} s warm-up + "
-        f"{cfg.seconds:g} s per phase)",
+        f"{cfg.seconds:g} s per phase, server phases {cfg.rounds} times in turn)",
         f"bankd server (own process): {r['server_settings']}",
         f"  {'phase':<30s} {'queries/s':>10s} {'calls':>7s} {'wrong':>6s} "
         f"{'searches':>9s} {'rows/search':>11s} {'search ms':>9s} {'busy':>5s}",
@@ -232,7 +258,7 @@ def report(cfg: ThroughputConfig, r: dict[str, Any]) -> str:
         s = p["server"]
         merged = (
             f"{s['index_searches']:9.0f} {s['rows_per_search']:11.1f} {s['search_ms']:9.1f} "
-            f"{s['search_busy'] / (cfg.seconds + cfg.warmup_s):5.2f}"
+            f"{s['busy']:5.2f}"
             if s
             else ""
         )
@@ -264,15 +290,17 @@ def parse_args(argv: list[str] | None = None) -> ThroughputConfig:
     p.add_argument("--client-batch", type=int, default=d.client_batch, help="queries per call")
     p.add_argument("--seconds", type=float, default=d.seconds, help="measured seconds per phase")
     p.add_argument("--warmup-s", type=float, default=d.warmup_s, help="warm-up seconds per phase")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="times each server phase runs")
     p.add_argument("--merge-wait-us", type=float, default=None, help="the server's merge wait")
     p.add_argument("--threads", type=int, default=d.threads, help="FAISS OpenMP threads (0: all)")
     p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     a = p.parse_args(argv)
     a.clients = tuple(sorted({int(c) for c in a.clients.split(",") if c}))
-    positive = (a.n, a.d, a.batch, a.k, a.clusters, a.client_batch, a.seconds, *a.clients)
+    positive = (a.n, a.d, a.batch, a.k, a.clusters, a.client_batch, a.seconds, a.rounds)
+    positive += a.clients
     if not a.clients or min(positive) <= 0 or a.warmup_s < 0 or a.threads < 0 or a.k > a.n:
-        p.error("n, d, batch, k, clusters, clients, client-batch, seconds must be positive")
+        p.error("n, d, batch, k, clusters, clients, client-batch, seconds, rounds must be positive")
     values = {f.name: getattr(a, f.name, getattr(d, f.name)) for f in fields(ThroughputConfig)}
     return replace(d, **values)
 
