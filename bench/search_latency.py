@@ -574,6 +574,15 @@ def publish(text: str, cfg: Any, results: dict[str, Any]) -> None:
         progress(f"figures written to {cfg.json}")
 
 
+def run_program(main: Callable[[], int]) -> None:
+    """sys.exit(main()); exit status 130 and a line on stderr when interrupted."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        progress("interrupted")
+        sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, serve_index = parse_args(argv)
     if serve_index is not None:
@@ -587,8 +596,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the server child has been stopped on the way out
-        progress("interrupted")
-        sys.exit(130)
+    run_program(main)  # child processes stop on the way out, even when interrupted
