@@ -83,6 +83,7 @@ class BenchConfig:
     seed: int = 0
     merge_wait_us: float | None = None  # None: `bankd serve`'s default
     threads: int = 0  # OpenMP threads of FAISS in each process; 0 = FAISS's default
+    tune_allocator: bool = False  # bankd_client.tune_allocator() in this (the client) process
     workdir: str | None = None
     json: str | None = None
 
@@ -393,6 +394,10 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
     from bankd_client import BankClient
 
     batches = make_queries(cfg, index_path)
+    if cfg.tune_allocator:
+        from bankd_client import tune_allocator
+
+        tune_allocator()  # as `bankd serve` does at start
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)  # the reference searches in this thread
     ref = Reference(index_path, cfg.search_params())
@@ -543,6 +548,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
         type=int,
         default=d.threads,
         help="FAISS OpenMP threads in both processes (0: FAISS's default, all cores)",
+    )
+    p.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="call bankd_client.tune_allocator() in the client process (responses over 32 MB)",
     )
     p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
