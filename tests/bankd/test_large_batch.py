@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,16 +20,10 @@ B, K = 1024, 10
 MIB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def big_bank(tmp_path_factory: pytest.TempPathFactory) -> Any:
+@pytest.fixture
+def big_bank(make_bank: Any) -> Any:
     """N=2000 entries, d=16, values (32, 96) fp16: small to search, big to answer."""
-    from conftest import SyntheticBank, make_arrays
-
-    from bankd.store import write_bank
-
-    keys, values, ids = make_arrays(n=2000, d=16, seed=5)
-    path = write_bank(tmp_path_factory.mktemp("big") / "bank.faiss", keys, values, ids)
-    return SyntheticBank(Path(path), keys, values, ids)
+    return make_bank(n=2000, d=16, seed=5)
 
 
 def assert_exact(
