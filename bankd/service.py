@@ -222,10 +222,19 @@ class BankService:
                 raise errors.InvalidArgument(
                     f"a query excludes {widest} ids; the limit is {lim.max_exclude_per_query}"
                 )
-        if self.response_bytes(b, k, with_values) > lim.max_message_bytes:
+        need = self.response_bytes(b, k, with_values)
+        if need > lim.max_message_bytes:
+            per_query = self.response_bytes(1, k, with_values) - self.response_bytes(0, k, False)
+            fit = max((lim.max_message_bytes - self.response_bytes(0, k, False)) // per_query, 0)
             raise errors.InvalidArgument(
-                f"B={b}, k={k} needs a response over the {lim.max_message_bytes}-byte message "
-                "limit; split the batch"
+                f"B={b}, k={k} needs a response of {need} bytes, over the server's "
+                f"{lim.max_message_bytes}-byte message limit (bankd serve --max-message-mb); "
+                f"split the batch into calls of at most {fit} queries (BankClient.search "
+                "and stream_search split by themselves unless split_batches=False)"
+                if fit
+                else f"k={k} needs a response of {need} bytes for one query, over the "
+                f"server's {lim.max_message_bytes}-byte message limit; ask for a smaller k "
+                "or raise the limit (bankd serve --max-message-mb)"
             )
 
     @contextlib.contextmanager

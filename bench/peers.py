@@ -442,8 +442,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the server and peer children stop on the way out
-        sl.progress("interrupted")
-        sys.exit(130)
+    sl.run_program(main)  # child processes stop on the way out, even when interrupted

@@ -83,6 +83,7 @@ class BenchConfig:
     seed: int = 0
     merge_wait_us: float | None = None  # None: `bankd serve`'s default
     threads: int = 0  # OpenMP threads of FAISS in each process; 0 = FAISS's default
+    tune_allocator: bool = False  # bankd_client.tune_allocator() in this (the client) process
     workdir: str | None = None
     json: str | None = None
 
@@ -393,6 +394,10 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
     from bankd_client import BankClient
 
     batches = make_queries(cfg, index_path)
+    if cfg.tune_allocator:
+        from bankd_client import tune_allocator
+
+        tune_allocator()  # as `bankd serve` does at start
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)  # the reference searches in this thread
     ref = Reference(index_path, cfg.search_params())
@@ -544,6 +549,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
         default=d.threads,
         help="FAISS OpenMP threads in both processes (0: FAISS's default, all cores)",
     )
+    p.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="call bankd_client.tune_allocator() in the client process (responses over 32 MB)",
+    )
     p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--serve-index", default=None, help=argparse.SUPPRESS)  # the server child
@@ -574,6 +584,15 @@ def publish(text: str, cfg: Any, results: dict[str, Any]) -> None:
         progress(f"figures written to {cfg.json}")
 
 
+def run_program(main: Callable[[], int]) -> None:
+    """sys.exit(main()); exit status 130 and a line on stderr when interrupted."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        progress("interrupted")
+        sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, serve_index = parse_args(argv)
     if serve_index is not None:
@@ -587,8 +606,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the server child has been stopped on the way out
-        progress("interrupted")
-        sys.exit(130)
+    run_program(main)  # child processes stop on the way out, even when interrupted

@@ -268,8 +268,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the server children are stopped on the way out
-        sl.progress("interrupted")
-        sys.exit(130)
+    sl.run_program(main)  # child processes stop on the way out, even when interrupted

@@ -8,13 +8,18 @@
 
 numpy in, numpy out; torch in, torch out. UNAVAILABLE is retried by gRPC's own retry
 policy (service config), status codes come back as ``bankd_client.errors`` classes.
+A batch whose response would be over the message limit (the server's or this
+client's, whichever is lower) is split into row chunks that fit, searched one after
+another and put back together in order.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,11 +32,13 @@ from .credentials import check_token, read_file, read_token_file
 from .identity import EncoderFingerprint, fingerprint_encoder
 from .proto import bankd_pb2 as pb
 from .proto import bankd_pb2_grpc as pb_grpc
-from .types import BankInfo, Hits, SearchQuery, exclude_to_pb
+from .types import BankInfo, Hits, SearchQuery, exclude_lists, exclude_to_pb
 
 SERVICE_NAME = "bankd.v1.MemoryBank"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 60.0
+RESPONSE_FRAMING_BYTES = 4096  # what the server allows a response beyond its hits
+HIT_BYTES = 8 + 4  # an id (int64) and a score (float32)
 
 
 def _retry_service_config(max_attempts: int) -> str:
@@ -78,10 +85,14 @@ class BankClient:
             TLS as call credentials, in plaintext as per-call metadata (gRPC refuses
             call credentials on an insecure channel).
         token_file: a file holding the token (read once, here), instead of token.
-        max_message_bytes: send and receive limit (must cover the largest response:
-            B * k * 32 * 96 * 2 bytes of values).
+        max_message_bytes: send and receive limit (a response holds B * k * 32 * 96 * 2
+            bytes of values; larger ones are split, see split_batches).
         retry_attempts: attempts per call when the server answers UNAVAILABLE.
         load_balancing: gRPC load-balancing policy, e.g. "round_robin".
+        split_batches: split a search whose response would be over the message limit
+            (the server's ``info().max_message_bytes`` or max_message_bytes, the lower)
+            into row chunks that fit, and join their answers in order. False: send it
+            whole; the server refuses it with InvalidArgument.
         options: extra channel options, overriding the defaults.
     """
 
@@ -100,12 +111,14 @@ class BankClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry_attempts: int = 5,
         load_balancing: str | None = None,
+        split_batches: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if not 1 <= retry_attempts <= 5:
             raise ValueError("retry_attempts must be between 1 and 5 (gRPC caps it at 5)")
         self.target = target
         self.timeout = timeout
+        self.split_batches = split_batches
         if token is not None and token_file is not None:
             raise ValueError("give token or token_file, not both")
         if token_file is not None:
@@ -131,6 +144,7 @@ class BankClient:
                 raise ValueError("server_name checks the server's certificate: it needs TLS")
             opts["grpc.ssl_target_name_override"] = server_name
         opts.update(dict(options))
+        self.max_message_bytes = int(opts["grpc.max_receive_message_length"])
         # Per-call metadata carries the token only in plaintext; with TLS the channel's
         # call credentials do.
         self._metadata: tuple[tuple[str, str], ...] = ()
@@ -254,11 +268,54 @@ class BankClient:
         Past ``info().max_nprobe`` / ``.max_ef_search``, or on an index without the
         parameter, InvalidArgument.
         """
-        request = self._search_request(
-            keys, k, exclude_ids, with_values, nprobe=nprobe, ef_search=ef_search
-        )
-        hits = Hits.from_pb(self._call(self._stub.Search, request, timeout))
+        chunks = self._chunks(keys, exclude_ids, k, with_values)
+        end = _end_of(self.timeout if timeout is None else timeout)
+        parts = []
+        for part_keys, part_exclude in chunks:
+            request = self._search_request(
+                part_keys, k, part_exclude, with_values, nprobe=nprobe, ef_search=ef_search
+            )
+            response = self._call(self._stub.Search, request, _left(end))
+            parts.append(Hits.from_pb(response))
+        hits = _join(parts)
         return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
+
+    def rows_per_call(self, k: int, with_values: bool = True) -> int | None:
+        """The most query rows whose response fits the message limit (the server's or
+        this client's, the lower); None when no split applies (ids and scores only, or
+        split_batches=False). InvalidArgument when not even one query's hits fit."""
+        if not (with_values and self.split_batches) or k < 1:  # the server refuses k < 1
+            return None
+        info = self.info()
+        limit = min(info.max_message_bytes or self.max_message_bytes, self.max_message_bytes)
+        per_query = k * (HIT_BYTES + 2 * math.prod(info.value_shape))
+        rows = (limit - RESPONSE_FRAMING_BYTES) // per_query
+        if rows < 1:
+            raise errors.InvalidArgument(
+                f"k={k} with values needs {per_query + RESPONSE_FRAMING_BYTES} bytes for one "
+                f"query, over the {limit}-byte message limit (server "
+                f"{info.max_message_bytes}, client {self.max_message_bytes}); ask for a "
+                "smaller k, or raise the limit (bankd serve --max-message-mb, "
+                "BankClient(max_message_bytes=...))"
+            )
+        return rows
+
+    def _chunks(
+        self, keys: Any, exclude_ids: Any, k: int, with_values: bool
+    ) -> list[tuple[Any, Any]]:
+        """(keys, exclude_ids) of each call a search takes: one, or row chunks that fit."""
+        b = len(keys)
+        rows = self.rows_per_call(k, with_values) if b > 1 else None
+        if rows is None or b <= rows:
+            return [(keys, exclude_ids)]
+        try:
+            exclude = exclude_lists(exclude_ids, b)
+        except ValueError as e:
+            raise errors.InvalidArgument(str(e)) from None
+        return [
+            (keys[s : s + rows], None if exclude is None else exclude[s : s + rows])
+            for s in range(0, b, rows)
+        ]
 
     def stream_search(
         self,
@@ -278,21 +335,29 @@ class BankClient:
         every batch, as in ``search``.
         """
         torch_out: list[bool] = []
+        parts: list[int] = []  # messages of each batch: 1, or its row chunks
+        if with_values and self.split_batches:
+            self.info()  # the limits, fetched before the stream starts
 
         def requests() -> Iterator[pb.SearchRequest]:
-            for i, q in enumerate(queries):
+            sent = 0  # request ids count messages
+            for q in queries:
                 if not isinstance(q, SearchQuery):
                     q = SearchQuery(keys=q)
+                chunks = self._chunks(q.keys, q.exclude_ids, q.k or k, with_values)
                 torch_out.append(tensors.is_torch_tensor(q.keys))
-                yield self._search_request(
-                    q.keys,
-                    q.k or k,
-                    q.exclude_ids,
-                    with_values,
-                    request_id=str(i),
-                    nprobe=nprobe,
-                    ef_search=ef_search,
-                )
+                parts.append(len(chunks))
+                for part_keys, part_exclude in chunks:
+                    yield self._search_request(
+                        part_keys,
+                        q.k or k,
+                        part_exclude,
+                        with_values,
+                        request_id=str(sent),
+                        nprobe=nprobe,
+                        ef_search=ef_search,
+                    )
+                    sent += 1
 
         call = self._stub.SearchStream(
             requests(),
@@ -300,13 +365,19 @@ class BankClient:
             metadata=self._metadata,
         )
         pending: dict[int, pb.SearchStreamResponse] = {}
-        next_id = 0
+        next_id, batch = 0, 0  # the next message and batch to hand out
         try:
             for response in call:
                 pending[int(response.request_id)] = response
-                while next_id in pending:
-                    yield self._stream_result(pending.pop(next_id), torch_out[next_id])
-                    next_id += 1
+                # A batch goes out once all of its messages are in (parts[batch] is set
+                # before its first message is sent).
+                while batch < len(parts) and all(
+                    next_id + j in pending for j in range(parts[batch])
+                ):
+                    answers = [pending.pop(next_id + j) for j in range(parts[batch])]
+                    yield self._stream_result(answers, torch_out[batch])
+                    next_id += parts[batch]
+                    batch += 1
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
         finally:
@@ -315,11 +386,13 @@ class BankClient:
             raise errors.Internal(f"stream ended with unanswered requests {sorted(pending)}")
 
     @staticmethod
-    def _stream_result(response: pb.SearchStreamResponse, as_torch: bool) -> Hits:
-        if response.HasField("error"):
-            code = errors.code_from_int(response.error.code)
-            raise errors.error_for_code(code, response.error.message)
-        hits = Hits.from_pb(response.result)
+    def _stream_result(responses: list[pb.SearchStreamResponse], as_torch: bool) -> Hits:
+        """One batch's hits from the answers to its messages, in order."""
+        for response in responses:
+            if response.HasField("error"):
+                code = errors.code_from_int(response.error.code)
+                raise errors.error_for_code(code, response.error.message)
+        hits = _join([Hits.from_pb(response.result) for response in responses])
         return hits.to_torch() if as_torch else hits
 
     def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:
@@ -384,6 +457,28 @@ def _encode_image(image: Any) -> bytes:
         image.save(buf, format="PNG")
         return buf.getvalue()
     raise ValueError(f"cannot send {type(image).__name__} as an image (PIL image, bytes or path)")
+
+
+def _join(parts: list[Hits]) -> Hits:
+    """The hits of consecutive row chunks of one batch, as one (numpy)."""
+    if len(parts) == 1:
+        return parts[0]
+    values = [p.values for p in parts]
+    return Hits(
+        ids=np.concatenate([p.ids for p in parts]),
+        scores=np.concatenate([p.scores for p in parts]),
+        values=None if values[0] is None else np.concatenate(values),
+        request_id=parts[0].request_id,
+    )
+
+
+def _end_of(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _left(end: float | None) -> float | None:
+    """Seconds to a call's end, for the next chunk's deadline (None: no deadline)."""
+    return None if end is None else max(end - time.monotonic(), 0.0)
 
 
 class _Deadline:

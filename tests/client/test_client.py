@@ -517,9 +517,14 @@ def test_info_is_cached_until_refreshed(fake: Any, fake_client: BankClient) -> N
 
 
 def test_receive_limit_applies(fake: Any) -> None:
-    with BankClient(f"127.0.0.1:{fake[1]}", timeout=10, max_message_bytes=1024) as c:
+    target = f"127.0.0.1:{fake[1]}"
+    with BankClient(target, timeout=10, max_message_bytes=1024, split_batches=False) as c:
         with pytest.raises(ResourceExhausted):
             c.search(_keys(*range(20)), k=20)  # 20*20*12 bytes of values alone
+    # Splitting cannot bring one query's hits under 1 KiB: refused before sending.
+    with BankClient(target, timeout=10, max_message_bytes=1024) as c:
+        with pytest.raises(InvalidArgument, match="1024-byte message limit"):
+            c.search(_keys(*range(20)), k=20)
 
 
 def test_deadline_becomes_deadline_exceeded(fake: Any) -> None:
