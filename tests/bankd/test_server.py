@@ -656,9 +656,9 @@ class _GatedBank(Bank):
     gate = threading.Event()
 
     @classmethod
-    def load(cls, index_path: Any, *, verify: bool = True) -> Bank:
+    def load(cls, index_path: Any, **kwargs: Any) -> Bank:
         assert cls.gate.wait(timeout=30), "gate never opened"
-        return Bank.load(index_path, verify=verify)
+        return Bank.load(index_path, **kwargs)
 
 
 def _health(port: int, service: str) -> int:
