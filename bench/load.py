@@ -41,10 +41,7 @@ import contextlib
 import json
 import os
 import platform
-import queue
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from bankd.serve_process import ServeProcess
 from bankd_client import BankClient, BankError
 
 ID_OFFSET = 1_000_000  # entry ids differ from row numbers
@@ -64,16 +62,6 @@ KEY_NOISE = 0.7  # norm of the noise around a key's cluster centre
 QUERY_NOISE = 0.3  # norm of the noise added to a bank key to make a query
 POOL_BATCHES = 64  # distinct query batches the clients cycle through
 START_TIMEOUT_S = 120.0
-SERVING_RE = re.compile(r"bankd serving .* on (\S+):(\d+)")
-# `bankd serve` (the CLI's own main), stopped when its parent dies without stopping it.
-_SERVE_CHILD = """import os, signal, sys, threading, time
-def watch(parent=int(sys.argv[1])):
-    while os.getppid() == parent:
-        time.sleep(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-threading.Thread(target=watch, daemon=True).start()
-from bankd.cli import main
-sys.exit(main(sys.argv[2:]))"""
 
 
 @dataclass(frozen=True)
@@ -180,56 +168,18 @@ def make_queries(cfg: LoadConfig, d: int, index_path: Path | None) -> list[np.nd
 # -- the server and its memory -----------------------------------------------------------
 
 
-class ServerProcess:
+def start_server(index: Path, limit: int, cfg: LoadConfig, log_path: Path) -> ServeProcess:
     """`bankd serve` on a free loopback port in a child process, with a given limit."""
-
-    def __init__(self, index: Path, limit: int, cfg: LoadConfig, log_path: Path) -> None:
-        argv = ["--log-level", "WARNING", "serve", "--index", str(index), "--host", "127.0.0.1"]
-        argv += ["--port", "0", "--metrics-port", "-1", "--device", cfg.device, "--no-embed"]
-        argv += ["--no-verify", "--grace", "2", "--max-concurrent-rpcs", str(limit)]
-        self._log = open(log_path, "w")
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE_CHILD, str(os.getpid()), *argv],
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # no spinning on shared cores
-        )
-        self.address = ""
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        try:
-            while not self.address:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-                if line is None:
-                    raise RuntimeError(f"bankd serve exited early; see {log_path}")
-                if m := SERVING_RE.search(line):
-                    self.address = f"{m.group(1)}:{m.group(2)}"
-        except BaseException as e:
-            self.stop()
-            if isinstance(e, queue.Empty):
-                raise RuntimeError(f"bankd serve not up in {START_TIMEOUT_S:.0f} s") from None
-            raise
-
-    def _pump(self, lines: queue.Queue) -> None:
-        for line in self.proc.stdout:  # keep draining: the child never blocks on its stdout
-            lines.put(line)
-        lines.put(None)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (bankd drains, then exits): its exit status, None if it had to be killed."""
-        code: int | None = self.proc.poll()
-        if code is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return code
+    args = ["--device", cfg.device, "--no-verify", "--max-concurrent-rpcs", str(limit)]
+    server = ServeProcess(
+        index,
+        log_path,
+        serve_args=args,
+        log_level="WARNING",
+        start_timeout=START_TIMEOUT_S,
+        wait_ready=False,
+    )
+    return server.start()
 
 
 def read_memory_mb(pid: int) -> dict[str, float] | None:
@@ -524,7 +474,7 @@ def run_phase(
     if cfg.target is None:
         assert index_path is not None and limit is not None
         progress(f"phase {name}: starting bankd serve --max-concurrent-rpcs {limit}")
-        server = ServerProcess(index_path, limit, cfg, workdir / f"server-{name}.log")
+        server = start_server(index_path, limit, cfg, workdir / f"server-{name}.log")
     target = server.address if server else cfg.target
     pid = server.proc.pid if server else cfg.server_pid
     exit_code: int | str | None = "not started here"

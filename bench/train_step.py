@@ -48,9 +48,9 @@ import torch
 
 from bankd.build import BuildConfig, build_bank
 from bankd.demo_data import DemoDataConfig, generate
+from bankd.serve_process import ServeProcess
 from bankd.store import BankPaths
 from tinyalign.config import TrainConfig
-from tinyalign.experiment import BankServerProcess
 from tinyalign.train import train
 
 CONFIGS = ("remote", "in-process")
@@ -138,7 +138,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     blocks = max(1, -(-args.steps // args.block))
     rows: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     progress("starting `bankd serve` in a child process")
-    with BankServerProcess(index, workdir / "server.log") as server:
+    with ServeProcess(index, workdir / "server.log") as server:
         targets = {"remote": server.address, "in-process": str(index)}
         progress(
             f"bankd on {server.address}; {blocks} blocks x {args.block} steps per "

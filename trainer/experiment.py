@@ -29,13 +29,7 @@ import hashlib
 import json
 import logging
 import math
-import os
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -46,7 +40,8 @@ from typing import Any
 import torch
 
 from bankd.models.encoders import preprocess_images, resolve_device
-from bankd_client import BankClient, errors
+from bankd.serve_process import ServeProcess as BankServerProcess
+from bankd_client import errors
 
 from .components import load_vlm
 from .config import TrainConfig
@@ -59,16 +54,6 @@ from .train import evaluate, train
 log = logging.getLogger(__name__)
 
 FINAL_NOTE = "final loss = mean training loss over the last 10% of steps"
-SERVING_RE = re.compile(r"bankd serving .* on (\S+):(\d+)")
-# `bankd serve` (the CLI's own main), also stopped when its parent dies without stopping it.
-_SERVE_CHILD = """import os, signal, sys, threading, time
-def watch(parent=int(sys.argv[1])):
-    while os.getppid() == parent:
-        time.sleep(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-threading.Thread(target=watch, daemon=True).start()
-from bankd.cli import main
-sys.exit(main(sys.argv[2:]))"""
 
 
 @dataclass(frozen=True)
@@ -98,86 +83,6 @@ class ExperimentConfig:
         for name in ("steps", "batch_size", "top_k", "tiny_llm_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-class BankServerProcess:
-    """``bankd serve`` on a free loopback port in a child process; a context manager."""
-
-    def __init__(self, index: str | Path, log_path: str | Path, start_timeout: float = 180.0):
-        self.index, self.log_path, self.start_timeout = Path(index), Path(log_path), start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.address = ""  # "127.0.0.1:PORT" once started
-
-    def __enter__(self) -> BankServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> BankServerProcess:
-        args = [
-            "serve",
-            "--index",
-            str(self.index),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--no-embed",
-            "--grace",
-            "2",
-        ]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE_CHILD, str(os.getpid()), *args],
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},  # no spinning on shared cores
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
-        deadline = time.monotonic() + self.start_timeout
-        try:
-            while not self.address:
-                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
-                if line is None:
-                    raise RuntimeError(f"bankd serve exited early; see {self.log_path}")
-                if m := SERVING_RE.search(line):
-                    self.address = f"{m.group(1)}:{m.group(2)}"
-            with BankClient(self.address) as client:
-                client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
-        except BaseException as e:
-            self.stop()
-            if isinstance(e, queue.Empty):
-                raise RuntimeError(
-                    f"bankd serve did not start in {self.start_timeout:.0f} s; see {self.log_path}"
-                ) from None
-            raise
-        log.info("bankd serving %s on %s (pid %d)", self.index, self.address, self.proc.pid)
-        return self
-
-    def _pump(self, lines: queue.Queue) -> None:
-        for line in self.proc.stdout:  # keep draining: the child never blocks on its stdout
-            self._log.write(line)
-            self._log.flush()
-            lines.put(line)
-        lines.put(None)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (bankd drains, then exits); SIGKILL if it is still there after ``timeout``."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
 
 
 def final_loss(losses: Sequence[float]) -> float:
