@@ -30,10 +30,9 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bankd_client import errors, tensors
+from bankd_client import errors, tensors, wire
 from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
-from bankd_client.types import Hits
 
 from .malformed import UndecodableRequests
 from .metrics import Metrics
@@ -98,6 +97,35 @@ def _rpc(method: str) -> Callable:
         return handler
 
     return deco
+
+
+def _serialize(message: bytes | Any) -> bytes:
+    """Search answers come serialized already (``bankd_client.wire``); the rest are
+    protobuf messages."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def _add_memory_bank(servicer: MemoryBankServicer, server: grpc.Server) -> None:
+    """The generated registration, with a serializer that passes bytes through."""
+    handlers = {
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo, pb.GetInfoRequest.FromString, _serialize
+        ),
+        "Search": grpc.unary_unary_rpc_method_handler(
+            servicer.Search, pb.SearchRequest.FromString, _serialize
+        ),
+        "SearchStream": grpc.stream_stream_rpc_method_handler(
+            servicer.SearchStream, pb.SearchRequest.FromString, _serialize
+        ),
+        "Fetch": grpc.unary_unary_rpc_method_handler(
+            servicer.Fetch, pb.FetchRequest.FromString, _serialize
+        ),
+        "Embed": grpc.unary_unary_rpc_method_handler(
+            servicer.Embed, pb.EmbedRequest.FromString, _serialize
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _as_bank_error(e: Exception) -> errors.BankError:
@@ -167,9 +195,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         return service.info().to_pb()
 
     @_rpc("Search")
-    def Search(
-        self, service: BankService, request: pb.SearchRequest, context: Any
-    ) -> pb.SearchResponse:
+    def Search(self, service: BankService, request: pb.SearchRequest, context: Any) -> bytes:
         with service.arriving():
             keys = tensors.decode(request.keys, name="keys")
             pending = service.submit(
@@ -181,13 +207,13 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                 service.search_overrides(request.nprobe, request.ef_search),
             )
         result = pending.result()
-        values = service.values_for(result) if request.with_values else None
+        values = service.values_fill(result) if request.with_values else None
         self.metrics.query_rows.inc(len(keys))
-        return Hits(result.ids, result.scores, values, request.request_id).to_pb()
+        return wire.search_response(result.ids, result.scores, request.request_id, values)
 
     def SearchStream(
         self, request_iterator: Iterator[pb.SearchRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.SearchStreamResponse]:
+    ) -> Iterator[bytes | pb.SearchStreamResponse]:
         """Requests are queued as they arrive; answers go out as searches complete.
 
         Counted twice in ``bankd_requests_total``: each message's answer as
@@ -263,16 +289,13 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
 
     def _stream_answer(
         self, service: BankService, req: pb.SearchRequest, fut: Any, err: Any, t0: float
-    ) -> pb.SearchStreamResponse:
+    ) -> bytes | pb.SearchStreamResponse:
         m = self.metrics
         if err is None:
             try:
                 result = fut.result()
-                values = service.values_for(result) if req.with_values else None
-                out = pb.SearchStreamResponse(
-                    request_id=req.request_id,
-                    result=Hits(result.ids, result.scores, values, req.request_id).to_pb(),
-                )
+                values = service.values_fill(result) if req.with_values else None
+                out = wire.stream_response(req.request_id, result.ids, result.scores, values)
                 m.query_rows.inc(len(result.ids))
                 m.search_latency.labels(method="SearchStream").observe(time.perf_counter() - t0)
                 m.requests.labels(method="SearchStream.message", code="OK").inc()
@@ -347,7 +370,7 @@ class BankServer:
 
     def start(self, *, load_in_background: bool = False) -> BankServer:
         log.info("bankd config: %s", asdict(self.config))
-        pb_grpc.add_MemoryBankServicer_to_server(self.servicer, self._grpc)
+        _add_memory_bank(self.servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

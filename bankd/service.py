@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bankd_client import errors
+from bankd_client import errors, wire
 from bankd_client.types import BankInfo, KeyFunctionSpec
 
 from . import __version__
@@ -287,6 +287,15 @@ class BankService:
 
     def values_for(self, result: SearchResult) -> np.ndarray:
         return gather_values(self.bank.values, result.rows)
+
+    def values_fill(self, result: SearchResult) -> wire.Fill:
+        """The result's values, gathered from the bank straight into a response."""
+        values = self.bank.values
+        return wire.Fill(
+            (*result.rows.shape, *values.shape[1:]),
+            values.dtype,
+            lambda out: gather_values(values, result.rows, out),
+        )
 
     def _merge_loop(self) -> None:
         # Requests with other search parameters than the batch being formed wait here,

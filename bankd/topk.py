@@ -112,14 +112,24 @@ def _kept_columns(drop: np.ndarray, k: int) -> np.ndarray:
     return src
 
 
-def gather_values(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Values of rows [B, k] from the (memory-mapped) value array; zeros where row is -1."""
+def gather_values(
+    values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Values of rows [B, k] from the (memory-mapped) value array; zeros where row is -1.
+
+    ``out``: where to write them ([B, k, *value shape], the values' dtype), e.g. their
+    place in a response being serialized; a new array when None."""
     flat = rows.reshape(-1)
-    out = np.empty((len(flat), *values.shape[1:]), dtype=values.dtype)
+    shape = (*rows.shape, *values.shape[1:])
+    if out is None:
+        out = np.empty(shape, dtype=values.dtype)
+    elif out.shape != shape or out.dtype != values.dtype:
+        raise ValueError(f"out is {out.dtype}{list(out.shape)}, needs {values.dtype}{list(shape)}")
+    dest = out.reshape(len(flat), *values.shape[1:])  # a view: out is contiguous
     valid = flat >= 0
     if valid.all():
-        np.take(values, flat, axis=0, out=out)
+        np.take(values, flat, axis=0, out=dest)
     else:
-        out[~valid] = 0
-        out[valid] = values[flat[valid]]
-    return out.reshape(*rows.shape, *values.shape[1:])
+        dest[~valid] = 0
+        dest[valid] = values[flat[valid]]
+    return out

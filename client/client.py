@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from . import errors, tensors
+from . import errors, tensors, wire
 from .credentials import check_token, read_file, read_token_file
 from .identity import EncoderFingerprint, fingerprint_encoder
 from .proto import bankd_pb2 as pb
@@ -163,7 +163,7 @@ class BankClient:
             if token:
                 self._metadata = (("authorization", f"Bearer {token}"),)
             self._channel = grpc.insecure_channel(target, options=list(opts.items()))
-        self._stub = pb_grpc.MemoryBankStub(self._channel)
+        self._stub = _stub(self._channel)
         self._info: BankInfo | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -275,8 +275,7 @@ class BankClient:
             request = self._search_request(
                 part_keys, k, part_exclude, with_values, nprobe=nprobe, ef_search=ef_search
             )
-            response = self._call(self._stub.Search, request, _left(end))
-            parts.append(Hits.from_pb(response))
+            parts.append(self._call(self._stub.Search, request, _left(end)))
         hits = _join(parts)
         return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
 
@@ -364,7 +363,7 @@ class BankClient:
             timeout=self.timeout if timeout is None else timeout,
             metadata=self._metadata,
         )
-        pending: dict[int, pb.SearchStreamResponse] = {}
+        pending: dict[int, wire.StreamAnswer] = {}
         next_id, batch = 0, 0  # the next message and batch to hand out
         try:
             for response in call:
@@ -386,13 +385,13 @@ class BankClient:
             raise errors.Internal(f"stream ended with unanswered requests {sorted(pending)}")
 
     @staticmethod
-    def _stream_result(responses: list[pb.SearchStreamResponse], as_torch: bool) -> Hits:
+    def _stream_result(responses: list[wire.StreamAnswer], as_torch: bool) -> Hits:
         """One batch's hits from the answers to its messages, in order."""
         for response in responses:
-            if response.HasField("error"):
-                code = errors.code_from_int(response.error.code)
-                raise errors.error_for_code(code, response.error.message)
-        hits = _join([Hits.from_pb(response.result) for response in responses])
+            if response.hits is None:
+                code = errors.code_from_int(response.error_code)
+                raise errors.error_for_code(code, response.error_message)
+        hits = _join([response.hits for response in responses])
         return hits.to_torch() if as_torch else hits
 
     def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:
@@ -445,6 +444,23 @@ class BankClient:
                 "accuracy (pass allow_mismatch=True to use it anyway)"
             )
         return fp
+
+
+def _stub(channel: grpc.Channel) -> pb_grpc.MemoryBankStub:
+    """The generated stub, with Search answers read as views over the received bytes
+    (``wire``): Search gives Hits, SearchStream gives StreamAnswers."""
+    stub = pb_grpc.MemoryBankStub(channel)
+    stub.Search = channel.unary_unary(
+        f"/{SERVICE_NAME}/Search",
+        request_serializer=pb.SearchRequest.SerializeToString,
+        response_deserializer=wire.read_search_response,
+    )
+    stub.SearchStream = channel.stream_stream(
+        f"/{SERVICE_NAME}/SearchStream",
+        request_serializer=pb.SearchRequest.SerializeToString,
+        response_deserializer=wire.read_stream_response,
+    )
+    return stub
 
 
 def _encode_image(image: Any) -> bytes:

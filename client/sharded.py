@@ -331,7 +331,7 @@ class ShardedBankClient:
         return _PendingSearch(calls, k, fetch_values, tensors.is_torch_tensor(keys), timeout)
 
     def _finish_search(self, pending: _PendingSearch) -> Hits:
-        parts = [Hits.from_pb(r) for r in self._collect(pending.calls)]
+        parts = self._collect(pending.calls)  # Hits (BankClient's stub reads them)
         hits, source = _merge(parts, pending.k, self.info().metric)
         if pending.fetch_values:
             hits.values = self._values_of(hits.ids, source, pending.timeout)

@@ -58,39 +58,55 @@ def as_numpy(x: Any, *, name: str = "tensor") -> np.ndarray:
         raise ValueError(f"{name} is not array-like: {e}") from None
 
 
+def wire_dtype(dtype: np.dtype, *, name: str = "tensor") -> int:
+    """The DType number of a numpy dtype (any byte order)."""
+    wire = _DTYPE_BY_NUMPY.get(np.dtype(np.dtype(dtype).name))
+    if wire is None:
+        raise ValueError(f"{name} has dtype {dtype}; supported: float32, float16, int64")
+    return wire
+
+
 def encode(array: Any, *, dtype: np.dtype | None = None, name: str = "tensor") -> pb.Tensor:
     """Tensor message from an array (optionally cast to dtype first)."""
     a = as_numpy(array, name=name)
     if dtype is not None and a.dtype != dtype:
         a = a.astype(dtype)
-    wire = _DTYPE_BY_NUMPY.get(np.dtype(a.dtype.name))  # any byte order
-    if wire is None:
-        raise ValueError(f"{name} has dtype {a.dtype}; supported: float32, float16, int64")
+    wire = wire_dtype(a.dtype, name=name)
     a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
     return pb.Tensor(dtype=wire, shape=list(a.shape), data=a.tobytes())
 
 
 def decode(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     """Read-only numpy view of a Tensor message's bytes, validated against its shape."""
-    np_dtype = _NUMPY_BY_DTYPE.get(t.dtype)
+    data = t.data  # each read of a bytes field makes a fresh copy: read it once
+    return view(t.dtype, t.shape, data, 0, len(data), name=name)
+
+
+def view(
+    dtype: int, shape: Any, buffer: Any, offset: int, nbytes: int, *, name: str = "tensor"
+) -> np.ndarray:
+    """Read-only numpy view of ``nbytes`` at ``offset`` in ``buffer`` holding a tensor of
+    DType ``dtype`` and ``shape``; the byte count is checked against the shape."""
+    np_dtype = _NUMPY_BY_DTYPE.get(dtype)
     if np_dtype is None:
-        raise ValueError(
-            f"{name} has unsupported dtype {t.dtype} ({DTYPE_NAMES.get(t.dtype, '?')})"
-        )
-    shape = tuple(int(s) for s in t.shape)
+        raise ValueError(f"{name} has unsupported dtype {dtype} ({DTYPE_NAMES.get(dtype, '?')})")
+    shape = tuple(int(s) for s in shape)
     if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
         raise ValueError(f"{name} has invalid shape {list(shape)}")
     expected = math.prod(shape) * np_dtype.itemsize  # exact: np.prod wraps around at 2**63
-    if len(t.data) != expected:
+    if nbytes != expected:
         raise ValueError(
-            f"{name} has {len(t.data)} bytes but shape {list(shape)} of "
-            f"{DTYPE_NAMES[t.dtype]} needs {expected}"
+            f"{name} has {nbytes} bytes but shape {list(shape)} of "
+            f"{DTYPE_NAMES[dtype]} needs {expected}"
         )
     try:
-        a = np.frombuffer(t.data, dtype=np_dtype).reshape(shape)
+        a = np.frombuffer(
+            buffer, dtype=np_dtype, count=expected // np_dtype.itemsize, offset=offset
+        )
+        a = a.reshape(shape)
     except ValueError as e:  # an empty tensor whose other dimensions numpy cannot hold
         raise ValueError(f"{name} has invalid shape {list(shape)} ({e})") from None
-    if t.dtype == pb.DTYPE_BFLOAT16:
+    if dtype == pb.DTYPE_BFLOAT16:
         a = (a.astype(np.uint32) << 16).view(np.float32)
     return a
 
