@@ -78,20 +78,6 @@ class PeersConfig(sl.BenchConfig):
         return sl.BenchConfig(**{**own, "index": index})
 
 
-def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS, RssAnon, RssFile and VmHWM (peak RSS) of a process, MB; {} without /proc."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            out[name] = int(rest.split()[0]) / 1024
-    return out
-
-
 def recall(got: np.ndarray, truth: np.ndarray) -> float:
     """Mean over query rows of |got ∩ truth| / k; both (Q, k) entry ids."""
     hits = [len(np.intersect1d(g[g >= 0], t)) for g, t in zip(got, truth, strict=True)]
@@ -151,7 +137,7 @@ def measure_bankd(
                 if i >= cfg.warmup:
                     times.append(t)
                     ids.append(hits.ids)
-            memory = memory_mb(server.proc.pid)
+            memory = sl.memory_mb(server.proc.pid)
     finally:
         server.stop()
     sl.progress(f"bankd {label}: median {np.median(times) * 1e3:.1f} ms")
@@ -209,10 +195,10 @@ def peer_child(job_path: str) -> int:
     _, make = pb.PEERS[name]
     with tempfile.TemporaryDirectory(prefix=f"bankd-peer-{name}-") as folder:
         peer = make(Path(folder), cfg.peer_ef)
-        before = memory_mb(os.getpid())
+        before = sl.memory_mb(os.getpid())
         sl.progress(f"{name}: loading {cfg.n} entries into {folder}")
         _, load_s = sl._timed(lambda: peer.load(bank.keys, bank.values, bank.ids))
-        loaded = memory_mb(os.getpid())
+        loaded = sl.memory_mb(os.getpid())
         sl.progress(f"{name}: loaded in {load_s:.1f} s; searching")
         times, search_s, ids, wrong = [], [], [], 0
         for i, queries in enumerate(batches):
@@ -226,7 +212,7 @@ def peer_child(job_path: str) -> int:
                 times.append(t2 - t0)
                 search_s.append(t1 - t0)
                 ids.append(got.tolist())
-        after = memory_mb(os.getpid())
+        after = sl.memory_mb(os.getpid())
         peer.close()
     result = {
         "times": times,

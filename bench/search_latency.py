@@ -84,6 +84,7 @@ class BenchConfig:
     merge_wait_us: float | None = None  # None: `bankd serve`'s default
     threads: int = 0  # OpenMP threads of FAISS in each process; 0 = FAISS's default
     tune_allocator: bool = False  # bankd_client.tune_allocator() in this (the client) process
+    mmap_index: bool = False  # `bankd serve --mmap-index`: the index's vectors mapped
     workdir: str | None = None
     json: str | None = None
 
@@ -200,6 +201,8 @@ class ServerProcess:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-index", str(index_path)]
         if cfg.merge_wait_us is not None:
             cmd += ["--merge-wait-us", str(cfg.merge_wait_us)]
+        if cfg.mmap_index:
+            cmd += ["--mmap-index"]
         env = dict(os.environ)
         if cfg.threads:
             # The environment, not omp_set_num_threads: that only sets the calling
@@ -281,10 +284,43 @@ def serve_child(index: str, cfg: BenchConfig) -> int:
     argv += ["--grace", "1"]
     if cfg.merge_wait_us is not None:
         argv += ["--merge-wait-us", str(cfg.merge_wait_us)]
+    if cfg.mmap_index:
+        argv += ["--mmap-index"]
     return bankd_main(argv)
 
 
 # -- measuring -----------------------------------------------------------------------
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS, RssAnon, RssFile and VmHWM (peak RSS) of a process, MB; {} without /proc."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
+            out[name] = int(rest.split()[0]) / 1024
+    return out
+
+
+def memory_budget(index_path: Path, rss_mb: dict[str, float]) -> dict[str, float]:
+    """The server's resident memory against the bank it serves: index file + values
+    file, and the target 1.15 x (index + values) + 300 MB."""
+    paths = BankPaths(index_path)
+    index_mb = index_path.stat().st_size / 2**20
+    values_mb = paths.file("values.npy").stat().st_size / 2**20
+    bank_mb = index_mb + values_mb
+    limit = 1.15 * bank_mb + 300
+    out = {"index_mb": index_mb, "values_mb": values_mb, "limit_mb": limit}
+    if rss_mb:
+        out |= {
+            "rss_over_bank": rss_mb["VmRSS"] / bank_mb,
+            "rss_over_limit": rss_mb["VmRSS"] / limit,
+        }
+    return out
 
 
 def _stats(seconds: list[float]) -> dict[str, float]:
@@ -442,6 +478,7 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
                     f": reference {t['ref'] * 1e3:.1f} ms, bankd {t['rpc'] * 1e3:.1f} ms, "
                     f"without values {t['rpc_no_values'] * 1e3:.1f} ms"
                 )
+        memory = memory_mb(server.proc.pid)  # after every batch: the values touched
     finally:
         progress("stopping the server")
         server.stop()
@@ -455,6 +492,7 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
         "recall": recall_vs_exact(cfg, index_path, batches, found),
         "index": json.loads(BankPaths(index_path).manifest.read_text()).get("index", {}),
         "wire": wire_cost(want),
+        "memory": {"server": memory, **memory_budget(index_path, memory)},
         "reference_settings": f"faiss distance_compute_blas_threshold="
         f"{faiss.cvar.distance_compute_blas_threshold}, "
         f"{faiss.omp_get_max_threads()} OpenMP threads",
@@ -523,6 +561,16 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
         f"{r['paired_ratio_median']:.2f}",
         f"ratio without values (bankd ids-only RPC / faiss search) = {r['ratio_no_values']:.2f}",
     ]
+    m = r["memory"]
+    if m["server"]:
+        srv = m["server"]
+        lines.append(
+            f"server memory after the batches{' (--mmap-index)' if cfg.mmap_index else ''}: "
+            f"RSS {srv['VmRSS']:.0f} MiB (anonymous {srv['RssAnon']:.0f}, file-backed "
+            f"{srv['RssFile']:.0f}, peak {srv['VmHWM']:.0f}); index {m['index_mb']:.0f} + values "
+            f"{m['values_mb']:.0f} MiB; RSS / (index + values) = {m['rss_over_bank']:.2f}; "
+            f"RSS / (1.15 x (index + values) + 300 MiB) = {m['rss_over_limit']:.2f} (target <= 1)"
+        )
     if r["recall"] is not None:
         lines.append(
             f"recall@{cfg.k} against exact search of the same queries: reference "
@@ -574,6 +622,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     )
     p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--mmap-index",
+        action="store_true",
+        help="serve with `bankd serve --mmap-index` (the index's vectors mapped from the file)",
+    )
     p.add_argument("--serve-index", default=None, help=argparse.SUPPRESS)  # the server child
     a = p.parse_args(argv)
     positive = (a.n, a.d, a.batch, a.k, a.repeats, a.clusters)
