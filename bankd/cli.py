@@ -226,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_arguments(p)
     p.set_defaults(func=demo_data.run)
 
-    p = sub.add_parser("build", help="build a bank from LLaVA-format data")
+    p = sub.add_parser(
+        "build",
+        help="build a bank from LLaVA-format data (data-parallel under torchrun)",
+        description="Build a bank. Data-parallel: torchrun --nproc_per_node N -m bankd build "
+        "... (each rank encodes its part; rank 0 writes one bank, or --keep-shards one shard "
+        "per rank). Run the same command again to resume an interrupted build.",
+    )
     build_config.add_arguments(p)
     p.set_defaults(func=build_config.run)
 
