@@ -244,9 +244,8 @@ def _load_entries(config: BuildConfig) -> tuple[list[Sample], int]:
     return select_entries(samples, config.entries, config.seed), n_no_image
 
 
-def _rank_facts(config: BuildConfig, identity: dict, pipe: _Pipeline) -> dict:
+def _rank_facts(config: BuildConfig, identity: dict, pipe: _Pipeline, ids: np.ndarray) -> dict:
     """What every rank of a build must agree on: settings, data, entries, encoder."""
-    ids = entry_ids(pipe.samples)
     return {
         **identity,
         "data_sha256": sha256_file(config.data),
@@ -279,7 +278,7 @@ def build_bank(
     t_start = time.perf_counter()
     log.info("bankd build config: %s", json.dumps(config.to_dict(), sort_keys=True))
     samples, n_no_image = _load_entries(config)
-    n = len(samples)
+    ids, n = entry_ids(samples), len(samples)  # duplicate ids raise before any work
     bounds = pass2_bounds(n, env.world_size, config.batch_size, shards=config.keep_shards)
     rows = bounds[env.rank], bounds[env.rank + 1]
 
@@ -288,7 +287,7 @@ def build_bank(
         identity = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
         identity["device"] = pipe.device.type
         if env.distributed:
-            check_ranks_agree(env, _rank_facts(config, identity, pipe))
+            check_ranks_agree(env, _rank_facts(config, identity, pipe, ids))
             log.info("%d processes; pass-2 rows per rank: %s", env.world_size, bounds)
         work: BuildWorkDir | None = None
 
@@ -315,7 +314,7 @@ def build_bank(
         stage = env.broadcast(stage)  # the other ranks wait here while rank 0 trains
         if not env.is_main:
             compressor = pipe.load_trained(stage["weights"])
-        built = _Built(pipe, compressor, stage, n_no_image, t_start, env.world_size)
+        built = _Built(pipe, compressor, stage, ids, n_no_image, t_start, env.world_size)
 
         t = time.perf_counter()
         part = work
@@ -357,11 +356,12 @@ class _Built:
         pipe: _Pipeline,
         compressor: ValueCompressor,
         stage: dict,
+        ids: np.ndarray,
         n_no_image: int,
         t_start: float,
         world_size: int,
     ) -> None:
-        self.pipe, self.compressor, self.info = pipe, compressor, stage["info"]
+        self.pipe, self.compressor, self.info, self.ids = pipe, compressor, stage["info"], ids
         record = stage["record"]
         self.record = {k: v for k, v in record.items() if k != "timings"}  # state keeps its own
         self.timings = dict(record["timings"])
@@ -383,8 +383,7 @@ class _Built:
         if shard is not None and factory == AUTO:  # each shard: the index the bank would get
             factory = choose_factory(n, self.key_dim, budget).factory
             recall_target = DEFAULT_RECALL_TARGET if recall_target is None else recall_target
-        samples = self.pipe.samples[rows]
-        ids = entry_ids(samples)
+        samples, ids = self.pipe.samples[rows], self.ids[rows]
         shape = {"key_dim": self.key_dim, "value_shape": self.value_shape}
         with BankWriter(path, n_entries=len(samples), **shape) as w:
             for keys, values in chunks:
