@@ -12,7 +12,8 @@ GPU, a real encoder, a seeded 100k sample, an IVF index::
         --out bank/bank.faiss --encoder google/siglip-base-patch16-224 \\
         --entries 100000 --index-type IVF1024,Flat --device cuda
 
-Pipeline (``build_bank``): read and sample the pairs; pass 1 runs the frozen encoder over
+Pipeline (``build_bank``): read and sample the pairs; the training stage
+(``bankd.build_train``): pass 1 runs the frozen encoder over
 the pairs the Perceiver trains on plus the evaluation split, fitting the key center and
 caching the features when they fit the memory budget; the value compressor is trained
 self-supervised on them; the informativeness of its values (trained vs. the same
@@ -21,6 +22,12 @@ through encoder -> keys (``Embedder``, the path the server's Embed rpc uses) and
 (fp16), appended chunk by chunk (one encoder batch each) to the work directory, then
 copied into ``BankWriter``, which commits the bank atomically. Same inputs + seed ->
 byte-identical keys and values on the same machine.
+
+Data-parallel under torchrun (``bankd.build_parallel``): every rank encodes its own
+contiguous part of pass 2 on ``cuda:LOCAL_RANK``; rank 0 trains the Perceiver first and
+writes one bank equal to a one-process build's, or each rank writes its shard::
+
+    torchrun --nproc_per_node 8 -m bankd build --data ... --out bank/bank.faiss [--keep-shards]
 
 Interrupted (Ctrl-C, kill -9, a lost node)? Run the same command again: the build
 resumes from ``<out stem>.partial/`` (``bankd.workdir``), skipping pass 1 and training
@@ -32,6 +39,7 @@ discards the checkpoints.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -45,7 +53,18 @@ from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import __version__
 from .build_config import BuildConfig
+from .build_parallel import (
+    all_rows,
+    check_ranks_agree,
+    on_rank0,
+    pass2_bounds,
+    remove_checkpoints,
+    send_rows,
+    shard_align,
+)
+from .build_train import train_stage
 from .data import (
     ImageCaptionDataset,
     Sample,
@@ -56,38 +75,32 @@ from .data import (
     split_pairs,
     with_images,
 )
+from .distributed import DistEnv
 from .models.embedder import Embedder
 from .models.encoders import autocast_context, load_encoder, resolve_device
 from .models.keys import KeyConfig, KeyFunction
-from .models.perceiver import (
-    CachedFeatures,
-    FeatureBatch,
-    PerceiverSpec,
-    ValueCompressor,
-    compress,
-    train_compressor,
-)
-from .models.probe import format_informativeness, informativeness
-from .workdir import BuildWorkDir
+from .models.perceiver import FeatureBatch, PerceiverSpec, ValueCompressor, compress
+from .models.probe import format_informativeness
+from .store import sha256_file
+from .workdir import BuildWorkDir, work_dir_of
 
 log = logging.getLogger(__name__)
 
-PROBE_TRAIN_MAX = 4000  # pairs the informativeness probes are fitted on, at most
-MIN_EVAL_PAIRS = 20  # fewer held-out pairs than this: no informativeness report
-
 
 @contextlib.contextmanager
-def build_environment(config: BuildConfig) -> Iterator[None]:
+def build_environment(config: BuildConfig, processes: int = 1) -> Iterator[None]:
     """Deterministic kernels and a CPU thread count for the build; restored afterwards.
 
     On CPU, torch gets the cores left by the image-decoding workers (or by the main
-    process when there are none): on a busy 2-core machine one OpenMP thread ran the
-    2000-pair demo build 4x faster than two.
+    process when there are none), out of this process's share of the machine's cores
+    (``processes``: build processes on this machine): on a busy 2-core machine one
+    OpenMP thread ran the 2000-pair demo build 4x faster than two.
     """
     before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
-    threads = config.threads or max(1, (os.cpu_count() or 1) - max(1, config.workers))
+    cores = (os.cpu_count() or 1) // max(1, processes)
+    threads = config.threads or max(1, cores - max(1, config.workers))
     torch.set_num_threads(threads)
     try:
         yield
@@ -99,14 +112,40 @@ def build_environment(config: BuildConfig) -> Iterator[None]:
 class _Pipeline:
     """The frozen encoder, the embedder and data loading, shared by every pass."""
 
-    def __init__(self, config: BuildConfig, samples: list[Sample]) -> None:
+    def __init__(
+        self,
+        config: BuildConfig,
+        samples: list[Sample],
+        device: torch.device | None = None,
+        progress: bool | None = None,
+    ) -> None:
         self.config, self.samples = config, samples
-        self.device = resolve_device(config.device)
+        self.device = device or resolve_device(config.device)
+        self.progress = config.progress if progress is None else progress
         self.encoder = load_encoder(config.encoder, seed=config.seed, device=self.device)
         key_config = KeyConfig(temperature=config.key_temperature, text_weight=config.text_weight)
         key_function = KeyFunction(self.encoder.vision_dim, key_config, self.encoder.text_dim)
         self.embedder = Embedder(self.encoder, key_function)
         self.text_tokens = min(config.max_text_tokens, self.encoder.max_text_tokens)
+
+    def compressor(self, weights: bytes | None = None) -> ValueCompressor:
+        """The value compressor for this encoder, at its seeded initialisation or with
+        ``weights`` (safetensors bytes), on the device."""
+        spec = PerceiverSpec(max_text_tokens=self.text_tokens)
+        e = self.encoder
+        compressor = ValueCompressor(
+            spec, e.vision_dim, e.text_dim, e.num_patches, seed=self.config.seed
+        )
+        if weights is not None:
+            compressor.load_state_dict(load_safetensors(weights))
+            compressor.eval()
+        return compressor.to(self.device)
+
+    def load_trained(self, weights: dict[str, bytes]) -> ValueCompressor:
+        """The training stage's results: the key function's center (set here) and the
+        trained compressor, from {"keyfn": ..., "perceiver": ...} safetensors bytes."""
+        self.embedder.key_function.load_state_dict(load_safetensors(weights["keyfn"]))
+        return self.compressor(weights["perceiver"])
 
     def feature_bytes(self, n: int) -> int:
         e, t = self.encoder, self.text_tokens
@@ -146,7 +185,7 @@ class _Pipeline:
             initial=done,
             desc=desc,
             unit="pair",
-            disable=not self.config.progress,
+            disable=not self.progress,
         )
         for batch in self.loader(rows, seed, size):
             yield batch, *self.encode(batch)
@@ -170,237 +209,225 @@ class _Pipeline:
         return FeatureBatch(*(torch.cat(ts).cpu() for ts in zip(*parts, strict=True)))
 
 
-class _EncodedBatches:
-    """Compressor training batches recomputed by the encoder every epoch (no cache)."""
-
-    def __init__(self, pipe: _Pipeline, rows: np.ndarray, seed: int) -> None:
-        self.pipe, self.rows, self.seed, self.epoch = pipe, rows, seed, 0
-
-    def __iter__(self) -> Iterator[FeatureBatch]:
-        self.epoch += 1
-        size = self.pipe.config.perceiver_batch_size
-        for _, _, feats in self.pipe.batches(self.rows, "features", self.seed + self.epoch, size):
-            yield FeatureBatch(*(t.cpu() for t in feats))
-
-
-def _values(compressor: ValueCompressor, feats: FeatureBatch, chunk: int = 256) -> np.ndarray:
-    n = feats.vision.shape[0]
-    parts = [compress(compressor, [t[i : i + chunk] for t in feats]) for i in range(0, n, chunk)]
-    return torch.cat(parts).cpu().numpy()
-
-
-def _measure(
-    pipe: _Pipeline,
-    train_rows: np.ndarray,
-    eval_rows: np.ndarray,
-    cache,
-    models: dict[str, ValueCompressor],
-) -> dict:
-    """Informativeness of each compressor's values on the evaluation pairs."""
-    if min(len(eval_rows), len(train_rows)) < MIN_EVAL_PAIRS:
-        return {"skipped": f"needs >= {MIN_EVAL_PAIRS} training and evaluation pairs"}
-    probe_rows = train_rows
-    if len(probe_rows) > PROBE_TRAIN_MAX:
-        rng = np.random.default_rng([pipe.config.seed, 2])
-        probe_rows = np.sort(rng.choice(probe_rows, PROBE_TRAIN_MAX, replace=False))
-    fit, test = pipe.features(probe_rows, cache), pipe.features(eval_rows, cache)
-    values = {k: (_values(m, fit), _values(m, test)) for k, m in models.items()}
-    chosen = [[pipe.samples[i] for i in r] for r in (probe_rows, eval_rows)]
-    captions = [[s.caption for s in part] for part in chosen]
-    attributes = [[s.attributes for s in part] for part in chosen]
-    return informativeness(values, *captions, *attributes, seed=pipe.config.seed)
-
-
-# Fields that do not change what a build writes: a build resumes across changes to them.
-_NOT_IDENTITY = ("progress", "workers", "threads")
-
-
-def _train_stage(
-    pipe: _Pipeline, train_rows: np.ndarray, eval_rows: np.ndarray, work: BuildWorkDir
-) -> tuple[ValueCompressor, dict, dict]:
-    """Pass 1, the Perceiver, informativeness: (compressor, training record, info).
-
-    Checkpointed in ``work`` after training and after measuring; a resumed build loads
-    the key function's center and the compressor instead of recomputing them.
-    """
-    config, enc, kf = pipe.config, pipe.encoder, pipe.embedder.key_function
-    spec = PerceiverSpec(max_text_tokens=pipe.text_tokens)
-    dims = (enc.vision_dim, enc.text_dim, enc.num_patches)
-    cache = None
-    if (saved := work.trained()) is not None:
-        log.info("resuming: key function and Perceiver from %s", work.path)
-        kf.load_state_dict(load_safetensors(saved["keyfn"]))
-        compressor = ValueCompressor(spec, *dims, seed=config.seed)
-        compressor.load_state_dict(load_safetensors(saved["perceiver"]))
-        compressor = compressor.to(pipe.device).eval()
-        record = work.state["trained"]
-    else:
-        compressor, record, cache = _train(pipe, train_rows, eval_rows, spec, dims)
-        weights = {"keyfn": kf.weights_bytes(), "perceiver": compressor.weights_bytes()}
-        work.save_trained(weights, record)
-    if (info := work.record("informativeness")) is None:
-        t = time.perf_counter()
-        baseline = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
-        models = {"trained": compressor, "random_init": baseline}
-        info = _measure(pipe, train_rows, eval_rows, cache, models)
-        record["timings"]["informativeness_s"] = time.perf_counter() - t
-        work.record("informativeness", info)
-    return compressor, record, info
-
-
-def _train(pipe: _Pipeline, train_rows, eval_rows, spec: PerceiverSpec, dims: tuple) -> tuple:
-    """Pass 1 (key center, feature cache) and Perceiver training: (compressor, record, cache)."""
-    config, enc, kf = pipe.config, pipe.encoder, pipe.embedder.key_function
-    fit_rows = np.union1d(train_rows, eval_rows)
-    use_cache = pipe.feature_bytes(len(fit_rows)) <= config.feature_cache_mb * 2**20
-    log.info("features of %d pairs %s", len(fit_rows), "cached" if use_cache else "recomputed")
-    timings: dict[str, float] = {}
-
-    # Pass 1: the key center (and the feature cache).
-    t = time.perf_counter()
-    pooled, text_pooled, parts = [], [], []
-    for batch, _, feats in pipe.batches(fit_rows, "pass 1 (center)"):
-        pooled.append(kf.pool(feats.vision).cpu())
-        if kf.uses_text:
-            q_mask = batch["prompt_mask"].to(pipe.device)
-            with autocast_context(pipe.device):
-                q = enc.text_features(batch["prompt_ids"], q_mask)
-            text_pooled.append(kf.pool_text(q, q_mask).cpu())
-        if use_cache:
-            parts.append(FeatureBatch(*(x.cpu() for x in feats)))
-    kf.fit_center(pooled, text_pooled if kf.uses_text else None)
-    cache = (fit_rows, FeatureBatch(*map(torch.cat, zip(*parts, strict=True)))) if parts else None
-    del parts
-    timings["pass1_s"] = time.perf_counter() - t
-
-    # The value compressor (its untrained twin is the informativeness baseline).
-    t = time.perf_counter()
-    compressor = ValueCompressor(spec, *dims, seed=config.seed).to(pipe.device)
-    if cache is not None:
-        source = CachedFeatures(
-            *pipe.features(train_rows, cache),
-            batch_size=config.perceiver_batch_size,
-            seed=config.seed,
-        )
-    else:
-        source = _EncodedBatches(pipe, train_rows, config.seed)
-    losses = []
-    if config.perceiver_steps and len(train_rows):
-        losses = train_compressor(
-            compressor,
-            source,
-            config.perceiver_steps,
-            config.perceiver_lr,
-            config.seed,
-            vocab_size=enc.vocab_size,
-            progress=config.progress,
-        )
-    timings["perceiver_s"] = time.perf_counter() - t
-    record = {
-        "steps": len(losses),
-        "train_pairs": int(len(train_rows)),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(losses[-20:])) if losses else None,
-        "timings": timings,
-    }
-    return compressor, record, cache
+# Fields that do not change the checkpoints: a build resumes across changes to them
+# (keep_shards decides only how the rows are written out).
+_NOT_IDENTITY = ("progress", "workers", "threads", "keep_shards")
 
 
 def _pass2(
-    pipe: _Pipeline, compressor: ValueCompressor, work: BuildWorkDir, value_shape: tuple
+    pipe: _Pipeline,
+    compressor: ValueCompressor,
+    work: BuildWorkDir,
+    value_shape: tuple,
+    rows: tuple[int, int] | None = None,
 ) -> None:
-    """Every entry -> key + value, appended to ``work`` chunk by chunk from where it stopped."""
-    n, size = len(pipe.samples), pipe.config.batch_size
-    done = work.rows_done
+    """Entries ``rows`` (a range; all by default) -> key + value, appended to ``work``
+    chunk by chunk from where it stopped."""
+    lo, hi = rows or (0, len(pipe.samples))
+    size, done = pipe.config.batch_size, work.rows_done
     if done:
-        chunks = -(-n // size)
+        n, chunks = hi - lo, -(-(hi - lo) // size)
         log.info("resuming from chunk %d/%d (%d of %d entries done)", done // size, chunks, done, n)
-    with work.open_rows(pipe.embedder.key_function.dim, value_shape) as rows:
-        for _, keys, values in pipe.keys_and_values(compressor, np.arange(done, n), done):
-            rows.append(keys, values)
+    with work.open_rows(pipe.embedder.key_function.dim, value_shape) as out:
+        for _, keys, values in pipe.keys_and_values(compressor, np.arange(lo + done, hi), done):
+            out.append(keys, values)
 
 
-def build_bank(config: BuildConfig, *, restart: bool = False, discard_other: bool = False) -> Path:
-    """Build the bank described by ``config``; return the index path.
-
-    Checkpoints go to ``<out stem>.partial/`` (``bankd.workdir``): run the same build
-    again after an interruption and it resumes; ``restart`` discards them first, and
-    ``discard_other`` discards them only when they belong to other inputs.
-    """
-    from .autoindex import parse_bytes
-    from .store import BankWriter  # the store (and faiss) only when building
-
-    t_start = time.perf_counter()
-    log.info("bankd build config: %s", json.dumps(config.to_dict(), sort_keys=True))
+def _load_entries(config: BuildConfig) -> tuple[list[Sample], int]:
+    """(the pairs the bank holds, how many samples had no image)."""
     all_samples = load_llava_json(config.data)
     samples, n_no_image = with_images(all_samples)
     if n_no_image:
         log.warning("skipping %d of %d samples without an image", n_no_image, len(all_samples))
     if not samples:
         raise ValueError(f"{config.data}: no sample has an image")
-    samples = select_entries(samples, config.entries, config.seed)
-    ids = entry_ids(samples)
-    n = len(samples)
+    return select_entries(samples, config.entries, config.seed), n_no_image
 
-    with build_environment(config):
-        pipe = _Pipeline(config, samples)
-        enc, kf = pipe.encoder, pipe.embedder.key_function
+
+def _rank_facts(config: BuildConfig, identity: dict, pipe: _Pipeline, ids: np.ndarray) -> dict:
+    """What every rank of a build must agree on: settings, data, entries, encoder."""
+    return {
+        **identity,
+        "data_sha256": sha256_file(config.data),
+        "entries_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+        "vision_encoder": pipe.encoder.vision_fingerprint().to_dict(),
+        "text_encoder": pipe.encoder.text_fingerprint().to_dict(),
+        "bankd": __version__,
+    }
+
+
+def build_bank(
+    config: BuildConfig,
+    *,
+    restart: bool = False,
+    discard_other: bool = False,
+    env: DistEnv | None = None,
+) -> Path:
+    """Build the bank described by ``config``; return the index path.
+
+    Checkpoints go to ``<out stem>.partial/`` (``bankd.workdir``): run the same build
+    again after an interruption and it resumes; ``restart`` discards them first, and
+    ``discard_other`` discards them only when they belong to other inputs.
+
+    ``env`` (``bankd.distributed.init_distributed``): this process's rank in a torchrun
+    job whose every rank calls ``build_bank`` with the same config; each encodes its
+    part of pass 2 (``bankd.build_parallel``). None: one process. With
+    ``config.keep_shards`` each rank writes its part as a shard and returns its path.
+    """
+    env = env or DistEnv(device=resolve_device(config.device))
+    t_start = time.perf_counter()
+    log.info("bankd build config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    samples, n_no_image = _load_entries(config)
+    ids, n = entry_ids(samples), len(samples)  # duplicate ids raise before any work
+    bounds = pass2_bounds(n, env.world_size, config.batch_size, shards=config.keep_shards)
+    rows = bounds[env.rank], bounds[env.rank + 1]
+
+    with build_environment(config, env.local_world_size):
+        pipe = _Pipeline(config, samples, env.device, config.progress and env.is_main)
         identity = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
-        identity["device"] = str(pipe.device)
-        work = BuildWorkDir.open(
-            config.out, identity, config.data, restart=restart, discard_other=discard_other
-        )
+        identity["device"] = pipe.device.type
+        if env.distributed:
+            check_ranks_agree(env, _rank_facts(config, identity, pipe, ids))
+            log.info("%d processes; pass-2 rows per rank: %s", env.world_size, bounds)
+        work: BuildWorkDir | None = None
+
+        def open_work() -> str:
+            nonlocal work
+            work = BuildWorkDir.open(
+                config.out, identity, config.data, restart=restart, discard_other=discard_other
+            )
+            work.keep_rows_of(env.world_size)
+            return work.build_id
+
+        build_id = on_rank0(env, open_work)  # rank 0's work dir, or its refusal, everywhere
         train_rows, eval_rows = split_pairs(
             n, config.eval_fraction, config.perceiver_train_samples, config.seed
         )
         counts = (n, len(train_rows), len(eval_rows))
         log.info("%d entries, %d compressor-training, %d evaluation pairs", *counts)
-        compressor, record, info = _train_stage(pipe, train_rows, eval_rows, work)
-        record = {k: v for k, v in record.items() if k != "timings"}  # state keeps its own
-        timings = dict(work.state["trained"]["timings"])
+        stage = None
+        if env.is_main:
+            compressor, record, info = train_stage(pipe, train_rows, eval_rows, work)
+            kf = pipe.embedder.key_function
+            weights = {"keyfn": kf.weights_bytes(), "perceiver": compressor.weights_bytes()}
+            stage = {"weights": weights, "record": record, "info": info}
+        stage = env.broadcast(stage)  # the other ranks wait here while rank 0 trains
+        if not env.is_main:
+            compressor = pipe.load_trained(stage["weights"])
+        built = _Built(pipe, compressor, stage, ids, n_no_image, t_start, env.world_size)
 
         t = time.perf_counter()
-        value_shape = (compressor.spec.num_latents, compressor.spec.d_latents)
-        _pass2(pipe, compressor, work, value_shape)
-        timings["pass2_s"] = time.perf_counter() - t
+        part = work
+        if env.distributed:
+            part = BuildWorkDir.open_part(
+                work_dir_of(config.out), build_id, env.rank, env.world_size, rows
+            )
+        _pass2(pipe, compressor, part, built.value_shape, rows)
+        built.timings["pass2_s"] = time.perf_counter() - t
 
-        keys, values = work.rows(n, kf.dim, value_shape)
-        with BankWriter(config.out, n_entries=n, key_dim=kf.dim, value_shape=value_shape) as w:
-            for s in range(0, n, 8192):
-                w.add(keys[s : s + 8192], values[s : s + 8192], ids[s : s + 8192])
-            timings["total_s"] = time.perf_counter() - t_start
+        keys, values = part.rows(rows[1] - rows[0], built.key_dim, built.value_shape)
+        own = ((keys[s : s + 8192], values[s : s + 8192]) for s in range(0, len(keys), 8192))
+        if config.keep_shards:
+            path = built.write_shard(env, bounds, own)
+        elif env.is_main:
+            every = all_rows(env, own, bounds, built.key_dim, built.value_shape)
+            path = built.write(config.out, every, slice(0, n))
+        else:
+            send_rows(env, keys, values)
+            path = config.out
+        del keys, values, own
+        remove_checkpoints(env, work, part)
+    if env.is_main:
+        log.info(
+            "bank written to %s in %.1f s\n%s",
+            path,
+            built.timings["total_s"],
+            format_informativeness(built.info),
+        )
+    return path
+
+
+class _Built:
+    """What a build wrote to its checkpoints (models, training record) and how it is
+    committed: one bank, or one shard per rank."""
+
+    def __init__(
+        self,
+        pipe: _Pipeline,
+        compressor: ValueCompressor,
+        stage: dict,
+        ids: np.ndarray,
+        n_no_image: int,
+        t_start: float,
+        world_size: int,
+    ) -> None:
+        self.pipe, self.compressor, self.info, self.ids = pipe, compressor, stage["info"], ids
+        record = stage["record"]
+        self.record = {k: v for k, v in record.items() if k != "timings"}  # state keeps its own
+        self.timings = dict(record["timings"])
+        self.n_no_image, self.t_start, self.world_size = n_no_image, t_start, world_size
+        self.key_dim = pipe.embedder.key_function.dim
+        self.value_shape = (compressor.spec.num_latents, compressor.spec.d_latents)
+
+    def write(
+        self, path: Path, chunks: Iterator[tuple], rows: slice, shard: dict | None = None
+    ) -> Path:
+        """Commit entries ``rows`` at ``path``, their keys and values read from ``chunks``
+        in order; ``shard``: the ``config.shard`` record of one shard."""
+        from .autoindex import AUTO, DEFAULT_RECALL_TARGET, choose_factory, parse_bytes
+        from .store import BankWriter  # the store (and faiss) only when building
+
+        config, enc, kf = self.pipe.config, self.pipe.encoder, self.pipe.embedder.key_function
+        n, budget = len(self.pipe.samples), parse_bytes(config.memory_budget)
+        factory, recall_target = config.index_factory, config.recall_target
+        if shard is not None and factory == AUTO:  # each shard: the index the bank would get
+            factory = choose_factory(n, self.key_dim, budget).factory
+            recall_target = DEFAULT_RECALL_TARGET if recall_target is None else recall_target
+        samples, ids = self.pipe.samples[rows], self.ids[rows]
+        shape = {"key_dim": self.key_dim, "value_shape": self.value_shape}
+        with BankWriter(path, n_entries=len(samples), **shape) as w:
+            for keys, values in chunks:
+                w.add(keys, values, ids[w.count : w.count + len(keys)])
+            self.timings["total_s"] = time.perf_counter() - self.t_start
             report = {
                 "entries": n,
-                "skipped_without_image": n_no_image,
-                "perceiver": record,
-                "informativeness": info,
-                "timings": {k: round(v, 2) for k, v in timings.items()},
+                "skipped_without_image": self.n_no_image,
+                "perceiver": self.record,
+                "informativeness": self.info,
+                "timings": {k: round(v, 2) for k, v in self.timings.items()},
             }
             resolved = {
                 **config.to_dict(),
-                "perceiver": compressor.to_config(),
+                "perceiver": self.compressor.to_config(),
                 "key_function": kf.to_config(),
-                "device": str(pipe.device),
+                "device": str(self.pipe.device),
                 "threads": torch.get_num_threads(),
+                "world_size": self.world_size,
+                **({"shard": shard} if shard is not None else {}),
             }
-            path = w.finish(
-                index_factory=config.index_factory,
+            return w.finish(
+                index_factory=factory,
                 metric="ip",
                 vision_encoder=enc.vision_fingerprint(),
                 text_encoder=enc.text_fingerprint(),
                 key_function={"config": kf.to_config(), "weights": kf.weights_bytes()},
-                weights={"perceiver": compressor.weights_bytes()},
+                weights={"perceiver": self.compressor.weights_bytes()},
                 config=resolved,
                 source_ids=[s.id for s in samples],
                 report=report,
                 seed=config.seed,
-                memory_budget_bytes=parse_bytes(config.memory_budget),
-                recall_target=config.recall_target,
+                memory_budget_bytes=budget,
+                recall_target=recall_target,
                 recall_k=config.recall_k,
             )
-        del keys, values
-        work.remove()  # after the commit: a crash before this only costs re-committing
-    log.info(
-        "bank written to %s in %.1f s\n%s", path, timings["total_s"], format_informativeness(info)
-    )
-    return Path(path)
+
+    def write_shard(self, env: DistEnv, bounds: list[int], chunks: Iterator[tuple]) -> Path:
+        """This rank's entries as shard r of W next to ``--out``, as ``bankd shard``
+        names and writes it."""
+        from .shard import shard_paths
+
+        config, (lo, hi) = self.pipe.config, bounds[env.rank : env.rank + 2]
+        shard = {"index": env.rank, "of": env.world_size, "rows": [lo, hi]}
+        shard["align_rows"] = shard_align(bounds, config.batch_size)
+        path = shard_paths(config.out, env.world_size, config.out.parent)[env.rank]
+        return self.write(path, chunks, slice(lo, hi), shard)

@@ -43,6 +43,7 @@ class BuildConfig:
     feature_cache_mb: int = 2048  # cache frozen features in memory up to this size
     threads: int | None = None  # torch CPU threads; None = cores minus max(1, workers)
     progress: bool = True
+    keep_shards: bool = False  # under torchrun: rank r writes <out stem>-<r>-of-<W>.faiss
 
     def __post_init__(self) -> None:
         lowest = {"entries": 1, "batch_size": 1, "workers": 0, "perceiver_steps": 0, "threads": 1}
@@ -109,6 +110,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--no-progress", action="store_true", help="no progress bars")
     add(
+        "--keep-shards",
+        action="store_true",
+        help="under torchrun (W processes): each rank writes its part of the bank as a shard, "
+        "<out stem>-<r>-of-<W>.faiss next to --out, the layout of `bankd shard` (one bankd "
+        "serve each); default: rank 0 writes one bank at --out",
+    )
+    add(
         "--restart",
         action="store_true",
         help="discard the checkpoints of an interrupted build of this --out and start over "
@@ -117,8 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``bankd build``; bad arguments raise ValueError."""
+    """Entry point of ``bankd build``; bad arguments raise ValueError.
+
+    Under torchrun every rank runs this; only rank 0 prints.
+    """
     from .build import build_bank
+    from .build_parallel import COLLECTIVE_TIMEOUT
+    from .distributed import init_distributed
+    from .shard import shard_paths
     from .store import BankPaths
 
     same_name = (*_FLAG_FIELDS, "threads")
@@ -129,12 +143,23 @@ def run(args: argparse.Namespace) -> int:
         recall_target=args.recall_target or None,
         recall_k=args.recall_k,
         progress=not args.no_progress,
+        keep_shards=args.keep_shards,
     )
-    path = build_bank(config, restart=args.restart)
+    env = init_distributed(config.device, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        path = build_bank(config, restart=args.restart, env=env)
+    finally:
+        env.close()
+    if not env.is_main:
+        return 0
     manifest = json.loads(BankPaths(path).manifest.read_text())
     report, index = manifest.get("report") or {}, manifest.get("index") or {}
     timings = report.get("timings", {})
-    print(f"build: wrote {report.get('entries')} entries to {path} in {timings.get('total_s')} s")
+    where = path
+    if config.keep_shards:
+        shards = shard_paths(config.out, env.world_size, config.out.parent)
+        where = f"{env.world_size} shards, {', '.join(map(str, shards))}"
+    print(f"build: wrote {report.get('entries')} entries to {where} in {timings.get('total_s')} s")
     recall, params = index.get("recall", {}), index.get("search_params") or "none"
     print(
         f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "

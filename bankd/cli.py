@@ -2,6 +2,7 @@
 
 bankd demo-data --out data/shapes --n 2000
 bankd build --data data/shapes/data.json --image-folder data/shapes --out bank/bank.faiss
+torchrun --nproc_per_node 4 -m bankd build ... [--keep-shards]     # pass 2 on 4 processes
 bankd serve --index bank/bank.faiss --port 50051 --metrics-port 9100
 bankd shard --index bank/bank.faiss --shards 4 --out bank/shards/   # one bankd per shard
 bankd info  --target localhost:50051
@@ -225,7 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_arguments(p)
     p.set_defaults(func=demo_data.run)
 
-    p = sub.add_parser("build", help="build a bank from LLaVA-format data")
+    p = sub.add_parser(
+        "build",
+        help="build a bank from LLaVA-format data (data-parallel under torchrun)",
+        description="Build a bank. Data-parallel: torchrun --nproc_per_node N -m bankd build "
+        "... (each rank encodes its part; rank 0 writes one bank, or --keep-shards one shard "
+        "per rank). Run the same command again to resume an interrupted build.",
+    )
     build_config.add_arguments(p)
     p.set_defaults(func=build_config.run)
 
@@ -253,9 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # Under torchrun (`bankd build`) only rank 0 logs below WARNING; every line says its rank.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    level = logging.getLevelName(args.log_level.upper())
+    if rank > 0 and isinstance(level, int):
+        level = max(level, logging.WARNING)
+    who = f" [rank {rank}]" if world > 1 else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
     # FAISS's loader reports at INFO each CPU-specific build it tries and does not find.
     logging.getLogger("faiss.loader").setLevel(max(logging.WARNING, logging.root.level))
     try:

@@ -48,9 +48,7 @@ def shard_bounds(n: int, shards: int, align: int = ALIGN_ROWS) -> list[int]:
         raise ValueError(f"cannot split {n} entries into {shards} non-empty shards")
     if align < 1:
         raise ValueError(f"--align-rows must be at least 1, got {align}")
-    even = [n * i // shards for i in range(shards + 1)]
-    aligned = [0] + [align * round(b / align) for b in even[1:-1]] + [n]
-    if all(lo < hi for lo, hi in zip(aligned, aligned[1:], strict=False)):
+    if (aligned := aligned_bounds(n, shards, align)) is not None:
         return aligned
     log.warning(
         "%d entries are too few for %d shards aligned to %d rows: splitting evenly; "
@@ -59,7 +57,17 @@ def shard_bounds(n: int, shards: int, align: int = ALIGN_ROWS) -> list[int]:
         shards,
         align,
     )
-    return even
+    return [n * i // shards for i in range(shards + 1)]
+
+
+def aligned_bounds(n: int, shards: int, align: int) -> list[int] | None:
+    """The even split's boundaries rounded to the nearest multiple of `align`, or None
+    when that leaves a range empty."""
+    even = [n * i // shards for i in range(shards + 1)]
+    aligned = [0] + [align * round(b / align) for b in even[1:-1]] + [n]
+    if all(lo < hi for lo, hi in zip(aligned, aligned[1:], strict=False)):
+        return aligned
+    return None
 
 
 def shard_paths(index: Path, shards: int, out: Path) -> list[Path]:

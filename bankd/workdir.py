@@ -6,6 +6,8 @@ For ``--out bank/bank.faiss`` it is ``bank/bank.partial/``:
     keyfn.safetensors       the key function fitted in pass 1
     perceiver.safetensors   the trained value compressor
     keys.f32, values.f16    pass-2 rows in row order, raw little-endian, append-only
+    rank-<r>-of-<W>/        under torchrun: rank r's pass-2 rows (its own state.json,
+                            keys.f32, values.f16), on that rank's own file system
 
 Each pass-2 chunk (one encoder batch) is appended and fsynced before ``state.json``
 counts it, so after a crash the files hold at least ``rows_done`` good rows; anything
@@ -16,6 +18,12 @@ take it for a bank; it is removed once the bank is committed.
 A build resumes only when its identity (the config fields that decide the bank, the
 data file's SHA-256 and the bankd version) equals the one recorded here; otherwise
 it stops and says which fields changed (``--restart`` discards the directory).
+
+A torchrun build (``bankd build`` under ``torchrun``) keeps the training stage here
+(rank 0) and each rank's pass-2 rows in ``rank-<r>-of-<W>/``, whose state names the
+build (``build_id``, a random id drawn when this directory is created) and the rank's
+row range; a rank's rows of another build or range are discarded. Rerun with another
+number of processes, the build keeps the trained weights and starts pass 2 over.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +106,66 @@ class BuildWorkDir:
                 f"(changed: {changed}); "
                 "run the original command to resume it, or add --restart to discard it"
             )
+        state = {"identity": identity, "identity_sha256": _digest(identity), "rows_done": 0}
+        return cls._create(path, state | {"build_id": uuid.uuid4().hex})
+
+    @classmethod
+    def open_part(
+        cls, work: Path, build_id: str, rank: int, world_size: int, rows: tuple[int, int]
+    ) -> BuildWorkDir:
+        """Rank ``rank``'s pass-2 rows ``rows`` (a range) of build ``build_id``, resumed
+        or new: ``<work>/rank-<rank>-of-<world_size>/``.
+
+        Every rank opens its own after rank 0 opened ``work`` (``open``), which need not
+        be on the same file system: rows of another build or range are discarded.
+        """
+        path = work / f"rank-{rank}-of-{world_size}"
+        identity = {"build_id": build_id, "rank": rank, "world_size": world_size}
+        identity["rows"] = list(rows)
+        if (path / STATE).exists():
+            state = json.loads((path / STATE).read_text())
+            if state.get("identity") == identity:
+                return cls(path, state)
+            log.info("discarding %s: the rows of another build or row range", path)
+        return cls._create(path, {"identity": identity, "rows_done": 0})
+
+    @classmethod
+    def _create(cls, path: Path, state: dict[str, Any]) -> BuildWorkDir:
         if path.exists():  # created, but interrupted before its first state was written
             shutil.rmtree(path)
         path.mkdir(parents=True)
-        state = {"identity": identity, "identity_sha256": _digest(identity), "rows_done": 0}
         work = cls(path, state)
         work._save()
         return work
+
+    @property
+    def build_id(self) -> str:
+        """A random id of this build's checkpoints; every rank's rows carry it."""
+        if "build_id" not in self.state:  # written before ids were drawn
+            self.record("build_id", uuid.uuid4().hex)
+        return self.state["build_id"]
+
+    def keep_rows_of(self, world_size: int) -> None:
+        """Discard the pass-2 rows of runs with another number of processes (here and in
+        ``rank-*`` folders on this file system); the training stage is kept."""
+        ranks = sorted(self.path.glob("rank-*-of-*"))
+        stale = [p for p in ranks if p.name.split("-")[-1] != str(world_size)]
+        if world_size > 1 and self.rows_done:
+            stale += [self.path / "keys.f32", self.path / "values.f16"]
+            self.state["rows_done"] = self.state["chunks_done"] = 0
+            self._save()
+        if stale:
+            log.info(
+                "discarding the pass-2 rows of a run with another number of processes "
+                "(%s): pass 2 starts over with %d",
+                ", ".join(p.name for p in stale),
+                world_size,
+            )
+        for p in stale:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
 
     def _save(self) -> None:
         _write_atomically(self.path / STATE, json.dumps(self.state, sort_keys=True).encode())
@@ -146,6 +208,8 @@ class BuildWorkDir:
         """All n rows, memory-mapped: keys (n, d) float32, values (n, *value_shape) float16."""
         if self.rows_done != n:
             raise ValueError(f"{self.path}: {self.rows_done} of {n} rows written")
+        if n == 0:  # a rank with no rows (np.memmap cannot map an empty file)
+            return np.empty((0, key_dim), np.float32), np.empty((0, *value_shape), np.float16)
         keys = np.memmap(self.path / "keys.f32", np.float32, "r", shape=(n, key_dim))
         values = np.memmap(self.path / "values.f16", np.float16, "r", shape=(n, *value_shape))
         return keys, values
