@@ -348,6 +348,30 @@ def test_split_follows_the_lowest_shard_limit(setup: SimpleNamespace) -> None:
         small.stop(grace=0)
 
 
+# -- a shard with replicas --------------------------------------------------------------
+
+
+def test_a_shard_served_by_replicas(setup: SimpleNamespace) -> None:
+    """Shard 0 behind one target naming two replicas of it, balanced round-robin: the
+    same answers, and both replicas take calls."""
+    twin = start_server(setup.shards[0])
+    replicas = (setup.servers[1], twin)
+    shard_0 = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in replicas)
+    targets = [shard_0] + [f"127.0.0.1:{s.port}" for s in setup.servers[2:]]
+    q = queries(setup, 8, seed=17)
+    want = setup.full.search(q, k=5)
+    before = [searches_answered(s) for s in replicas]
+    try:
+        with ShardedBankClient(targets, timeout=30, load_balancing="round_robin") as bank:
+            assert bank.info().entries == N
+            for _ in range(10):
+                assert_equal_hits(bank.search(q, k=5), want)
+    finally:
+        twin.stop(grace=0)
+    took = [searches_answered(s) - b for s, b in zip(replicas, before, strict=True)]
+    assert sum(took) == 10 and min(took) > 0, took
+
+
 # -- info and fetch ---------------------------------------------------------------------
 
 
