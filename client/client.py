@@ -8,6 +8,9 @@
 
 numpy in, numpy out; torch in, torch out. UNAVAILABLE is retried by gRPC's own retry
 policy (service config), status codes come back as ``bankd_client.errors`` classes.
+With ``load_balancing="round_robin"``, a target that resolves to several addresses
+(replicas of one bank: a Kubernetes headless Service, "ipv4:10.0.0.1:50051,10.0.0.2:50051")
+gets its calls spread over all of them, skipping a replica whose connection is down.
 A batch whose response would be over the message limit (the server's or this
 client's, whichever is lower) is split into row chunks that fit, searched one after
 another and put back together in order.
@@ -39,6 +42,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 60.0
 RESPONSE_FRAMING_BYTES = 4096  # what the server allows a response beyond its hits
 HIT_BYTES = 8 + 4  # an id (int64) and a score (float32)
+LB_POLICIES = (None, "pick_first", "round_robin")  # None: gRPC's default, pick_first
 
 
 def _retry_service_config(max_attempts: int) -> str:
@@ -72,8 +76,9 @@ class BankClient:
     """Client of one bankd (or a load-balanced set of replicas behind one target).
 
     Args:
-        target: "host:port", or any gRPC target ("dns:///bankd:50051" for round-robin
-            over the addresses a headless service resolves to).
+        target: "host:port", or any gRPC target that may resolve to several replicas
+            of the bank ("dns:///bankd-headless.ns.svc.cluster.local:50051", one address
+            per ready pod; "ipv4:10.0.0.1:50051,10.0.0.2:50051").
         timeout: default deadline of each call, in seconds (None: no deadline).
         tls: use TLS. Implied by root_certificates / client cert options.
         root_certificates: PEM (bytes or path) of the CA that signed the server's
@@ -87,8 +92,16 @@ class BankClient:
         token_file: a file holding the token (read once, here), instead of token.
         max_message_bytes: send and receive limit (a response holds B * k * 32 * 96 * 2
             bytes of values; larger ones are split, see split_batches).
-        retry_attempts: attempts per call when the server answers UNAVAILABLE.
-        load_balancing: gRPC load-balancing policy, e.g. "round_robin".
+        retry_attempts: attempts per call when the server answers UNAVAILABLE (with
+            round_robin, a retry goes to the next replica).
+        load_balancing: gRPC load-balancing policy over the target's addresses.
+            "round_robin": each call to the next replica with a working connection; a
+            replica that drops out is reconnected in the background with gRPC's backoff
+            (1 s growing to 120 s). None (gRPC's default) or "pick_first": every call to
+            the first address that connects, so a client sticks to one replica; a
+            dropped connection is reopened on the next call. Not round_robin by default
+            because of that: a client idle while its one server restarts gets
+            Unavailable until the backoff's next attempt, not a connection at once.
         split_batches: split a search whose response would be over the message limit
             (the server's ``info().max_message_bytes`` or max_message_bytes, the lower)
             into row chunks that fit, and join their answers in order. False: send it
@@ -116,6 +129,8 @@ class BankClient:
     ) -> None:
         if not 1 <= retry_attempts <= 5:
             raise ValueError("retry_attempts must be between 1 and 5 (gRPC caps it at 5)")
+        if load_balancing not in LB_POLICIES:
+            raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
         self.target = target
         self.timeout = timeout
         self.split_batches = split_batches
@@ -144,6 +159,13 @@ class BankClient:
                 raise ValueError("server_name checks the server's certificate: it needs TLS")
             opts["grpc.ssl_target_name_override"] = server_name
         opts.update(dict(options))
+        names = {"grpc.ssl_target_name_override", "grpc.default_authority"}
+        if secure and target.startswith(("ipv4:", "ipv6:")) and "," in target:
+            if not names & opts.keys():  # gRPC would check the certificate for "a:p,b:p"
+                raise ValueError(
+                    f"{target} lists several addresses and no host name: give server_name, "
+                    "the name the replicas' certificate carries"
+                )
         self.max_message_bytes = int(opts["grpc.max_receive_message_length"])
         # Per-call metadata carries the token only in plaintext; with TLS the channel's
         # call credentials do.

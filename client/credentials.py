@@ -1,4 +1,5 @@
-"""Client-side TLS and token options, and the command-line flags that fill them.
+"""Client-side TLS, token and load-balancing options, and the command-line flags that
+fill them.
 
     add_connection_flags(parser)                  # --tls-ca --tls-cert ... (bankd info/query)
     add_connection_flags(parser, prefix="bank-")  # --bank-tls-ca ...      (tinyalign --bank)
@@ -27,6 +28,7 @@ _OPTIONS = {
     "tls_key": "client_key",
     "tls_server_name": "server_name",
     "auth_token_file": "token_file",
+    "lb_policy": "load_balancing",
 }
 
 
@@ -57,7 +59,8 @@ def read_file(path: str | os.PathLike, *, flag: str) -> bytes:
 
 
 def add_connection_flags(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """TLS and token flags of a command that connects to bankd (``--{prefix}tls-ca`` ...)."""
+    """TLS, token and load-balancing flags of a command that connects to bankd
+    (``--{prefix}tls-ca`` ...)."""
     g = parser.add_argument_group(f"{prefix.replace('-', ' ')}connection security")
     g.add_argument(
         f"--{prefix}tls",
@@ -76,10 +79,17 @@ def add_connection_flags(parser: argparse.ArgumentParser, prefix: str = "") -> N
         default=os.environ.get(TOKEN_FILE_ENV) or None,
         help=f"file holding the bearer token (default: ${TOKEN_FILE_ENV})",
     )
+    parser.add_argument(
+        f"--{prefix}lb-policy",
+        choices=["pick_first", "round_robin"],
+        help="gRPC load balancing over the addresses the target resolves to: round_robin "
+        "spreads calls over replicas (a headless Service's dns:/// name); default pick_first",
+    )
 
 
 def connection_options(source: Any, prefix: str = "") -> dict[str, Any]:
-    """BankClient keywords from ``source``'s ``{prefix}tls_ca``, ... attributes (set ones)."""
+    """BankClient keywords from ``source``'s ``{prefix}tls_ca``, ..., ``{prefix}lb_policy``
+    attributes (set ones)."""
     attr = prefix.replace("-", "_")
     out: dict[str, Any] = {}
     for suffix, keyword in _OPTIONS.items():

@@ -5,13 +5,16 @@
         hits = bank.search(keys, k=5, exclude_ids=[[3], [17]])  # same Hits as BankClient
 
 The shards are complete banks written by ``bankd shard`` (entry ids kept, so exclusion
-stays global). Each call goes to every shard at once (gRPC futures, no threads); search
-merges the S per-shard top-k lists per query into the exact global top-k. Values: only
-k of the S * k hits per query survive the merge, so once the values the merge would
-drop pass 1 MiB, shards are asked for ids and scores only, and the winners' values are
-fetched after the merge from the shard that holds each (one Fetch per shard, at once):
-a second round trip instead of S times the value bytes. A shard that fails fails the
-call with its usual error class, the message naming the shard: never partial results.
+stays global); a shard's target may name several replicas of it, balanced as BankClient
+balances them (``load_balancing="round_robin"``). Each call goes to every shard at once
+(gRPC futures, no threads); search merges the S per-shard top-k lists per query into the
+exact global top-k. Values: only k of the S * k hits per query survive the merge, so
+once the values the merge would drop pass 1 MiB, shards are asked for ids and scores
+only, and the winners' values are fetched after the merge from the shard that holds
+each (one Fetch per shard, at once): a second round trip instead of S times the value
+bytes. A batch whose response would be over the message limit is split into row chunks
+as BankClient splits it. A shard that fails fails the call with its usual error class,
+the message naming the shard: never partial results.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import grpc
 import numpy as np
 
 from . import errors, tensors
-from .client import BankClient
+from .client import BankClient, _end_of, _join, _left
 from .proto import bankd_pb2 as pb
 from .types import BankInfo, Hits, SearchQuery
 
@@ -38,13 +41,15 @@ _FETCH_CHUNK = 16_384  # ids per Fetch call (a server takes up to 65536)
 
 @dataclass
 class _PendingSearch:
-    """One batch's Search calls in flight, and what finishing it takes."""
+    """The Search calls of one batch (or of one row chunk of it) in flight, and what
+    finishing it takes."""
 
     calls: list[tuple[int, grpc.Future]]
     k: int
     fetch_values: bool  # ids only were asked for: fetch the winners' values after the merge
+    end: float | None  # the batch's deadline (time.monotonic), None: none
+    last: bool  # the batch's last chunk: its hits are complete once this one is in
     as_torch: bool
-    timeout: float | None
 
 
 def merge_hits(parts: Sequence[Hits], k: int, metric: str = "ip") -> Hits:
@@ -205,6 +210,9 @@ class ShardedBankClient:
             self.close()
             raise
         self.timeout = self.shards[0].timeout
+        # What BankClient's batch split (rows_per_call, _chunks) reads, the same for all.
+        self.max_message_bytes = self.shards[0].max_message_bytes
+        self.split_batches = self.shards[0].split_batches
         self._info: BankInfo | None = None
         self._shard_infos: list[BankInfo] = []
 
@@ -289,20 +297,35 @@ class ShardedBankClient:
         self.info(timeout=timeout, refresh=refresh)
         return list(self._shard_infos)
 
+    def _batch_chunks(
+        self, q: SearchQuery, k: int, with_values: bool, timeout: float | None
+    ) -> Iterator[tuple[Any, int, Any, float | None, bool, bool]]:
+        """(keys, k, exclude_ids, deadline, last, as_torch) of each call one batch takes:
+        itself, or the row chunks BankClient's split makes when its response would be
+        over the message limit (the lowest shard's, or this client's)."""
+        info = self.info(timeout=timeout)
+        k = int(q.k or k)
+        if not 1 <= k <= info.max_k:
+            raise errors.InvalidArgument(f"k={k} is out of range; it must be 1..{info.max_k}")
+        chunks = self._chunks(q.keys, q.exclude_ids, k, with_values)
+        end = _end_of(self._timeout(timeout))  # one deadline for all chunks of the batch
+        as_torch = tensors.is_torch_tensor(q.keys)
+        for i, (keys, exclude) in enumerate(chunks):
+            yield keys, k, exclude, end, i == len(chunks) - 1, as_torch
+
     def _start_search(
         self,
         keys: Any,
         k: int,
         exclude_ids: Any,
         with_values: bool,
-        timeout: float | None,
+        end: float | None,
+        last: bool,
+        as_torch: bool,
         params: dict[str, int | None],
     ) -> _PendingSearch:
-        """Validate, then send the same batch to every shard (k capped at each one's size)."""
-        info = self.info(timeout=timeout)
-        k = int(k)
-        if not 1 <= k <= info.max_k:
-            raise errors.InvalidArgument(f"k={k} is out of range; it must be 1..{info.max_k}")
+        """Send the same batch to every shard (k capped at each one's size)."""
+        info = self.info()
         base = self.shards[0]._search_request(keys, k, exclude_ids, with_values, **params)
         b = base.keys.shape[0]
         value_bytes = 2 * int(np.prod(info.value_shape))
@@ -327,15 +350,61 @@ class ShardedBankClient:
                 capped.CopyFrom(base)
                 capped.k = shard_info.max_k
                 requests.append(capped)
-        calls = self._submit("Search", requests, timeout)
-        return _PendingSearch(calls, k, fetch_values, tensors.is_torch_tensor(keys), timeout)
+        calls = self._submit("Search", requests, _left(end))
+        return _PendingSearch(calls, k, fetch_values, end, last, as_torch)
 
     def _finish_search(self, pending: _PendingSearch) -> Hits:
+        """The merged hits of one started search (numpy)."""
         parts = self._collect(pending.calls)  # Hits (BankClient's stub reads them)
         hits, source = _merge(parts, pending.k, self.info().metric)
         if pending.fetch_values:
-            hits.values = self._values_of(hits.ids, source, pending.timeout)
-        return hits.to_torch() if pending.as_torch else hits
+            hits.values = self._values_of(hits.ids, source, _left(pending.end))
+        return hits
+
+    def _search_batches(
+        self,
+        batches: Iterable[Any],
+        k: int,
+        with_values: bool,
+        timeout: float | None,
+        window: int,
+        params: dict[str, int | None],
+    ) -> Iterator[Hits]:
+        """Hits of each batch in input order, up to `window` searches (batches or row
+        chunks of them) in flight; the chunks of a batch joined in order."""
+        in_flight: deque[_PendingSearch] = deque()
+        done: list[Hits] = []  # the finished chunks of the batch being put together
+
+        def finish_one() -> Hits | None:
+            pending = in_flight.popleft()
+            done.append(self._finish_search(pending))
+            if not pending.last:
+                return None
+            hits = _join(done)
+            done.clear()
+            return hits.to_torch() if pending.as_torch else hits
+
+        try:
+            for q in batches:
+                if not isinstance(q, SearchQuery):
+                    q = SearchQuery(keys=q)
+                for keys, kq, exclude, end, last, as_torch in self._batch_chunks(
+                    q, k, with_values, timeout
+                ):
+                    in_flight.append(
+                        self._start_search(
+                            keys, kq, exclude, with_values, end, last, as_torch, params
+                        )
+                    )
+                    if len(in_flight) >= window and (hits := finish_one()) is not None:
+                        yield hits
+            while in_flight:
+                if (hits := finish_one()) is not None:
+                    yield hits
+        finally:
+            for pending in in_flight:
+                for _, future in pending.calls:
+                    future.cancel()
 
     def _values_of(self, ids: np.ndarray, source: np.ndarray, timeout: float | None) -> np.ndarray:
         """Values [B, k, 32, 96] of merged hits, fetched from the shards that returned
@@ -369,10 +438,15 @@ class ShardedBankClient:
         ef_search: int | None = None,
     ) -> Hits:
         """Top-k over all shards for B query keys [B, d]; same arguments as BankClient.search
-        (nprobe / ef_search go to every shard, each checking them against its own index)."""
+        (nprobe / ef_search go to every shard, each checking them against its own index).
+
+        A batch whose response would be over the message limit is split as BankClient
+        splits it (``rows_per_call(k)`` rows per chunk); the chunks are searched one
+        after another, each on every shard at once, within the call's one deadline."""
         params = {"nprobe": nprobe, "ef_search": ef_search}
-        pending = self._start_search(keys, k, exclude_ids, with_values, timeout, params)
-        return self._finish_search(pending)
+        batch = SearchQuery(keys, exclude_ids=exclude_ids, k=k)
+        (hits,) = self._search_batches([batch], k, with_values, timeout, 1, params)
+        return hits
 
     def stream_search(
         self,
@@ -385,33 +459,18 @@ class ShardedBankClient:
         nprobe: int | None = None,
         ef_search: int | None = None,
     ) -> Iterator[Hits]:
-        """Search a stream of batches, up to `window` batches in flight; yields in input order.
+        """Search a stream of batches, up to `window` searches in flight; yields in input
+        order.
 
         Items are keys [B, d] or ``SearchQuery(keys, exclude_ids, k)``, as for
-        BankClient.stream_search; here each batch is one Search call per shard, and
-        timeout is each batch's deadline.
+        BankClient.stream_search; here each batch is one Search call per shard (a batch
+        over the message limit: one per row chunk, as in ``search``; each chunk counts
+        in the window), and timeout is each batch's deadline.
         """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
-        in_flight: deque[_PendingSearch] = deque()
         params = {"nprobe": nprobe, "ef_search": ef_search}
-        try:
-            for q in queries:
-                if not isinstance(q, SearchQuery):
-                    q = SearchQuery(keys=q)
-                in_flight.append(
-                    self._start_search(
-                        q.keys, q.k or k, q.exclude_ids, with_values, timeout, params
-                    )
-                )
-                if len(in_flight) >= window:
-                    yield self._finish_search(in_flight.popleft())
-            while in_flight:
-                yield self._finish_search(in_flight.popleft())
-        finally:
-            for pending in in_flight:
-                for _, future in pending.calls:
-                    future.cancel()
+        yield from self._search_batches(queries, k, with_values, timeout, window, params)
 
     def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:
         """Values [n, 32, 96] fp16 of entries by id (and keys [n, d] with with_keys).
@@ -502,5 +561,8 @@ class ShardedBankClient:
         except errors.BankError as e:
             raise self._named(i, e) from None
 
-    # Uses nothing but self.info(), which here is the shards' common (checked) view.
+    # These use nothing but self.info(), which here is the shards' common (checked) view,
+    # and the split options set in __init__: one notion of what fits in a message.
     check_encoder = BankClient.check_encoder
+    rows_per_call = BankClient.rows_per_call
+    _chunks = BankClient._chunks

@@ -262,7 +262,9 @@ def helpers() -> SimpleNamespace:
 
 # -- `bankd serve` as a child process ----------------------------------------------------
 
-SERVING = re.compile(r"bankd serving .* on (\S+):(\d+)")
+# The first "on HOST:PORT" is the gRPC port; ", metrics on HOST:PORT" may follow.
+SERVING = re.compile(r"bankd serving .*? on (\S+):(\d+)")
+METRICS = re.compile(r", metrics on (\S+):(\d+)")
 START_TIMEOUT_S = 120.0  # generous: a busy 2-core machine; with --encoder, torch loads
 
 
@@ -297,6 +299,7 @@ class ServeProcess:
         threading.Thread(target=self._pump_stdout, daemon=True).start()
         threading.Thread(target=self._pump_stderr, daemon=True).start()
         self.port: int | None = None
+        self.metrics_port: int | None = None  # with "--metrics-port", "0" among the flags
 
     def _pump_stdout(self) -> None:
         for line in self.proc.stdout:
@@ -324,6 +327,8 @@ class ServeProcess:
                 raise RuntimeError(f"bankd serve exited early:\n{self.output()}")
             if m := SERVING.search(line):
                 self.port = int(m.group(2))
+                if metrics := METRICS.search(line):
+                    self.metrics_port = int(metrics.group(2))
         from bankd_client import BankClient
 
         with BankClient(self.address) as client:

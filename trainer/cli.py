@@ -15,6 +15,8 @@ Data-parallel (one process per GPU; the same flags)::
 
 A bank behind TLS and a token: ``--bank-tls-ca ca.crt [--bank-tls-cert client.crt
 --bank-tls-key client.key] --bank-auth-token-file token.txt`` (README: Security).
+Bank replicas behind one name (a Kubernetes headless Service): ``--bank
+dns:///bankd-headless.<namespace>.svc.cluster.local:50051 --bank-lb-policy round_robin``.
 
 ``python -m tinyalign`` is the same command. Flags fill a ``TrainConfig``; bad arguments,
 missing files, an unreachable bank and a mismatched vision encoder end with a one-line
@@ -170,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank_tls_key",
             "bank_tls_server_name",
             "bank_auth_token_file",
+            "bank_lb_policy",
         )
     }
     if stage == 1:

@@ -79,6 +79,7 @@ class TrainConfig:
     bank_tls_key: str | None = None
     bank_tls_server_name: str | None = None
     bank_auth_token_file: str | None = None
+    bank_lb_policy: str | None = None  # "round_robin": spread calls over bank replicas
     eval_data: str | None = None
     eval_every: int = 0
     eval_batch_size: int | None = None

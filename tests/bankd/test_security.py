@@ -476,8 +476,8 @@ def test_client_option_errors(options: dict[str, Any], message: str) -> None:
 
 
 def test_tinyalign_bank_flags_reach_the_client(serve: Any, pki: Pki, tmp_path: Path) -> None:
-    """`tinyalign pretrain --bank ... --bank-tls-* --bank-auth-token-file` -> TrainConfig
-    -> the BankClient that training opens, against an mTLS + token server."""
+    """`tinyalign pretrain --bank ... --bank-tls-* --bank-auth-token-file --bank-lb-policy`
+    -> TrainConfig -> the BankClient that training opens, against an mTLS + token server."""
     from tinyalign.cli import build_parser, config_from_args
     from tinyalign.config import open_checked_bank
 
@@ -501,11 +501,14 @@ def test_tinyalign_bank_flags_reach_the_client(serve: Any, pki: Pki, tmp_path: P
             "localhost",
             "--bank-auth-token-file",
             str(pki.token),
+            "--bank-lb-policy",
+            "round_robin",
         ]
     )
     config = config_from_args(args)
     assert config.bank_auth_token_file == str(pki.token) and TOKEN not in config.to_json()
     options = connection_options(config, prefix="bank_")
+    assert options["load_balancing"] == "round_robin"
     bank = open_checked_bank(config.bank, 10.0, **options)
     try:
         assert bank.info().entries > 0
@@ -519,3 +522,34 @@ def test_security_repr_hides_the_token(pki: Pki) -> None:
     security = ServerSecurity.from_files(auth_token_file=str(pki.token))
     assert security.token == TOKEN
     assert TOKEN not in repr(security) and TOKEN not in security.describe()
+
+
+def test_replicas_with_mtls_and_token(serve: Any, pki: Pki, bank: Any) -> None:
+    """Round-robin over two replicas behind one target, mutual TLS and a token on each."""
+    servers = [serve(**tls_config(pki, mutual=True, token=True)) for _ in range(2)]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    client = BankClient(
+        target,
+        timeout=10,
+        load_balancing="round_robin",
+        root_certificates=pki.ca_crt,
+        client_certificate=pki.client_crt,
+        client_key=pki.client_key,
+        token_file=pki.token,
+        server_name="localhost",  # the target names no host to check the certificate for
+    )
+    with client:
+        client.wait_ready(timeout=10)
+        for name, call in every_rpc(client, bank).items():
+            for _ in range(4):
+                assert call() is not None, name
+    for s in servers:
+        answered = s.metrics.registry.get_sample_value(
+            "bankd_requests_total", {"method": "Search", "code": "OK"}
+        )
+        assert answered and answered >= 1
+
+
+def test_tls_to_an_address_list_needs_server_name(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="several addresses and no host name: give server_name"):
+        BankClient("ipv4:127.0.0.1:1,127.0.0.1:2", root_certificates=pki.ca_crt)

@@ -9,6 +9,7 @@ accept k up to 4096, so a search may ask for more hits than a shard holds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,7 +34,7 @@ from bankd_client import (
     ShardedBankClient,
     Unavailable,
 )
-from bankd_client.sharded import merge_hits
+from bankd_client.sharded import SEPARATE_VALUES_OVER, merge_hits
 
 N, D = 5000, 32
 LIMITS = ServiceLimits(max_k=4096)
@@ -272,6 +273,103 @@ def test_bad_k_and_keys(setup: SimpleNamespace) -> None:
         setup.sharded.search(q, k=N + 1)
     with pytest.raises(InvalidArgument, match=r"shard 0 of 4 \(127\.0\.0\.1:\d+\): keys have"):
         setup.sharded.search(np.zeros((2, D + 1), np.float32), k=1)
+
+
+# -- batches over the message limit -----------------------------------------------------
+
+B, K, MIB = 1024, 10, 1024 * 1024  # B x k values: 63 MB
+
+
+def searches_answered(server: Any) -> float:
+    sample = {"method": "Search", "code": "OK"}
+    return server.metrics.registry.get_sample_value("bankd_requests_total", sample) or 0.0
+
+
+@pytest.mark.parametrize("separate_values_over", [None, SEPARATE_VALUES_OVER])
+def test_batch_over_the_message_limit_is_split(
+    setup: SimpleNamespace, helpers: SimpleNamespace, separate_values_over: int | None
+) -> None:
+    """B=1024, k=10 with values under a 16 MiB client limit: the row chunks BankClient
+    makes, each searched on every shard, joined in order: the unsharded answer."""
+    limit = 16 * MIB
+    targets = [f"127.0.0.1:{s.port}" for s in setup.servers[1:]]
+    full = BankClient(f"127.0.0.1:{setup.servers[0].port}", timeout=60, max_message_bytes=limit)
+    bank = ShardedBankClient(
+        targets, timeout=60, max_message_bytes=limit, separate_values_over=separate_values_over
+    )
+    with full, bank:
+        rows = bank.rows_per_call(K)
+        assert rows == full.rows_per_call(K) and rows < B
+        q = queries(setup, B, seed=18)
+        exclude = [[int(setup.ids[i])] for i in range(B)]  # split along with the keys
+        before = [searches_answered(s) for s in setup.servers[1:]]
+        got = bank.search(q, k=K, exclude_ids=exclude)
+        took = [searches_answered(s) - b for s, b in zip(setup.servers[1:], before, strict=True)]
+        assert took == [-(-B // rows)] * 4  # every chunk went to every shard
+        assert got.values.shape == (B, K, 32, 96)
+        assert_equal_hits(got, full.search(q, k=K, exclude_ids=exclude))
+
+        # A stream splits each batch over the limit, and hands back whole batches in order.
+        torch = pytest.importorskip("torch")
+        small = queries(setup, 5, seed=19)
+        batches = [q, torch.from_numpy(small), SearchQuery(q, k=3)]
+        streamed = list(bank.stream_search(batches, k=K, window=2))
+        assert isinstance(streamed[1].ids, torch.Tensor)
+        # Chunks in flight together may be merged into one search on a server, which
+        # can move a score's last bit.
+        for got, (keys, k) in zip(streamed, [(q, K), (small, K), (q, 3)], strict=True):
+            helpers.assert_same_hits(got, full.search(keys, k=k), atol=1e-6)
+
+        with pytest.raises(InvalidArgument, match=r"k=3000 .*over the 16777216-byte.*smaller k"):
+            bank.search(q[:2], k=3000)  # not even one query's hits fit
+
+
+def test_split_follows_the_lowest_shard_limit(setup: SimpleNamespace) -> None:
+    """One shard's server allows 8 MiB: the sharded bank's limit, and the split's."""
+    small = start_server(
+        setup.shards[2], limits=dataclasses.replace(LIMITS, max_message_bytes=8 * MIB)
+    )
+    targets = [f"127.0.0.1:{s.port}" for s in (*setup.servers[1:3], small, setup.servers[4])]
+    full_target = f"127.0.0.1:{setup.servers[0].port}"
+    try:
+        with (
+            ShardedBankClient(targets, timeout=60) as bank,
+            BankClient(full_target, timeout=60, max_message_bytes=8 * MIB) as full,
+        ):
+            assert bank.info().max_message_bytes == 8 * MIB
+            assert bank.rows_per_call(K) == full.rows_per_call(K) < B // 4
+            q = queries(setup, B, seed=20)
+            assert_equal_hits(bank.search(q, k=K), full.search(q, k=K))
+        with ShardedBankClient(targets, timeout=60, split_batches=False) as whole:
+            assert whole.rows_per_call(K) is None
+            with pytest.raises(InvalidArgument, match=r"8388608-byte message limit; split"):
+                whole.search(q, k=K)  # as the unsharded server answers
+    finally:
+        small.stop(grace=0)
+
+
+# -- a shard with replicas --------------------------------------------------------------
+
+
+def test_a_shard_served_by_replicas(setup: SimpleNamespace) -> None:
+    """Shard 0 behind one target naming two replicas of it, balanced round-robin: the
+    same answers, and both replicas take calls."""
+    twin = start_server(setup.shards[0])
+    replicas = (setup.servers[1], twin)
+    shard_0 = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in replicas)
+    targets = [shard_0] + [f"127.0.0.1:{s.port}" for s in setup.servers[2:]]
+    q = queries(setup, 8, seed=17)
+    want = setup.full.search(q, k=5)
+    before = [searches_answered(s) for s in replicas]
+    try:
+        with ShardedBankClient(targets, timeout=30, load_balancing="round_robin") as bank:
+            assert bank.info().entries == N
+            for _ in range(10):
+                assert_equal_hits(bank.search(q, k=5), want)
+    finally:
+        twin.stop(grace=0)
+    took = [searches_answered(s) - b for s, b in zip(replicas, before, strict=True)]
+    assert sum(took) == 10 and min(took) > 0, took
 
 
 # -- info and fetch ---------------------------------------------------------------------

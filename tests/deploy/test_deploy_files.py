@@ -31,6 +31,7 @@ from bankd_client.proto import bankd_pb2
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+SHARD_OVERLAY = DEPLOY / "k8s-shards" / "shard-0"
 PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "bankd.json"
@@ -248,6 +249,22 @@ def test_services() -> None:
         assert spec["selector"].items() <= labels.items()
 
 
+def test_headless_service_resolves_to_the_ready_bankd_pods() -> None:
+    """What clients balance over (dns:///bankd-headless...:50051, round_robin): one
+    address per ready bankd pod, on its gRPC port."""
+    objects = k8s_objects()
+    deployment, _, container = _deployment()
+    headless = objects["Service", "bankd-headless"]["spec"]
+    # The Deployment's own selector: exactly its pods (its rollouts' too), nothing else.
+    assert headless["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # Pods loading or draining (readiness NOT_SERVING) are left out of the DNS answer.
+    assert headless.get("publishNotReadyAddresses", False) is False
+    (port,) = headless["ports"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert named[port["targetPort"]] == port["port"] == GRPC_PORT
+    assert port["appProtocol"] == "kubernetes.io/h2c"  # plaintext HTTP/2: gRPC
+
+
 def test_secret_template_holds_no_secret() -> None:
     objects = k8s_objects()
     keys = {}
@@ -281,6 +298,45 @@ def test_kustomize_renders() -> None:
     assert out.returncode == 0, out.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(out.stdout) if d)
     assert kinds == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service", "Service"]
+
+
+def test_shard_overlay_renders_a_shard_of_its_own() -> None:
+    """k8s-shards/shard-0: deploy/k8s renamed and relabelled for shard 0 of a split
+    bank, with a headless Service that selects that shard's pods only."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(SHARD_OVERLAY)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert set(objects) == {
+        ("ConfigMap", "bankd-config-shard-0"),
+        ("Deployment", "bankd-shard-0"),
+        ("PersistentVolumeClaim", "bankd-bank-shard-0"),
+        ("Service", "bankd-shard-0"),
+        ("Service", "bankd-headless-shard-0"),
+    }
+    deployment = objects["Deployment", "bankd-shard-0"]
+    pod = deployment["spec"]["template"]
+    shard = {"bankd.io/shard": "0"}
+    assert shard.items() <= deployment["spec"]["selector"]["matchLabels"].items()
+    assert shard.items() <= pod["metadata"]["labels"].items()
+    for name in ("bankd-shard-0", "bankd-headless-shard-0"):
+        selector = objects["Service", name]["spec"]["selector"]
+        assert shard.items() <= selector.items() <= pod["metadata"]["labels"].items(), name
+    assert objects["Service", "bankd-headless-shard-0"]["spec"]["clusterIP"] == "None"
+    (container,) = pod["spec"]["containers"]
+    (source,) = container["envFrom"]
+    config = objects["ConfigMap", source["configMapRef"]["name"]]["data"]
+    assert re.fullmatch(r"/bank/bank-0-of-\d+\.faiss", config["BANKD_INDEX"])
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    claim = volumes["bank"]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in objects
+    validator = pytest.importorskip("kubernetes_validate")
+    for doc in docs:
+        validator.validate(doc, "1.27.0", strict=True)
 
 
 def test_manifests_match_kubernetes_schemas() -> None:
