@@ -22,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SERVING_RE = re.compile(r"bankd serving .* on (\S+):(\d+)")
+SERVING_RE = re.compile(r"bankd serving .*? on (\S+):(\d+)")  # the first: metrics may follow
 _CHILD = """import os, signal, sys, threading, time
 def watch(parent=int(sys.argv[1])):
     while os.getppid() == parent:
