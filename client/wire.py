@@ -10,7 +10,8 @@ writes and reads the same bytes the .proto defines (byte for byte what
 
 - the server lays the message out once, has the values gathered from the bank straight
   into their place in it (``Fill``) and hands those bytes to gRPC;
-- the client reads ids, scores and values as numpy views over the received bytes.
+- the client reads the values as a numpy view over the received bytes (ids and
+  scores, 12 bytes a hit, are copied out so that keeping them keeps nothing else).
 
 Nothing changes on the wire: clients in other languages keep using the .proto.
 
@@ -279,21 +280,23 @@ def _read_hits(buf: bytes, start: int, end: int) -> Hits:
         elif field == 4:
             request_id = bytes(buf[a:b]).decode()
     empty = (start, start)  # an absent Tensor reads as the default one (and is refused)
+    # ids and scores are copied out (12 bytes a hit): a caller keeping them, as callers
+    # do, would otherwise keep the whole response, values and all, alive with them.
     return Hits(
-        ids=_read_tensor(buf, *spans.get(1, empty), name="ids"),
-        scores=_read_tensor(buf, *spans.get(2, empty), name="scores"),
+        ids=_read_tensor(buf, *spans.get(1, empty), name="ids").copy(),
+        scores=_read_tensor(buf, *spans.get(2, empty), name="scores").copy(),
         values=_read_tensor(buf, *spans[3], name="values") if 3 in spans else None,
         request_id=request_id,
     )
 
 
 def read_search_response(data: bytes) -> Hits:
-    """Hits of a serialized SearchResponse; arrays are read-only views over ``data``."""
+    """Hits of a serialized SearchResponse: values a read-only view over ``data``."""
     return _read_hits(data, 0, len(data))
 
 
 def read_stream_response(data: bytes) -> StreamAnswer:
-    """A serialized SearchStreamResponse; arrays are read-only views over ``data``."""
+    """A serialized SearchStreamResponse; values a read-only view over ``data``."""
     request_id, outcome = "", None
     for field, wire_type, a, b in _fields(data, 0, len(data)):
         if wire_type != _LEN:

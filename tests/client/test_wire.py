@@ -73,13 +73,15 @@ def test_read_search_response_equals_protobuf_decoding(b, k, with_values, rid):
     assert back.request_id == rid
 
 
-def test_read_search_response_is_a_view_over_the_received_bytes():
+def test_read_search_response_values_are_a_view_ids_and_scores_are_not():
     hits = _hits(8, 5)
     data = wire.search_response(hits.ids, hits.scores, "", hits.values)
     back = wire.read_search_response(data)
-    for a in (back.ids, back.scores, back.values):
-        assert np.shares_memory(a, np.frombuffer(data, np.uint8))
-        assert not a.flags.writeable
+    received = np.frombuffer(data, np.uint8)
+    assert np.shares_memory(back.values, received) and not back.values.flags.writeable
+    for small in (back.ids, back.scores):  # kept ids must not keep the values alive
+        assert not np.shares_memory(small, received)
+        assert small.base is None or small.base.nbytes == small.nbytes
 
 
 def test_read_accepts_other_field_orders_unknown_fields_and_unpacked_shapes():
