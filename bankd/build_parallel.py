@@ -41,7 +41,7 @@ def pass2_bounds(n: int, world_size: int, batch_size: int, *, shards: bool) -> l
     """Row boundaries [0, b1, ..., n] of each rank's part of pass 2, on batch multiples.
 
     One bank: the encoder batches are split evenly (a rank may get none). Shards: every
-    shard non-empty, boundaries on multiples of 1024 rows as well when the bank is large
+    shard non-empty, boundaries on multiples of ALIGN_ROWS as well when the bank is large
     enough (``bankd shard``'s alignment, for bit-identical flat-search scores).
     """
     if not shards:

@@ -11,7 +11,8 @@ Each shard is a contiguous range of the bank's rows, in the bank's order, writte
 through ``BankWriter`` with the same index factory, metric, encoder fingerprints, key
 function, weights and config (plus a ``shard`` record): entry ids are kept, so
 exclusion by entry id stays global. The boundaries fall on multiples of
-``--align-rows`` (1024, FAISS's database block in flat BLAS search), so every block a
+``--align-rows`` (4096, the database block bankd's flat BLAS search uses,
+``bankd.index.FLAT_BLOCK_ROWS``), so every block a
 shard's flat search multiplies is one the unsharded search multiplies too, and scores
 come out bit for bit the same (given the same query batch and BLAS thread count). A
 bank too small for that is split evenly instead (logged), and scores may then differ
@@ -29,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .index import FLAT_BLOCK_ROWS
 from .store import Bank, BankPaths, write_bank
 
 log = logging.getLogger(__name__)
 
-ALIGN_ROWS = 1024  # faiss.cvar.distance_compute_blas_database_bs's default
+ALIGN_ROWS = FLAT_BLOCK_ROWS  # faiss.cvar.distance_compute_blas_database_bs as bankd sets it
 
 
 def shard_bounds(n: int, shards: int, align: int = ALIGN_ROWS) -> list[int]:

@@ -82,9 +82,11 @@ def test_pass2_bounds() -> None:
     assert pass2_bounds(200, 2, 32, shards=False) == [0, 96, 200]
     assert pass2_bounds(200, 3, 32, shards=False) == [0, 64, 128, 200]
     assert pass2_bounds(40, 3, 32, shards=False) == [0, 0, 32, 40]  # a rank may get none
-    # Shards: on multiples of 1024 where the bank allows (as `bankd shard`), never empty.
-    assert pass2_bounds(100_000, 4, 64, shards=True) == [0, 24576, 50176, 74752, 100_000]
-    assert pass2_bounds(100_000, 2, 100, shards=True) == [0, 51200, 100_000]  # lcm 25600
+    # Shards: on multiples of 4096 (bankd's flat-search block) where the bank allows (as
+    # `bankd shard`), else of the batch, never empty.
+    assert pass2_bounds(100_000, 4, 64, shards=True) == [0, 24576, 49152, 73728, 100_000]
+    assert pass2_bounds(100_000, 2, 128, shards=True) == [0, 49152, 100_000]
+    assert pass2_bounds(100_000, 2, 100, shards=True) == [0, 50000, 100_000]  # lcm 102400
     assert pass2_bounds(200, 2, 32, shards=True) == [0, 96, 200]
     with pytest.raises(ValueError, match="too few for 3 non-empty shards"):
         pass2_bounds(40, 3, 32, shards=True)

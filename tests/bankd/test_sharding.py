@@ -1,9 +1,11 @@
 """Sharded banks: `bankd shard` splits a bank, one real server per shard, and
 ShardedBankClient's answers equal the unsharded server's (ids, scores, values) exactly.
 
-The bank (N=5000, d=32, Flat) is split into 4 shards of 1024, 1024, 2048 and 904 rows
-(boundaries on multiples of 1024, so flat-search scores are bit-identical); servers
-accept k up to 4096, so a search may ask for more hits than a shard holds.
+The bank (N=5000, d=32, Flat) is split into 4 shards of 1024, 1024, 2048 and 904 rows:
+boundaries on multiples of FAISS's database block, which this module sets to 1024 for
+its servers (bankd's own is 4096, too big for a small bank: see bankd.index), so
+flat-search scores are bit-identical; servers accept k up to 4096, so a search may ask
+for more hits than a shard holds.
 """
 
 from __future__ import annotations
@@ -67,6 +69,22 @@ def start_server(index: Path, **config: Any) -> Any:
     return BankServer(cfg).start()
 
 
+BLOCK = 1024  # FAISS's flat-search database block for this module's servers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flat_block() -> Iterator[None]:
+    """A small block, so that a 5000-entry bank has aligned shards (process-wide)."""
+    import faiss
+
+    import bankd.index  # sets bankd's own block first
+
+    assert faiss.cvar.distance_compute_blas_database_bs == bankd.index.FLAT_BLOCK_ROWS
+    faiss.cvar.distance_compute_blas_database_bs = BLOCK
+    yield
+    faiss.cvar.distance_compute_blas_database_bs = bankd.index.FLAT_BLOCK_ROWS
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """The bank, its shards (written by `bankd shard`), and a server for each."""
@@ -77,7 +95,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]
     # torch and transformers first: 10 s on a busy machine, for nothing tested here).
     parser = argparse.ArgumentParser()
     shard.add_arguments(parser)
-    args = parser.parse_args(["--index", str(index), "--shards", "4", "--out", str(root)])
+    argv = ["--index", str(index), "--shards", "4", "--out", str(root), "--align-rows", str(BLOCK)]
+    args = parser.parse_args(argv)
     assert shard.run(args) == 0
     shard_paths = sorted(root.glob("bank-*-of-4.faiss"))
     servers = [start_server(index)] + [start_server(p) for p in shard_paths]
@@ -151,7 +170,8 @@ def test_shards_are_contiguous_complete_banks(setup: SimpleNamespace) -> None:
 
 
 def test_shard_bounds() -> None:
-    assert shard_bounds(100_000, 4) == [0, 24576, 50176, 74752, 100_000]
+    assert shard_bounds(100_000, 4) == [0, 24576, 49152, 73728, 100_000]  # bankd's 4096
+    assert shard_bounds(100_000, 4, align=1024) == [0, 24576, 50176, 74752, 100_000]
     assert shard_bounds(3000, 4) == [0, 750, 1500, 2250, 3000]  # too small to align: even
     assert shard_bounds(10, 3, align=1) == [0, 3, 6, 10]
     assert shard_bounds(7, 1) == [0, 7]
