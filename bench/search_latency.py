@@ -85,6 +85,7 @@ class BenchConfig:
     threads: int = 0  # OpenMP threads of FAISS in each process; 0 = FAISS's default
     tune_allocator: bool = False  # bankd_client.tune_allocator() in this (the client) process
     mmap_index: bool = False  # `bankd serve --mmap-index`: the index's vectors mapped
+    reference_block: int = 0  # the reference's FAISS flat-search database block; 0: FAISS's
     workdir: str | None = None
     json: str | None = None
 
@@ -169,9 +170,13 @@ def make_queries(cfg: BenchConfig, index_path: Path) -> list[np.ndarray]:
 class Reference:
     """In-process FAISS on the bank's index file + numpy gather from the values memmap."""
 
-    def __init__(self, index_path: Path, params: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, index_path: Path, params: dict[str, int] | None = None, block: int = 0
+    ) -> None:
         paths = BankPaths(index_path)
         faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+        if block:
+            faiss.cvar.distance_compute_blas_database_bs = block
         self.index = faiss.read_index(str(index_path))
         # (N, 32, 96) fp16
         self.values = np.load(paths.file("values.npy"), mmap_mode="r", allow_pickle=False)
@@ -267,7 +272,8 @@ def serve_child(index: str, cfg: BenchConfig) -> int:
 
     print(
         f"settings: faiss distance_compute_blas_threshold="
-        f"{faiss.cvar.distance_compute_blas_threshold}, "
+        f"{faiss.cvar.distance_compute_blas_threshold}, database block "
+        f"{faiss.cvar.distance_compute_blas_database_bs}, "
         f"{faiss.omp_get_max_threads()} OpenMP threads",
         flush=True,
     )
@@ -452,7 +458,7 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
         tune_allocator()  # as `bankd serve` does at start
     if cfg.threads:
         faiss.omp_set_num_threads(cfg.threads)  # the reference searches in this thread
-    ref = Reference(index_path, cfg.search_params())
+    ref = Reference(index_path, cfg.search_params(), cfg.reference_block)
     progress("starting the bankd server process")
     server = ServerProcess(index_path, workdir / "server.log", cfg)
     times: dict[str, list[float]] = {name: [] for name in TIMINGS}
@@ -494,7 +500,8 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
         "wire": wire_cost(want),
         "memory": {"server": memory, **memory_budget(index_path, memory)},
         "reference_settings": f"faiss distance_compute_blas_threshold="
-        f"{faiss.cvar.distance_compute_blas_threshold}, "
+        f"{faiss.cvar.distance_compute_blas_threshold}, database block "
+        f"{faiss.cvar.distance_compute_blas_database_bs}, "
         f"{faiss.omp_get_max_threads()} OpenMP threads",
         "server_settings": f"{server.settings}, merge wait "
         + ("`bankd serve`'s default" if cfg.merge_wait_us is None else f"{cfg.merge_wait_us:g} us"),
@@ -622,6 +629,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     )
     p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument(
+        "--reference-block",
+        type=int,
+        default=d.reference_block,
+        help="the reference's FAISS flat-search database block (default: FAISS's, 1024; "
+        "bankd serve uses 4096)",
+    )
     p.add_argument(
         "--mmap-index",
         action="store_true",
