@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bankd_client import errors, tensors, wire
+from bankd_client.client import HTTP2_MAX_FRAME_BYTES
 from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
 
@@ -361,6 +362,7 @@ class BankServer:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),  # see bankd_client
                 # Clients ping every 30 s on long streams; accept that instead of
                 # answering GOAWAY "too many pings".
                 ("grpc.keepalive_permit_without_calls", 1),
@@ -458,6 +460,10 @@ class BankServer:
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
             self.metrics.ready.set(1)
+            if not self.config.mmap_index:  # --mmap-index: larger than RAM, demand-paged
+                threading.Thread(
+                    target=_warm_values, args=(bank,), name="bankd-warm-values", daemon=True
+                ).start()
         except BaseException as e:
             self.load_error = e
             raise
@@ -493,6 +499,16 @@ class BankServer:
 
     def wait(self) -> None:
         self._grpc.wait_for_termination()
+
+
+def _warm_values(bank: Bank) -> None:
+    t0 = time.perf_counter()
+    if bank.warm_values():
+        log.info(
+            "values mapped in (%.0f MB, %.1f s)", bank.values.nbytes / 1e6, time.perf_counter() - t0
+        )
+    else:
+        log.info("values left demand-paged (over half of the available memory)")
 
 
 def _loopback(host: str) -> bool:

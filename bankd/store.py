@@ -297,6 +297,20 @@ def write_bank(
         return w.finish(**finish_kwargs)
 
 
+PAGE_BYTES = 4096
+
+
+def _mem_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class Bank:
     """A loaded bank: manifest, FAISS index, memory-mapped keys and values, ids."""
@@ -343,6 +357,22 @@ class Bank:
     def recall(self) -> dict[str, Any]:
         """recall@k measured at build ({"k", "value", ...}; {} for older banks)."""
         return dict((self.manifest.get("index") or {}).get("recall") or {})
+
+    def warm_values(self, *, max_fraction_of_available: float = 0.5) -> bool:
+        """Map every page of the values file into this process now (reading one byte a
+        page), so that searches do not pay a page fault per value they first touch
+        (about 2 ms per B=128, k=5 batch on a cold 100000-entry bank). Skipped, False,
+        when the values exceed ``max_fraction_of_available`` of MemAvailable (a bank
+        larger than RAM stays demand-paged) or /proc/meminfo cannot be read."""
+        nbytes = int(self.values.nbytes)
+        available = _mem_available_bytes()
+        if available is None or nbytes > max_fraction_of_available * available:
+            return False
+        flat = self.values.reshape(-1).view(np.uint8)
+        step = 64 << 20  # a chunk at a time: other threads get the GIL in between
+        for start in range(0, nbytes, step):
+            int(flat[start : start + step : PAGE_BYTES].sum())
+        return True
 
     def bytes_by_part(self) -> dict[str, int]:
         """File sizes summed by a fixed set of parts: index, keys, values, ids, ..."""

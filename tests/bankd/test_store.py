@@ -344,3 +344,35 @@ def test_mapped_index_searches_like_a_read_one(tmp_path: Path, factory: str) -> 
     assert np.array_equal(hits[0].ids, hits[1].ids)
     assert np.allclose(hits[0].scores, hits[1].scores)
     assert not any(i in row for i, row in enumerate(hits[1].ids.tolist()))
+
+
+def _resident_pages(a: np.ndarray) -> int:
+    """Pages of a's mapping resident in this process (mincore would be exact; RssFile of
+    /proc/self/status moves with everything else, so count through the values' own
+    mapping in /proc/self/smaps)."""
+    start = a.__array_interface__["data"][0]
+    smaps = Path("/proc/self/smaps").read_text().split("\n")
+    for i, line in enumerate(smaps):
+        lo, _, rest = line.partition("-")
+        try:
+            hi = int(rest.split()[0], 16)
+            lo_addr = int(lo, 16)
+        except (ValueError, IndexError):
+            continue
+        if lo_addr <= start < hi:
+            for entry in smaps[i + 1 : i + 25]:
+                if entry.startswith("Rss:"):
+                    return int(entry.split()[1]) // 4
+    raise AssertionError("values mapping not found")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc (Linux)")
+def test_warm_values_maps_every_page_in_and_changes_nothing(make_bank: Any) -> None:
+    b = make_bank(n=400)
+    bank = Bank.load(b.path)
+    assert not bank.warm_values(max_fraction_of_available=0.0)  # too big: left alone
+    cold = _resident_pages(bank.values)
+    assert bank.warm_values()
+    pages = bank.values.nbytes // bankd.store.PAGE_BYTES
+    assert _resident_pages(bank.values) >= pages > cold
+    np.testing.assert_array_equal(bank.values, b.values)
