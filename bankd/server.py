@@ -206,6 +206,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                 _deadline(self._timeout(context)),
                 request.with_values,
                 service.search_overrides(request.nprobe, request.ef_search),
+                inline=True,
             )
         result = pending.result()
         values = service.values_fill(result) if request.with_values else None
