@@ -106,25 +106,22 @@ def _serialize(message: bytes | Any) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+_HANDLER_KINDS = {  # (client streams, server streams) -> grpc's handler factory
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _add_memory_bank(servicer: MemoryBankServicer, server: grpc.Server) -> None:
-    """The generated registration, with a serializer that passes bytes through."""
-    handlers = {
-        "GetInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetInfo, pb.GetInfoRequest.FromString, _serialize
-        ),
-        "Search": grpc.unary_unary_rpc_method_handler(
-            servicer.Search, pb.SearchRequest.FromString, _serialize
-        ),
-        "SearchStream": grpc.stream_stream_rpc_method_handler(
-            servicer.SearchStream, pb.SearchRequest.FromString, _serialize
-        ),
-        "Fetch": grpc.unary_unary_rpc_method_handler(
-            servicer.Fetch, pb.FetchRequest.FromString, _serialize
-        ),
-        "Embed": grpc.unary_unary_rpc_method_handler(
-            servicer.Embed, pb.EmbedRequest.FromString, _serialize
-        ),
-    }
+    """What the generated ``add_MemoryBankServicer_to_server`` does, read from the
+    service's descriptor, with a serializer that passes bytes through."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["MemoryBank"].methods:
+        parse = getattr(pb, method.input_type.name).FromString
+        kind = _HANDLER_KINDS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = kind(getattr(servicer, method.name), parse, _serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 

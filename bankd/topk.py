@@ -123,8 +123,10 @@ def gather_values(
     shape = (*rows.shape, *values.shape[1:])
     if out is None:
         out = np.empty(shape, dtype=values.dtype)
-    elif out.shape != shape or out.dtype != values.dtype:
-        raise ValueError(f"out is {out.dtype}{list(out.shape)}, needs {values.dtype}{list(shape)}")
+    elif out.shape != shape or out.dtype != values.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out is {out.dtype}{list(out.shape)}, needs a contiguous {values.dtype}{list(shape)}"
+        )
     dest = out.reshape(len(flat), *values.shape[1:])  # a view: out is contiguous
     valid = flat >= 0
     if valid.all():
