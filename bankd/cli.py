@@ -90,6 +90,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         help="map the index's vectors (flat codes, IVF lists) from its file instead of reading "
         "them into memory: banks larger than RAM; the values are always mapped",
     )
+    p.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="always send values in the response, even to a client on this host that "
+        "offers a /dev/shm region for them",
+    )
     g = p.add_argument_group("security (README: Security)")
     g.add_argument("--tls-cert", help="PEM certificate chain of the server: serve TLS")
     g.add_argument("--tls-key", help="PEM private key of --tls-cert (unencrypted)")
@@ -136,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file,
         health_port=args.health_port,
+        shared_memory=not args.no_shared_memory,
     )
     tune_allocator()
     server = BankServer(config)  # ValueError (exit 2) for bad security flags or files

@@ -79,6 +79,13 @@ class Metrics:
             buckets=ROW_BUCKETS,
             registry=r,
         )
+        self.values_bytes = Counter(
+            "bankd_values_bytes_total",
+            "Bytes of values answered, by how they reached the client: in the response "
+            "message, or written into the client's shared-memory region (same host).",
+            ["transport"],
+            registry=r,
+        )
         self.bank_entries = Gauge("bankd_bank_entries", "Entries in the served bank.", registry=r)
         self.bank_bytes = Gauge(
             "bankd_bank_bytes", "Bytes of the served bank's files, by part.", ["part"], registry=r

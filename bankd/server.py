@@ -34,11 +34,13 @@ from bankd_client import errors, tensors, wire
 from bankd_client.client import HTTP2_MAX_FRAME_BYTES
 from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
+from bankd_client.shm import available as shm_available
 
 from .malformed import UndecodableRequests
 from .metrics import Metrics
 from .security import ServerSecurity
 from .service import BankService, ServiceLimits
+from .shm import MappedRegions, Sweeper
 from .store import Bank
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class ServerConfig:
     tls_client_ca: str | None = None  # PEM CA bundle: clients need a cert it signed (mTLS)
     auth_token_file: str | None = None  # bearer token every MemoryBank call must carry
     health_port: int | None = None  # plaintext port serving grpc.health.v1 alone; 0 = free
+    shared_memory: bool = True  # write values into same-host clients' /dev/shm regions
 
 
 def _rpc(method: str) -> Callable:
@@ -146,8 +149,9 @@ def _exclude_lists(request: pb.SearchRequest) -> list[list[int]] | None:
 class MemoryBankServicer(pb_grpc.MemoryBankServicer):
     """Converts between protobuf and the pb-free BankService."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, regions: MappedRegions | None = None) -> None:
         self.metrics = metrics
+        self.regions = regions  # None: values always travel in the response
         self.service: BankService | None = None
         self.draining = False
         self._calls = 0  # MemoryBank calls being answered
@@ -192,21 +196,51 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
     def GetInfo(self, service: BankService, request: Any, context: Any) -> pb.GetInfoResponse:
         return service.info().to_pb()
 
+    def _region(
+        self, service: BankService, request: pb.SearchRequest, keys: np.ndarray
+    ) -> np.ndarray | None:
+        """The request's shared-memory region for its values, when this server can
+        write there (see ``bankd.shm``); None: the values go in the response."""
+        if self.regions is None or not request.with_values:
+            return None
+        if not request.HasField("values_region"):
+            return None
+        return service.values_region(self.regions, request.values_region, keys, request.k)
+
+    def _values(
+        self,
+        service: BankService,
+        result: Any,
+        with_values: bool,
+        region: np.ndarray | None,
+    ) -> wire.Fill | wire.InRegion | None:
+        """The response's values: none, written into the region, or gathered into the
+        message as it is serialized."""
+        if not with_values:
+            return None
+        if region is not None:
+            self.metrics.values_bytes.labels(transport="shared_memory").inc(region.nbytes)
+            return service.values_into(result, region)
+        fill = service.values_fill(result)
+        self.metrics.values_bytes.labels(transport="message").inc(fill.nbytes)
+        return fill
+
     @_rpc("Search")
     def Search(self, service: BankService, request: pb.SearchRequest, context: Any) -> bytes:
         with service.arriving():
             keys = tensors.decode(request.keys, name="keys")
+            region = self._region(service, request, keys)
             pending = service.submit(
                 keys,
                 request.k,
                 _exclude_lists(request),
                 _deadline(self._timeout(context)),
-                request.with_values,
+                request.with_values and region is None,
                 service.search_overrides(request.nprobe, request.ef_search),
                 inline=True,
             )
         result = pending.result()
-        values = service.values_fill(result) if request.with_values else None
+        values = self._values(service, result, request.with_values, region)
         self.metrics.query_rows.inc(len(keys))
         return wire.search_response(result.ids, result.scores, request.request_id, values)
 
@@ -243,17 +277,20 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                     try:
                         with service.arriving():
                             keys = tensors.decode(req.keys, name="keys")
+                            region = self._region(service, req, keys)
                             fut = service.submit(
                                 keys,
                                 req.k,
                                 _exclude_lists(req),
-                                with_values=req.with_values,
+                                with_values=req.with_values and region is None,
                                 params=service.search_overrides(req.nprobe, req.ef_search),
                             )
                     except Exception as e:
-                        done.put((req, t0, None, _as_bank_error(e)))
+                        done.put((req, t0, None, None, _as_bank_error(e)))
                         continue
-                    fut.add_done_callback(lambda f, r=req, t=t0: done.put((r, t, f, None)))
+                    fut.add_done_callback(
+                        lambda f, r=req, t=t0, g=region: done.put((r, t, f, g, None))
+                    )
             except Exception:  # the client went away; answer what was submitted
                 client_gone.set()
             finally:
@@ -273,8 +310,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
                 if isinstance(item, int):
                     total = item
                     continue
-                req, t0, fut, err = item
-                yield self._stream_answer(service, req, fut, err, t0)
+                yield self._stream_answer(service, *item)
                 answered += 1
                 window.release()
         except GeneratorExit:  # gRPC closes the generator of a cancelled call
@@ -287,13 +323,19 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
             m.requests.labels(method="SearchStream", code=code).inc()
 
     def _stream_answer(
-        self, service: BankService, req: pb.SearchRequest, fut: Any, err: Any, t0: float
+        self,
+        service: BankService,
+        req: pb.SearchRequest,
+        t0: float,
+        fut: Any,
+        region: np.ndarray | None,
+        err: Any,
     ) -> bytes | pb.SearchStreamResponse:
         m = self.metrics
         if err is None:
             try:
                 result = fut.result()
-                values = service.values_fill(result) if req.with_values else None
+                values = self._values(service, result, req.with_values, region)
                 out = wire.stream_response(req.request_id, result.ids, result.scores, values)
                 m.query_rows.inc(len(result.ids))
                 m.search_latency.labels(method="SearchStream").observe(time.perf_counter() - t0)
@@ -331,7 +373,9 @@ class BankServer:
         self.config = config
         self.metrics = metrics or Metrics()
         self.health = health.HealthServicer()
-        self.servicer = MemoryBankServicer(self.metrics)
+        self.regions = MappedRegions() if config.shared_memory and shm_available() else None
+        self._sweeper: Sweeper | None = None
+        self.servicer = MemoryBankServicer(self.metrics, self.regions)
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
         self.port: int | None = None
@@ -404,6 +448,8 @@ class BankServer:
                 "can read the bank (--tls-cert/--tls-key, --auth-token-file)",
                 address,
             )
+        if self.regions is not None:
+            self._sweeper = Sweeper(self.regions)
         if load_in_background:
             threading.Thread(target=self._load, name="bankd-load", daemon=True).start()
         else:
@@ -491,6 +537,9 @@ class BankServer:
             self._health_grpc.stop(0).wait()
         if self.servicer.service is not None:
             self.servicer.service.close()
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self.regions.clear()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

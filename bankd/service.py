@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -33,6 +34,7 @@ from bankd_client.types import BankInfo, KeyFunctionSpec
 from . import __version__
 from .index import Searcher, SearchResult, gather_values
 from .metrics import Metrics
+from .shm import MappedRegions
 from .store import Bank
 
 log = logging.getLogger(__name__)
@@ -190,7 +192,11 @@ class BankService:
         exclude: list[list[int]] | None,
         with_values: bool = True,
     ) -> None:
-        """Raise InvalidArgument for anything a search must not be run with."""
+        """Raise InvalidArgument for anything a search must not be run with.
+
+        with_values: whether the response message carries the values (they count
+        against the message limit; values written into a client's shared-memory region
+        do not)."""
         lim = self.limits
         if keys.ndim != 2:
             raise errors.InvalidArgument(f"keys must be [B, d], got shape {list(keys.shape)}")
@@ -314,6 +320,26 @@ class BankService:
 
     def values_for(self, result: SearchResult) -> np.ndarray:
         return gather_values(self.bank.values, result.rows)
+
+    def values_region(
+        self, regions: MappedRegions, region: Any, keys: np.ndarray, k: int
+    ) -> np.ndarray | None:
+        """Where a search's values go in the client's shared-memory region (``region``
+        has name, offset, size): a writable [B, k, 32, 96] view, or None when this
+        server cannot write there. Keys or k out of range: None too (``submit`` says
+        what is wrong with them)."""
+        if keys.ndim != 2 or not 1 <= k <= self.max_k:
+            return None
+        values = self.bank.values
+        shape = (keys.shape[0], k, *values.shape[1:])
+        nbytes = math.prod(shape) * values.dtype.itemsize
+        raw = regions.target(region.name, region.offset, region.size, nbytes)
+        return None if raw is None else raw.view(values.dtype).reshape(shape)
+
+    def values_into(self, result: SearchResult, out: np.ndarray) -> wire.InRegion:
+        """Gather the result's values into ``out`` (from ``values_region``)."""
+        gather_values(self.bank.values, result.rows, out)
+        return wire.InRegion(out.shape, out.dtype)
 
     def values_fill(self, result: SearchResult) -> wire.Fill:
         """The result's values, gathered from the bank straight into a response."""

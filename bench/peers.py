@@ -12,7 +12,9 @@ after another, `--warmup` + `--repeats` batches of B queries, top-k with each hi
 fp16 [32, 96] value returned and decoded to a (B, k, 32, 96) array:
 
 * bankd: `bankd serve` in a child process (search_latency's server child) on the Flat
-  bank and on the HNSW32 bank, `BankClient.search(..., with_values=True)`;
+  bank and on the HNSW32 bank, `BankClient.search(..., with_values=True)`: the values
+  through shared memory (the server is on this host), and, batch by batch in turn,
+  in the response message as a client on another host gets them;
 * each peer in a child process of its own (`bench/peer_backends.py`), which loads the
   keys and values into the peer's store in a temporary folder (timed, in batches) and
   then searches in process, as Milvus Lite and Chroma's local clients run;
@@ -116,38 +118,58 @@ def measure_bankd(
     batches: list[np.ndarray],
     workdir: Path,
     search_kwargs: dict[str, Any],
-) -> dict[str, Any]:
-    """bankd serve on index_path in a child process; BankClient.search with values."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """bankd serve on index_path in a child process; BankClient.search with values,
+    through shared memory and in the message, batch by batch in alternating order."""
     from bankd_client import BankClient
 
     bank = Bank.load(index_path, verify=False, load_index=False)
     sl.progress(f"bankd {label}: starting the server process")
     t0 = time.perf_counter()
     server = sl.ServerProcess(index_path, workdir / f"server-{label}.log", cfg.bank())
-    times, ids, wrong = [], [], 0
+    target = f"127.0.0.1:{server.port}"
+    sides = ("shared_memory", "message")
+    times: dict[str, list] = {side: [] for side in sides}
+    ids: dict[str, list] = {side: [] for side in sides}
+    wrong = dict.fromkeys(sides, 0)
     try:
-        with BankClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+        with (
+            BankClient(target, timeout=600) as client,
+            BankClient(target, timeout=600, shared_memory=False) as by_message,
+        ):
             client.wait_ready(timeout=sl.SERVER_START_S)
             start_s = time.perf_counter() - t0
+            clients = {"shared_memory": client, "message": by_message}
             for i, queries in enumerate(batches):
-                hits, t = sl._timed(
-                    lambda q=queries: client.search(q, k=cfg.k, with_values=True, **search_kwargs)
-                )
-                wrong += value_mismatches(bank, hits.ids, hits.values)  # (B, k, 32, 96) fp16
-                if i >= cfg.warmup:
-                    times.append(t)
-                    ids.append(hits.ids)
+                for side in sides[::-1] if i % 2 else sides:
+                    search = clients[side].search
+                    hits, t = sl._timed(
+                        lambda q=queries, f=search: f(q, k=cfg.k, with_values=True, **search_kwargs)
+                    )
+                    wrong[side] += value_mismatches(bank, hits.ids, hits.values)
+                    if i >= cfg.warmup:
+                        times[side].append(t)
+                        ids[side].append(hits.ids)
+            if client.shared_memory_in_use is not True:
+                sl.progress(f"bankd {label}: shared memory was not used")
             memory = sl.memory_mb(server.proc.pid)
     finally:
         server.stop()
-    sl.progress(f"bankd {label}: median {np.median(times) * 1e3:.1f} ms")
-    return {
-        "times": times,
-        "ids": np.concatenate(ids),
-        "start_s": start_s,
-        "memory": memory,
-        "value_mismatches": wrong,
-    }
+    out = tuple(
+        {
+            "times": times[side],
+            "ids": np.concatenate(ids[side]),
+            "start_s": start_s,
+            "memory": memory,
+            "value_mismatches": wrong[side],
+        }
+        for side in sides
+    )
+    sl.progress(
+        f"bankd {label}: median {np.median(times['shared_memory']) * 1e3:.1f} ms, values in "
+        f"the message {np.median(times['message']) * 1e3:.1f} ms"
+    )
+    return out
 
 
 def in_process(
@@ -272,7 +294,9 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
     sl.progress("in-process FAISS Flat: the exact answers")
     times, truth = in_process(flat, batches, cfg.k, cfg.warmup)
     done("faiss_flat", {"times": times, "ids": truth})
-    done("bankd_flat", measure_bankd("flat", flat, cfg, batches, workdir, {}))
+    shared, message = measure_bankd("flat", flat, cfg, batches, workdir, {})
+    done("bankd_flat", shared)
+    done("bankd_flat_message", message)
     skipped: dict[str, str] = {}
     for group in cfg.peers:
         for name in pb.PEER_GROUPS[group]:
@@ -292,7 +316,9 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
     ef = ef or DEFAULT_EF_SEARCH
     times, ids = in_process(hnsw, batches, cfg.k, cfg.warmup, ef=ef)
     done("faiss_hnsw", {"times": times, "ids": ids})
-    done("bankd_hnsw", measure_bankd("hnsw", hnsw, cfg, batches, workdir, {"ef_search": ef}))
+    shared, message = measure_bankd("hnsw", hnsw, cfg, batches, workdir, {"ef_search": ef})
+    done("bankd_hnsw", shared)
+    done("bankd_hnsw_message", message)
     for r in systems.values():
         r["recall"] = recall(r.pop("ids"), truth)
         r.update(sl._stats(r.pop("times")))
@@ -311,21 +337,25 @@ def ratios(systems: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     def median(name: str) -> float | None:
         return systems[name]["median_ms"] if name in systems else None
 
-    flat, peer_flat = median("bankd_flat"), median("milvus_flat")
+    peer_flat = median("milvus_flat")
     hnsw_peers = [m for m in map(median, HNSW_PEERS) if m is not None]
-    return {
-        "milvus_flat/bankd_flat": peer_flat / flat if peer_flat else None,
-        "min(milvus_hnsw, chroma_hnsw)/bankd_hnsw": (
-            min(hnsw_peers) / median("bankd_hnsw") if hnsw_peers else None
-        ),
-    }
+    out = {}
+    for suffix in ("", "_message"):
+        flat, hnsw = median(f"bankd_flat{suffix}"), median(f"bankd_hnsw{suffix}")
+        out[f"milvus_flat/bankd_flat{suffix}"] = peer_flat / flat if peer_flat else None
+        out[f"min(milvus_hnsw, chroma_hnsw)/bankd_hnsw{suffix}"] = (
+            min(hnsw_peers) / hnsw if hnsw_peers else None
+        )
+    return out
 
 
 LABELS = {
     "faiss_flat": ("in-process faiss + numpy gather", "Flat"),
     "faiss_hnsw": ("in-process faiss + numpy gather", "HNSW32 ef={ef}"),
-    "bankd_flat": ("bankd Search RPC (own process)", "Flat"),
-    "bankd_hnsw": ("bankd Search RPC (own process)", "HNSW32 ef={ef}"),
+    "bankd_flat": ("bankd Search RPC, shared memory", "Flat"),
+    "bankd_flat_message": ("bankd Search RPC, in the message", "Flat"),
+    "bankd_hnsw": ("bankd Search RPC, shared memory", "HNSW32 ef={ef}"),
+    "bankd_hnsw_message": ("bankd Search RPC, in the message", "HNSW32 ef={ef}"),
     "milvus_flat": ("Milvus Lite (in process)", "FLAT"),
     "milvus_hnsw": ("Milvus Lite (in process)", "HNSW M=32 ef={peer_ef}"),
     "chroma_hnsw": ("Chroma (in process)", "HNSW M=32 ef={peer_ef}"),
@@ -372,11 +402,10 @@ def report(cfg: PeersConfig, r: dict[str, Any]) -> str:
         "  RSS MB: bankd, the server process; peers, what loading and searching added to "
         "their process (+), with its peak",
     ]
-    for (key, value), (peer, ours) in zip(
-        r["ratios"].items(),
-        ((("milvus_flat",), "bankd_flat"), (HNSW_PEERS, "bankd_hnsw")),
-        strict=True,
-    ):
+    pairs = [(("milvus_flat",), "bankd_flat"), (HNSW_PEERS, "bankd_hnsw")]
+    pairs = [(peer, f"{ours}_message") for peer, ours in pairs] + pairs  # the last two: ours
+    ordered = sorted(r["ratios"].items(), key=lambda kv: not kv[0].endswith("_message"))
+    for (key, value), (peer, ours) in zip(ordered, pairs, strict=True):
         recalls = ", ".join(f"{p} {s[p]['recall']:.4f}" for p in peer if p in s)
         text = "n/a" if value is None else f"{value:.2f}"
         lines.append(

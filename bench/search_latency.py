@@ -17,9 +17,12 @@ interleaves:
 * reference: in-process ``faiss`` search of the same index file plus a numpy gather
   of the values from the memory-mapped values file: the floor a remote bank can
   only approach;
-* bankd: ``BankClient.search(keys, k, with_values=True)``, the trainer's call;
+* bankd: ``BankClient.search(keys, k, with_values=True)``, the trainer's call; on
+  one host the server writes the values into the client's shared memory;
+* bankd with the values in the response message (``BankClient(...,
+  shared_memory=False)``), as a client on another host gets them;
 * bankd without values (``with_values=False``), to split off the cost of moving
-  B * k * 32 * 96 fp16 values (3.9 MB at the defaults) over the wire.
+  B * k * 32 * 96 fp16 values (3.9 MB at the defaults).
 
 Both processes set ``faiss.cvar.distance_compute_blas_threshold = 16`` (the server
 does it in ``bankd.index``), so a batch search takes the BLAS path in each. The
@@ -389,6 +392,7 @@ TIMINGS = (
     "ref_search",
     "ref_gather",
     "rpc",
+    "rpc_message",
     "rpc_no_values",
     "server_handler",
     "server_index_search",
@@ -397,17 +401,20 @@ TIMINGS = (
 
 def measure_batch(
     ref: Reference,
-    client: Any,
+    clients: tuple[Any, Any],
     server: ServerProcess,
     queries: np.ndarray,
     cfg: BenchConfig,
     flip: bool,
-) -> tuple[dict[str, float], dict[str, np.ndarray], Any]:
-    """One batch through the reference, bankd with values, bankd without: seconds each."""
+) -> tuple[dict[str, float], dict[str, np.ndarray], Any, Any]:
+    """One batch through the reference, bankd with values (shared memory, then in the
+    message), bankd without: seconds each."""
     t: dict[str, float] = {}
     out: dict[str, Any] = {}
     k = cfg.k
-    search = functools.partial(client.search, k=k, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    params = {"k": k, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search}
+    search = functools.partial(clients[0].search, **params)
+    search_message = functools.partial(clients[1].search, **params)
 
     def run_ref() -> None:
         (out["ref"], parts), t["ref"] = _timed(lambda: ref.search(queries, k))
@@ -420,14 +427,17 @@ def measure_batch(
         t["server_handler"] = after["handler"] - before["handler"]
         t["server_index_search"] = after["index_search"] - before["index_search"]
 
+    def run_rpc_message() -> None:
+        out["rpc_message"], t["rpc_message"] = _timed(lambda: search_message(queries))
+
     def run_rpc_ids() -> None:
         _, t["rpc_no_values"] = _timed(lambda: search(queries, with_values=False))
 
     # Alternate the order so that neither side always runs right after the other.
-    steps = [run_ref, run_rpc, run_rpc_ids]
+    steps = [run_ref, run_rpc, run_rpc_message, run_rpc_ids]
     for step in steps[::-1] if flip else steps:
         step()
-    return t, out["ref"], out["rpc"]
+    return t, out["ref"], out["rpc"], out["rpc_message"]
 
 
 @dataclass
@@ -439,7 +449,11 @@ class Agreement:
     tied_rows: int = 0  # ... of which the two score lists agree (ties ordered differently)
     values: int = 0  # hits with the same id but different values
 
-    def add(self, want: dict[str, np.ndarray], hits: Any) -> None:
+    transports: int = 0  # hits whose id or value differ between the two transports
+
+    def add(self, want: dict[str, np.ndarray], hits: Any, message: Any) -> None:
+        same = (hits.ids == message.ids) & (hits.values == message.values).all(axis=(2, 3))
+        self.transports += int((~same).sum())
         self.rows += len(want["ids"])
         for row in np.flatnonzero((want["ids"] != hits.ids).any(axis=1)):
             self.id_rows += 1
@@ -465,15 +479,20 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
     agree = Agreement()
     found: dict[str, list[np.ndarray]] = {"ref": [], "bankd": []}
     try:
-        with BankClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+        with (
+            BankClient(f"127.0.0.1:{server.port}", timeout=600) as client,
+            BankClient(f"127.0.0.1:{server.port}", timeout=600, shared_memory=False) as by_msg,
+        ):
             client.wait_ready(timeout=SERVER_START_S)
             progress(
                 f"server up on port {server.port}; {cfg.warmup} warm-up + {cfg.repeats} "
                 "measured batches, interleaved"
             )
             for i, queries in enumerate(batches):
-                t, want, hits = measure_batch(ref, client, server, queries, cfg, flip=i % 2 == 1)
-                agree.add(want, hits)
+                t, want, hits, message = measure_batch(
+                    ref, (client, by_msg), server, queries, cfg, flip=i % 2 == 1
+                )
+                agree.add(want, hits, message)
                 found["ref"].append(want["ids"])
                 found["bankd"].append(np.asarray(hits.ids))
                 if i >= cfg.warmup:
@@ -482,8 +501,10 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
                 progress(
                     f"  batch {i + 1}/{len(batches)}{' (warm-up)' if i < cfg.warmup else ''}"
                     f": reference {t['ref'] * 1e3:.1f} ms, bankd {t['rpc'] * 1e3:.1f} ms, "
+                    f"values in the message {t['rpc_message'] * 1e3:.1f} ms, "
                     f"without values {t['rpc_no_values'] * 1e3:.1f} ms"
                 )
+            shared_memory = client.shared_memory_in_use
         memory = memory_mb(server.proc.pid)  # after every batch: the values touched
     finally:
         progress("stopping the server")
@@ -492,6 +513,8 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
     return {
         "stats": stats,
         "ratio": stats["rpc"]["median_ms"] / stats["ref"]["median_ms"],
+        "ratio_message": stats["rpc_message"]["median_ms"] / stats["ref"]["median_ms"],
+        "shared_memory": shared_memory,
         "paired_ratio_median": float(np.median(np.divide(times["rpc"], times["ref"]))),
         "ratio_no_values": stats["rpc_no_values"]["median_ms"] / stats["ref_search"]["median_ms"],
         "agreement": asdict(agree),
@@ -539,6 +562,7 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
         return f"  {label:<44s} {s[name]['median_ms']:9.1f} {s[name]['p90_ms']:9.1f}"
 
     transport = s["rpc"]["median_ms"] - s["server_handler"]["median_ms"]
+    via = "shared memory" if r["shared_memory"] else "in the message: no shared memory"
     idx = r.get("index") or {}
     chosen = f" -> {idx['factory']} ({idx.get('reason', '')})" if cfg.index == "auto" else ""
     params = {**idx.get("search_params", {}), **cfg.search_params()}
@@ -553,17 +577,19 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
         row("reference: in-process faiss + numpy gather", "ref"),
         row("  of which faiss search", "ref_search"),
         row("  of which value gather", "ref_gather"),
-        row(f"bankd Search RPC, values ({values_mb:.1f} MB)", "rpc"),
+        row(f"bankd Search RPC, values ({values_mb:.1f} MB, {via})", "rpc"),
         row("  server handler (bankd_search_latency)", "server_handler"),
         row("  server index search", "server_index_search"),
         f"  {'  rest: serialize, transport, client decode':<44s} {transport:9.1f}",
+        row("bankd Search RPC, values in the message", "rpc_message"),
         row("bankd Search RPC, with_values=False", "rpc_no_values"),
         f"  one response in-process ({w['response_bytes'] / 1e6:.1f} MB, value gather "
         f"included): bankd's wire encode {w['encode_ms']:.2f} ms, decode "
         f"{w['decode_ms']:.2f} ms; through protobuf objects {w['pb_encode_ms']:.2f} / "
         f"{w['pb_decode_ms']:.2f} ms",
         f"ids checked on {a['rows']} query rows: {a['id_rows']} rows differ "
-        f"({a['tied_rows']} of them by tied scores); hits whose values differ: {a['values']}",
+        f"({a['tied_rows']} of them by tied scores); hits whose values differ: {a['values']}; "
+        f"hits that differ between the two transports: {a['transports']}",
         f"median of per-batch ratios (bankd / reference, same batch) = "
         f"{r['paired_ratio_median']:.2f}",
         f"ratio without values (bankd ids-only RPC / faiss search) = {r['ratio_no_values']:.2f}",
@@ -584,6 +610,7 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
             f"{r['recall']['ref']:.4f}, bankd {r['recall']['bankd']:.4f}"
         )
     lines += [
+        f"ratio(bankd values in the message/in-process) = {r['ratio_message']:.2f}",
         f"ratio(bankd/in-process) = {r['ratio']:.2f}",
     ]
     return "\n".join(lines)

@@ -13,30 +13,36 @@ With ``load_balancing="round_robin"``, a target that resolves to several address
 gets its calls spread over all of them, skipping a replica whose connection is down.
 A batch whose response would be over the message limit (the server's or this
 client's, whichever is lower) is split into row chunks that fit, searched one after
-another and put back together in order.
+another and put back together in order. On the server's host, values arrive through
+shared memory instead of the socket (``bankd_client.shm``; ``shared_memory=False``
+turns that off).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from . import errors, tensors, wire
+from . import errors, shm, tensors, wire
 from .credentials import check_token, read_file, read_token_file
 from .identity import EncoderFingerprint, fingerprint_encoder
 from .proto import bankd_pb2 as pb
 from .proto import bankd_pb2_grpc as pb_grpc
 from .types import BankInfo, Hits, SearchQuery, exclude_lists, exclude_to_pb
 
+log = logging.getLogger(__name__)
 SERVICE_NAME = "bankd.v1.MemoryBank"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 60.0
@@ -109,6 +115,13 @@ class BankClient:
             (the server's ``info().max_message_bytes`` or max_message_bytes, the lower)
             into row chunks that fit, and join their answers in order. False: send it
             whole; the server refuses it with InvalidArgument.
+        shared_memory: offer the server a region of a /dev/shm file for each search's
+            values. A server on this host, running as this user, writes them there and
+            the values cost no transfer (``Hits.values`` is then an array over that
+            region, writable, reused once it and its views are gone). The first answer
+            that comes back with the values in the message (another host, another user,
+            ``bankd serve --no-shared-memory``) turns the offer off for this client;
+            ``shared_memory_in_use`` tells which happened.
         options: extra channel options, overriding the defaults.
     """
 
@@ -128,6 +141,7 @@ class BankClient:
         retry_attempts: int = 5,
         load_balancing: str | None = None,
         split_batches: bool = True,
+        shared_memory: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if not 1 <= retry_attempts <= 5:
@@ -137,6 +151,10 @@ class BankClient:
         self.target = target
         self.timeout = timeout
         self.split_batches = split_batches
+        # None until an answer shows whether the server writes into our regions.
+        self._shm_in_use: bool | None = None if shared_memory and shm.available() else False
+        self._shm_pool: shm.RegionPool | None = None
+        self._shm_lock = threading.Lock()
         if token is not None and token_file is not None:
             raise ValueError("give token or token_file, not both")
         if token_file is not None:
@@ -196,6 +214,14 @@ class BankClient:
 
     def close(self) -> None:
         self._channel.close()
+        if self._shm_pool is not None:
+            self._shm_pool.close()
+
+    @property
+    def shared_memory_in_use(self) -> bool | None:
+        """True: the server writes values into this client's shared memory; False:
+        they come in the response messages; None: no answer with values yet."""
+        return self._shm_in_use
 
     def __enter__(self) -> BankClient:
         return self
@@ -254,6 +280,7 @@ class BankClient:
         request_id: str = "",
         nprobe: int | None = None,
         ef_search: int | None = None,
+        region: shm.Region | None = None,
     ) -> pb.SearchRequest:
         arr = tensors.as_numpy(keys, name="keys")
         if arr.dtype not in (np.float32, np.float16):
@@ -272,7 +299,52 @@ class BankClient:
             request_id=request_id,
             nprobe=int(nprobe or 0),  # the server checks the range (one place, one message)
             ef_search=int(ef_search or 0),
+            values_region=None
+            if region is None
+            else pb.SharedMemoryRegion(name=region.name, offset=0, size=region.size),
         )
+
+    # -- shared memory -----------------------------------------------------------------
+
+    def _lease(self, keys: Any, k: int, with_values: bool) -> shm.Region | None:
+        """A region for one call's values, while the server may write into it."""
+        if not with_values or self._shm_in_use is False or k < 1:
+            return None
+        nbytes = len(keys) * k * 2 * math.prod(self.info().value_shape)
+        with self._shm_lock:
+            if self._shm_pool is None:
+                self._shm_pool = shm.RegionPool()
+            pool = self._shm_pool
+        try:
+            return pool.lease(nbytes)
+        except (OSError, RuntimeError) as e:  # /dev/shm full, or the client closed
+            log.warning("no shared-memory region (%s): values come in the messages", e)
+            self._shm_in_use = False
+            return None
+
+    def _placed(self, hits: Hits, region: shm.Region | None) -> Hits:
+        """Hits with their values read from the call's region when the server wrote
+        them there; the region goes back to the pool when it was not used."""
+        if not isinstance(hits.values, wire.InRegion):
+            if region is not None:
+                self._shm_pool.give_back(region)
+                if hits.values is not None and self._shm_in_use is not False:
+                    log.info("%s sends values in its messages (not on this host?)", self.target)
+                    self._shm_in_use = False
+            return hits
+        if region is None:
+            raise errors.Internal("the server answered with values in a region never offered")
+        try:
+            values = self._shm_pool.array(region, hits.values.dtype, hits.values.shape)
+        except ValueError as e:
+            self._shm_pool.give_back(region)
+            raise errors.Internal(f"values in the shared-memory region: {e}") from None
+        self._shm_in_use = True
+        return replace(hits, values=values)
+
+    def _give_back(self, region: shm.Region | None) -> None:
+        if region is not None:
+            self._shm_pool.give_back(region)
 
     def search(
         self,
@@ -298,10 +370,22 @@ class BankClient:
         end = _end_of(self.timeout if timeout is None else timeout)
         parts = []
         for part_keys, part_exclude in chunks:
-            request = self._search_request(
-                part_keys, k, part_exclude, with_values, nprobe=nprobe, ef_search=ef_search
-            )
-            parts.append(self._call(self._stub.Search, request, _left(end)))
+            region = self._lease(part_keys, k, with_values)
+            try:
+                request = self._search_request(
+                    part_keys,
+                    k,
+                    part_exclude,
+                    with_values,
+                    nprobe=nprobe,
+                    ef_search=ef_search,
+                    region=region,
+                )
+                hits = self._call(self._stub.Search, request, _left(end))
+            except BaseException:
+                self._give_back(region)
+                raise
+            parts.append(self._placed(hits, region))
         hits = _join(parts)
         return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
 
@@ -361,8 +445,9 @@ class BankClient:
         """
         torch_out: list[bool] = []
         parts: list[int] = []  # messages of each batch: 1, or its row chunks
-        if with_values and self.split_batches:
-            self.info()  # the limits, fetched before the stream starts
+        regions: dict[str, shm.Region | None] = {}  # by request id, until answered
+        if with_values:
+            self.info()  # limits and value shape, fetched before the stream starts
 
         def requests() -> Iterator[pb.SearchRequest]:
             sent = 0  # request ids count messages
@@ -373,6 +458,8 @@ class BankClient:
                 torch_out.append(tensors.is_torch_tensor(q.keys))
                 parts.append(len(chunks))
                 for part_keys, part_exclude in chunks:
+                    region = self._lease(part_keys, q.k or k, with_values)
+                    regions[str(sent)] = region
                     yield self._search_request(
                         part_keys,
                         q.k or k,
@@ -381,6 +468,7 @@ class BankClient:
                         request_id=str(sent),
                         nprobe=nprobe,
                         ef_search=ef_search,
+                        region=region,
                     )
                     sent += 1
 
@@ -400,24 +488,31 @@ class BankClient:
                     next_id + j in pending for j in range(parts[batch])
                 ):
                     answers = [pending.pop(next_id + j) for j in range(parts[batch])]
-                    yield self._stream_result(answers, torch_out[batch])
+                    yield self._stream_result(answers, torch_out[batch], regions)
                     next_id += parts[batch]
                     batch += 1
         except grpc.RpcError as e:
             raise errors.from_rpc_error(e) from None
         finally:
             call.cancel()
+            for region in list(regions.values()):  # never answered, or a failed batch
+                self._give_back(region)
+            regions.clear()
         if pending:
             raise errors.Internal(f"stream ended with unanswered requests {sorted(pending)}")
 
-    @staticmethod
-    def _stream_result(responses: list[wire.StreamAnswer], as_torch: bool) -> Hits:
+    def _stream_result(
+        self,
+        responses: list[wire.StreamAnswer],
+        as_torch: bool,
+        regions: dict[str, shm.Region | None],
+    ) -> Hits:
         """One batch's hits from the answers to its messages, in order."""
         for response in responses:
             if response.hits is None:
                 code = errors.code_from_int(response.error_code)
                 raise errors.error_for_code(code, response.error_message)
-        hits = _join([response.hits for response in responses])
+        hits = _join([self._placed(r.hits, regions.pop(r.request_id, None)) for r in responses])
         return hits.to_torch() if as_torch else hits
 
     def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:

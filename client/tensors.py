@@ -82,17 +82,30 @@ def decode(t: pb.Tensor, *, name: str = "tensor") -> np.ndarray:
     return view(t.dtype, t.shape, data, 0, len(data), name=name)
 
 
+def numpy_dtype(dtype: int, *, name: str = "tensor") -> np.dtype:
+    """The numpy dtype of a DType number's bytes (bfloat16: its uint16 bit patterns)."""
+    np_dtype = _NUMPY_BY_DTYPE.get(dtype)
+    if np_dtype is None:
+        raise ValueError(f"{name} has unsupported dtype {dtype} ({DTYPE_NAMES.get(dtype, '?')})")
+    return np_dtype
+
+
+def checked_shape(dtype: int, shape: Any, *, name: str = "tensor") -> tuple[int, ...]:
+    """shape as a tuple of ints; ValueError for an unsupported dtype or invalid shape."""
+    numpy_dtype(dtype, name=name)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
+        raise ValueError(f"{name} has invalid shape {list(shape)}")
+    return shape
+
+
 def view(
     dtype: int, shape: Any, buffer: Any, offset: int, nbytes: int, *, name: str = "tensor"
 ) -> np.ndarray:
     """Read-only numpy view of ``nbytes`` at ``offset`` in ``buffer`` holding a tensor of
     DType ``dtype`` and ``shape``; the byte count is checked against the shape."""
-    np_dtype = _NUMPY_BY_DTYPE.get(dtype)
-    if np_dtype is None:
-        raise ValueError(f"{name} has unsupported dtype {dtype} ({DTYPE_NAMES.get(dtype, '?')})")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) > MAX_DIMS or any(s < 0 for s in shape):
-        raise ValueError(f"{name} has invalid shape {list(shape)}")
+    shape = checked_shape(dtype, shape, name=name)
+    np_dtype = numpy_dtype(dtype, name=name)
     expected = math.prod(shape) * np_dtype.itemsize  # exact: np.prod wraps around at 2**63
     if nbytes != expected:
         raise ValueError(

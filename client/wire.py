@@ -11,7 +11,9 @@ writes and reads the same bytes the .proto defines (byte for byte what
 - the server lays the message out once, has the values gathered from the bank straight
   into their place in it (``Fill``) and hands those bytes to gRPC;
 - the client reads the values as a numpy view over the received bytes (ids and
-  scores, 12 bytes a hit, are copied out so that keeping them keeps nothing else).
+  scores, 12 bytes a hit, are copied out so that keeping them keeps nothing else);
+- values the server wrote into the client's shared-memory region (``bankd_client.shm``)
+  travel as their dtype and shape only (``InRegion``).
 
 Nothing changes on the wire: clients in other languages keep using the .proto.
 
@@ -47,6 +49,17 @@ class Fill:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class InRegion:
+    """Values written into the request's shared-memory region: the response carries
+    their dtype and shape, and ``values_in_region``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    nbytes = 0  # none of them in the message
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ def _size(parts: list[_Part]) -> int:
     return sum(p.nbytes if isinstance(p, (np.ndarray, Fill)) else len(p) for p in parts)
 
 
-def _tensor(field: int, data: np.ndarray | Fill) -> list[_Part]:
+def _tensor(field: int, data: np.ndarray | Fill | InRegion) -> list[_Part]:
     """A Tensor message as field ``field`` of its parent."""
     dtype = np.dtype(data.dtype)
     code = tensors.wire_dtype(dtype)
@@ -111,14 +124,20 @@ def _string(field: int, text: str) -> list[_Part]:
     return [_len_field(field, len(raw)) + raw] if raw else []
 
 
+_Values = np.ndarray | Fill | InRegion | None
+
+
 def _search_response_parts(
-    ids: np.ndarray, scores: np.ndarray, request_id: str, values: np.ndarray | Fill | None
+    ids: np.ndarray, scores: np.ndarray, request_id: str, values: _Values
 ) -> list[_Part]:
     parts = _tensor(1, np.asarray(ids, dtype=np.int64))
     parts += _tensor(2, np.asarray(scores, dtype=np.float32))
     if values is not None:
         parts += _tensor(3, values)
-    return parts + _string(4, request_id)
+    parts += _string(4, request_id)
+    if isinstance(values, InRegion):
+        parts.append(_key(5, _VARINT) + _varint(1))
+    return parts
 
 
 def _new_bytes_filled_in_place() -> Callable[[int], tuple[bytes, memoryview]] | None:
@@ -184,9 +203,9 @@ def search_response(
     ids: np.ndarray,
     scores: np.ndarray,
     request_id: str = "",
-    values: np.ndarray | Fill | None = None,
+    values: _Values = None,
 ) -> bytes:
-    """A serialized SearchResponse (values: an array, a Fill, or None for none)."""
+    """A serialized SearchResponse (values: an array, a Fill, InRegion, or None)."""
     return _write(_search_response_parts(ids, scores, request_id, values))
 
 
@@ -194,7 +213,7 @@ def stream_response(
     request_id: str,
     ids: np.ndarray,
     scores: np.ndarray,
-    values: np.ndarray | Fill | None = None,
+    values: _Values = None,
 ) -> bytes:
     """A serialized SearchStreamResponse carrying a result."""
     result = _search_response_parts(ids, scores, request_id, values)
@@ -251,8 +270,8 @@ def _signed(n: int) -> int:
     return n - (1 << 64) if n >= 1 << 63 else n
 
 
-def _read_tensor(buf: bytes, start: int, end: int, name: str) -> np.ndarray:
-    """Read-only numpy view of a Tensor message in buf[start:end]."""
+def _tensor_header(buf: bytes, start: int, end: int) -> tuple[int, list[int], int, int]:
+    """dtype, shape and the data's span of a Tensor message in buf[start:end]."""
     dtype, shape, data = 0, [], (start, start)
     for field, wire_type, a, b in _fields(buf, start, end):
         if field == 1 and wire_type == _VARINT:
@@ -266,13 +285,32 @@ def _read_tensor(buf: bytes, start: int, end: int, name: str) -> np.ndarray:
             shape.append(_signed(a))
         elif field == 3 and wire_type == _LEN:
             data = (a, b)
-    return tensors.view(dtype, shape, buf, data[0], data[1] - data[0], name=name)
+    return dtype, shape, *data
+
+
+def _read_tensor(buf: bytes, start: int, end: int, name: str) -> np.ndarray:
+    """Read-only numpy view of a Tensor message in buf[start:end]."""
+    dtype, shape, a, b = _tensor_header(buf, start, end)
+    return tensors.view(dtype, shape, buf, a, b - a, name=name)
+
+
+def _read_in_region(buf: bytes, start: int, end: int) -> InRegion:
+    """The dtype and shape of values in the request's region (the Tensor has no data)."""
+    dtype, shape, a, b = _tensor_header(buf, start, end)
+    if b != a:
+        raise ValueError("values are marked as in the region but the response has data")
+    if dtype == tensors.pb.DTYPE_BFLOAT16:  # numpy has none; the server writes fp16
+        raise ValueError("values in a region must be float16 or float32, not bfloat16")
+    shape = tensors.checked_shape(dtype, shape, name="values")
+    return InRegion(shape, tensors.numpy_dtype(dtype, name="values"))
 
 
 def _read_hits(buf: bytes, start: int, end: int) -> Hits:
     spans: dict[int, tuple[int, int]] = {}
-    request_id = ""
+    request_id, in_region = "", False
     for field, wire_type, a, b in _fields(buf, start, end):
+        if field == 5 and wire_type == _VARINT:
+            in_region = bool(a)
         if wire_type != _LEN:
             continue
         if field in (1, 2, 3):
@@ -280,18 +318,25 @@ def _read_hits(buf: bytes, start: int, end: int) -> Hits:
         elif field == 4:
             request_id = bytes(buf[a:b]).decode()
     empty = (start, start)  # an absent Tensor reads as the default one (and is refused)
+    if 3 not in spans:
+        values = None
+    elif in_region:
+        values = _read_in_region(buf, *spans[3])
+    else:
+        values = _read_tensor(buf, *spans[3], name="values")
     # ids and scores are copied out (12 bytes a hit): a caller keeping them, as callers
     # do, would otherwise keep the whole response, values and all, alive with them.
     return Hits(
         ids=_read_tensor(buf, *spans.get(1, empty), name="ids").copy(),
         scores=_read_tensor(buf, *spans.get(2, empty), name="scores").copy(),
-        values=_read_tensor(buf, *spans[3], name="values") if 3 in spans else None,
+        values=values,
         request_id=request_id,
     )
 
 
 def read_search_response(data: bytes) -> Hits:
-    """Hits of a serialized SearchResponse: values a read-only view over ``data``."""
+    """Hits of a serialized SearchResponse: values a read-only view over ``data`` (or
+    ``InRegion`` when the server wrote them into the request's region)."""
     return _read_hits(data, 0, len(data))
 
 
@@ -326,6 +371,7 @@ def _read_error(buf: bytes, start: int, end: int) -> tuple[int, str]:
 
 __all__ = [
     "Fill",
+    "InRegion",
     "StreamAnswer",
     "read_search_response",
     "read_stream_response",

@@ -109,7 +109,7 @@ class ExcludeIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("keys", "k", "exclude", "with_values", "request_id", "nprobe", "ef_search")
+    __slots__ = ("keys", "k", "exclude", "with_values", "request_id", "nprobe", "ef_search", "values_region")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class SearchRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    VALUES_REGION_FIELD_NUMBER: _ClassVar[int]
     keys: Tensor
     k: int
     exclude: _containers.RepeatedCompositeFieldContainer[ExcludeIds]
@@ -124,19 +125,32 @@ class SearchRequest(_message.Message):
     request_id: str
     nprobe: int
     ef_search: int
-    def __init__(self, keys: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[_Union[ExcludeIds, _Mapping]]] = ..., with_values: _Optional[bool] = ..., request_id: _Optional[str] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
+    values_region: SharedMemoryRegion
+    def __init__(self, keys: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[_Union[ExcludeIds, _Mapping]]] = ..., with_values: _Optional[bool] = ..., request_id: _Optional[str] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., values_region: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRegion(_message.Message):
+    __slots__ = ("name", "offset", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    size: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("ids", "scores", "values", "request_id")
+    __slots__ = ("ids", "scores", "values", "request_id", "values_in_region")
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUES_IN_REGION_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     scores: Tensor
     values: Tensor
     request_id: str
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    values_in_region: bool
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., values_in_region: _Optional[bool] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

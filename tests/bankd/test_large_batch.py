@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bankd.service import ServiceLimits
-from bankd_client import BankClient, InvalidArgument
+from bankd_client import BankClient, InvalidArgument, shm
 
 B, K = 1024, 10
 MIB = 1024 * 1024
@@ -40,15 +40,19 @@ def searches_answered(srv: Any) -> float:
     return srv.metrics.registry.get_sample_value("bankd_requests_total", sample) or 0.0
 
 
-def test_63_mb_of_values_with_default_flags(big_bank: Any, serve: Any, helpers: Any) -> None:
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "message"])
+def test_63_mb_of_values_with_default_flags(
+    big_bank: Any, serve: Any, helpers: Any, shared_memory: bool
+) -> None:
     proc = serve(big_bank.path).wait_serving()  # `bankd serve` as deployed: default flags
     queries = big_bank.queries(B, seed=1)
-    with BankClient(proc.address, timeout=120) as client:
+    with BankClient(proc.address, timeout=120, shared_memory=shared_memory) as client:
         assert client.info().max_message_bytes == 256 * MIB
         assert client.rows_per_call(K) >= B  # fits in one response: no split
         hits = client.search(queries, k=K)
         assert hits.values.nbytes == B * K * 32 * 96 * 2 > 62_000_000
         assert_exact(big_bank, queries, hits, helpers)
+        assert client.shared_memory_in_use is (shared_memory and shm.available())
 
         second = big_bank.queries(B, seed=2)
         streamed = list(client.stream_search([queries, second], k=K))
@@ -95,7 +99,7 @@ def test_client_splits_to_its_own_lower_limit(
 def test_over_the_limit_without_splitting_is_a_clear_error(
     big_bank: Any, limited_server: Any, client_factory: Any, helpers: Any
 ) -> None:
-    client = client_factory(limited_server.port, split_batches=False)
+    client = client_factory(limited_server.port, split_batches=False, shared_memory=False)
     queries = big_bank.queries(B, seed=6)
     with pytest.raises(InvalidArgument) as e:
         client.search(queries, k=K)
@@ -118,4 +122,5 @@ def test_one_query_over_the_limit_names_k_and_the_limit(
     with pytest.raises(InvalidArgument, match=rf"k=200 .*{MIB}-byte message limit.*smaller k"):
         client_factory(port).search(queries, k=200)  # refused before sending
     with pytest.raises(InvalidArgument, match=r"k=200 .*smaller k.*--max-message-mb"):
-        client_factory(port, split_batches=False).search(queries, k=200)  # by the server
+        client = client_factory(port, split_batches=False, shared_memory=False)
+        client.search(queries, k=200)  # by the server

@@ -611,7 +611,7 @@ def test_oversize_message_is_resource_exhausted(
 def test_response_over_the_message_limit_is_invalid_argument(
     small_message_server: Any, client_factory: Any, bank: Any, helpers: Any
 ) -> None:
-    client = client_factory(small_message_server.port, split_batches=False)
+    client = client_factory(small_message_server.port, split_batches=False, shared_memory=False)
     value_bytes = int(np.prod(bank.values.shape[1:])) * 2
     b = (1 << 20) // value_bytes + 1  # its values alone do not fit
     with pytest.raises(InvalidArgument, match="split the batch"):
@@ -628,7 +628,8 @@ def test_response_just_over_the_message_limit_is_refused_up_front(
     b = 170
     limit = b * value_bytes + 100  # values fit; values + ids + scores (12 B a hit) do not
     limits = dataclasses.replace(ServiceLimits(), max_message_bytes=limit)
-    client = client_factory(server_factory(bank.path, limits=limits).port, split_batches=False)
+    port = server_factory(bank.path, limits=limits).port
+    client = client_factory(port, split_batches=False, shared_memory=False)
     try:
         hits = client.search(bank.queries(b, seed=0), k=1)
     except InvalidArgument as e:

@@ -29,16 +29,18 @@ def test_peers_at_tiny_n(tmp_path: Path, capsys: Any, load_bench: Callable[[str]
     argv = ["--n", "1500", "--d", "32", "--clusters", "16", "--batch", "32", "--k", "5"]
     argv += ["--repeats", "2", "--warmup", "1", "--workdir", str(tmp_path / "work")]
     assert peers.main([*argv, "--json", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
 
     doc = json.loads(out.read_text())
     systems = doc["systems"]
     assert doc["skipped"] == {}
     assert set(systems) == {
         "faiss_flat", "faiss_hnsw", "bankd_flat", "bankd_hnsw",
+        "bankd_flat_message", "bankd_hnsw_message",
         "milvus_flat", "milvus_hnsw", "chroma_hnsw",
     }  # fmt: skip
-    for name in ("faiss_flat", "bankd_flat", "milvus_flat"):
+    for name in ("faiss_flat", "bankd_flat", "bankd_flat_message", "milvus_flat"):
         assert systems[name]["recall"] == 1.0, name
     for name, figures in systems.items():
         assert figures["median_ms"] > 0, name
@@ -50,4 +52,6 @@ def test_peers_at_tiny_n(tmp_path: Path, capsys: Any, load_bench: Callable[[str]
     assert doc["bankd_ef_search"] in peers.EF_LADDER
     assert all(value > 0 for value in doc["ratios"].values())
     assert "ratio(milvus_flat/bankd_flat) = " in text
-    assert "ratio(min(milvus_hnsw, chroma_hnsw)/bankd_hnsw) = " in text
+    assert "ratio(min(milvus_hnsw, chroma_hnsw)/bankd_hnsw_message) = " in text
+    assert text.splitlines()[-1].startswith("ratio(min(milvus_hnsw, chroma_hnsw)/bankd_hnsw) = ")
+    assert "shared memory was not used" not in captured.err

@@ -29,8 +29,12 @@ def test_search_latency_reports_latency_agreement_and_memory(
     text = capsys.readouterr().out
     assert re.search(r"^ratio\(bankd/in-process\) = \d+\.\d\d$", text.splitlines()[-1])
     assert "0 rows differ" in text and "hits whose values differ: 0" in text
+    assert "differ between the two transports: 0" in text
+    assert "(3.9 MB" not in text and "MB, shared memory)" in text  # the child is on this host
+    assert re.search(r"^ratio\(bankd values in the message/in-process\) = \d+\.\d\d$", text, re.M)
     assert ("(--mmap-index)" in text) == mmap_index
     doc = json.loads(out.read_text())
+    assert doc["shared_memory"] is True
     memory = doc["memory"]
     assert memory["server"]["VmRSS"] > 0
     assert memory["index_mb"] > 0 and memory["values_mb"] > 0

@@ -73,6 +73,40 @@ def test_read_search_response_equals_protobuf_decoding(b, k, with_values, rid):
     assert back.request_id == rid
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_values_in_region_are_dtype_and_shape_only_byte_for_byte(stream):
+    hits = _hits(5, 3, seed=4, rid="s")
+    marker = wire.InRegion((5, 3, 32, 96), np.dtype(np.float16))
+    reference = pb.SearchResponse(
+        ids=hits.to_pb().ids,
+        scores=hits.to_pb().scores,
+        values=pb.Tensor(dtype=pb.DTYPE_FLOAT16, shape=[5, 3, 32, 96]),
+        request_id="s",
+        values_in_region=True,
+    )
+    if stream:
+        ours = wire.stream_response("s", hits.ids, hits.scores, marker)
+        assert ours == pb.SearchStreamResponse(request_id="s", result=reference).SerializeToString()
+        back = wire.read_stream_response(ours).hits
+    else:
+        ours = wire.search_response(hits.ids, hits.scores, "s", marker)
+        assert ours == reference.SerializeToString()
+        back = wire.read_search_response(ours)
+    assert back.values == marker
+    np.testing.assert_array_equal(back.ids, hits.ids)
+
+
+def test_values_in_region_with_data_or_a_bad_shape_are_refused():
+    bad = pb.SearchResponse(values=pb.Tensor(dtype=pb.DTYPE_FLOAT16, shape=[1], data=b"ab"))
+    bad.values_in_region = True
+    with pytest.raises(ValueError, match="has data"):
+        wire.read_search_response(bad.SerializeToString())
+    bad.values.data = b""
+    bad.values.shape[:] = [-1]
+    with pytest.raises(ValueError, match="invalid shape"):
+        wire.read_search_response(bad.SerializeToString())
+
+
 def test_read_search_response_values_are_a_view_ids_and_scores_are_not():
     hits = _hits(8, 5)
     data = wire.search_response(hits.ids, hits.scores, "", hits.values)
@@ -89,7 +123,7 @@ def test_read_accepts_other_field_orders_unknown_fields_and_unpacked_shapes():
     msg = hits.to_pb()
     # request_id first, an unknown varint and an unknown length field in between, the
     # shape of ids written unpacked (valid protobuf a parser must accept)
-    unknown = bytes([0x28, 0x05]) + bytes([0x3A, 0x02]) + b"zz"
+    unknown = bytes([0x48, 0x05]) + bytes([0x3A, 0x02]) + b"zz"  # fields 9 and 7
     ids = msg.ids
     ids_body = bytes([0x08, ids.dtype])
     ids_body += b"".join(bytes([0x10, s]) for s in ids.shape)
