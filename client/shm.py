@@ -78,8 +78,9 @@ class RegionPool:
         self._all: dict[str, Region] = {}  # every live region file, leased or free
         self._lock = threading.RLock()  # give_back may run from a finalizer mid-lease
         self._closed = False
-        # Unlink the files at interpreter exit even if close() is never called.
-        self._finalizer = weakref.finalize(self, _unlink_all, self._all)
+        # Unlink the files at interpreter exit even if close() is never called (by this
+        # process only: a forked child exiting must not take its parent's files).
+        self._finalizer = weakref.finalize(self, _unlink_all, self._all, os.getpid())
 
     def lease(self, nbytes: int) -> Region:
         """A region of at least nbytes, not leased to anyone else."""
@@ -134,7 +135,9 @@ class RegionPool:
             return sorted(self._all)
 
 
-def _unlink_all(regions: dict[str, Region]) -> None:
+def _unlink_all(regions: dict[str, Region], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:
+        return
     for region in list(regions.values()):
         region.unlink()
     regions.clear()

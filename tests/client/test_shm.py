@@ -56,3 +56,18 @@ def test_pool_collected_without_close_unlinks_its_files(tmp_path: Path) -> None:
     del pool
     gc.collect()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_forked_child_leaves_its_parents_files(tmp_path: Path) -> None:
+    pool = shm.RegionPool(tmp_path)
+    pool.lease(10)
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the pool and exits normally
+        del pool
+        gc.collect()
+        os._exit(0 if len(list(tmp_path.iterdir())) == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(list(tmp_path.iterdir())) == 1
+    pool.close()
+    assert not list(tmp_path.iterdir())
