@@ -201,9 +201,9 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
     ) -> np.ndarray | None:
         """The request's shared-memory region for its values, when this server can
         write there (see ``bankd.shm``); None: the values go in the response."""
-        if self.regions is None or not request.with_values:
+        if self.regions is None or not request.HasField("values_region"):
             return None
-        if not request.HasField("values_region"):
+        if not request.with_values:
             return None
         return service.values_region(self.regions, request.values_region, keys, request.k)
 

@@ -96,12 +96,10 @@ class MappedRegions:
                 held.used = now
                 self._maps.move_to_end(name)
                 return held.mapping
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != self._uid or st.st_size == 0:
-            return None
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(path, flags)
-        except OSError:  # gone meanwhile, or not ours to write
+        except OSError:  # gone meanwhile, not ours to write, or a link
             return None
         try:
             st = os.fstat(fd)  # the file actually opened, not the one stat saw

@@ -327,7 +327,7 @@ class BankClient:
         them there; the region goes back to the pool when it was not used."""
         if not isinstance(hits.values, wire.InRegion):
             if region is not None:
-                self._shm_pool.give_back(region)
+                self._give_back(region)
                 if hits.values is not None and self._shm_in_use is not False:
                     log.info("%s sends values in its messages (not on this host?)", self.target)
                     self._shm_in_use = False
@@ -337,7 +337,7 @@ class BankClient:
         try:
             values = self._shm_pool.array(region, hits.values.dtype, hits.values.shape)
         except ValueError as e:
-            self._shm_pool.give_back(region)
+            self._give_back(region)
             raise errors.Internal(f"values in the shared-memory region: {e}") from None
         self._shm_in_use = True
         return replace(hits, values=values)

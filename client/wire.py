@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import tensors
+from .proto import bankd_pb2 as pb
 from .types import Hits
 
 _LEN = 2  # wire type of length-delimited fields (messages, strings, bytes, packed)
@@ -299,7 +300,7 @@ def _read_in_region(buf: bytes, start: int, end: int) -> InRegion:
     dtype, shape, a, b = _tensor_header(buf, start, end)
     if b != a:
         raise ValueError("values are marked as in the region but the response has data")
-    if dtype == tensors.pb.DTYPE_BFLOAT16:  # numpy has none; the server writes fp16
+    if dtype == pb.DTYPE_BFLOAT16:  # numpy has none; the server writes fp16
         raise ValueError("values in a region must be float16 or float32, not bfloat16")
     shape = tensors.checked_shape(dtype, shape, name="values")
     return InRegion(shape, tensors.numpy_dtype(dtype, name="values"))
