@@ -55,6 +55,14 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="search device: auto, cpu, cuda, cuda:N")
     p.add_argument(
+        "--flat-search",
+        choices=("auto", "kernel", "faiss"),
+        default="auto",
+        help="exact search of a Flat index on the CPU: bankd's own kernel (x86-64 with AVX2 "
+        "and FMA, k <= 64; about 1.25x FAISS's speed), FAISS, or auto (the kernel where it "
+        "runs)",
+    )
+    p.add_argument(
         "--max-concurrent-rpcs",
         type=int,
         default=64,
@@ -130,6 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_host=args.metrics_host,
         device=args.device,
+        flat_search=args.flat_search,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_s=args.grace,
         verify=not args.no_verify,

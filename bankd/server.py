@@ -58,6 +58,7 @@ class ServerConfig:
     metrics_port: int | None = 9100
     metrics_host: str = "127.0.0.1"
     device: str = "auto"
+    flat_search: str = "auto"  # CPU flat indexes: "auto" (bankd's kernel if built), "faiss"
     max_concurrent_rpcs: int = 64
     workers: int = 0  # gRPC handler threads; 0 = max_concurrent_rpcs + 8
     grace_s: float = 10.0
@@ -488,6 +489,7 @@ class BankServer:
             self.servicer.service = BankService(
                 bank,
                 device=self.config.device,
+                flat_search=self.config.flat_search,
                 limits=self.config.limits,
                 metrics=self.metrics,
                 embedder=embedder,
@@ -497,7 +499,7 @@ class BankServer:
                 self.config.index,
                 bank.entries,
                 bank.key_dim,
-                self.servicer.service.searcher.device,
+                self.servicer.service.searcher.engine(),
                 "on" if embedder else "off",
                 time.perf_counter() - t0,
             )

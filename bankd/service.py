@@ -79,6 +79,7 @@ class BankService:
         bank: Bank,
         *,
         device: str = "auto",
+        flat_search: str = "auto",
         limits: ServiceLimits = ServiceLimits(),
         metrics: Metrics | None = None,
         embedder: Any = None,
@@ -91,7 +92,12 @@ class BankService:
         if search_params is None:
             search_params = bank.search_params  # what the build tuned, if anything
         self.searcher = Searcher(
-            bank.index, bank.keys, bank.ids, device=device, params=search_params
+            bank.index,
+            bank.keys,
+            bank.ids,
+            device=device,
+            params=search_params,
+            flat_search=flat_search,
         )
         self.max_k = min(limits.max_k, self.searcher.max_k)
         # The largest value a request may give each overridable parameter.
