@@ -93,6 +93,7 @@ class BenchConfig:
     tune_allocator: bool = False  # bankd_client.tune_allocator() in this (the client) process
     mmap_index: bool = False  # `bankd serve --mmap-index`: the index's vectors mapped
     reference_block: int = 0  # the reference's FAISS flat-search database block; 0: FAISS's
+    flat_search: str = "auto"  # `bankd serve --flat-search`: its own kernel or FAISS
     workdir: str | None = None
     json: str | None = None
 
@@ -215,6 +216,7 @@ class ServerProcess:
             cmd += ["--merge-wait-us", str(cfg.merge_wait_us)]
         if cfg.mmap_index:
             cmd += ["--mmap-index"]
+        cmd += ["--flat-search", cfg.flat_search]
         env = dict(os.environ)
         if cfg.threads:
             # The environment, not omp_set_num_threads: that only sets the calling
@@ -271,6 +273,15 @@ class ServerProcess:
             self._log.close()
 
 
+def _flat_engine(flat_search: str) -> str:
+    """Who searches a Flat IP index in a `bankd serve --flat-search flat_search`."""
+    from bankd import flat_kernel
+
+    if flat_search == "faiss" or not flat_kernel.available():
+        return "FAISS"
+    return f"bankd's kernel (k <= {flat_kernel.MAX_K})"
+
+
 def serve_child(index: str, cfg: BenchConfig) -> int:
     """Child process: `bankd serve` (the CLI's own code) on free ports, after one line
     saying which FAISS settings the server's process searches with."""
@@ -281,7 +292,8 @@ def serve_child(index: str, cfg: BenchConfig) -> int:
         f"settings: faiss distance_compute_blas_threshold="
         f"{faiss.cvar.distance_compute_blas_threshold}, database block "
         f"{faiss.cvar.distance_compute_blas_database_bs}, "
-        f"{faiss.omp_get_max_threads()} OpenMP threads",
+        f"{faiss.omp_get_max_threads()} OpenMP threads, Flat searched by "
+        f"{_flat_engine(cfg.flat_search)}",
         flush=True,
     )
     parent = os.getppid()
@@ -299,6 +311,7 @@ def serve_child(index: str, cfg: BenchConfig) -> int:
         argv += ["--merge-wait-us", str(cfg.merge_wait_us)]
     if cfg.mmap_index:
         argv += ["--mmap-index"]
+    argv += ["--flat-search", cfg.flat_search]
     return bankd_main(argv)
 
 
@@ -671,6 +684,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
         "--mmap-index",
         action="store_true",
         help="serve with `bankd serve --mmap-index` (the index's vectors mapped from the file)",
+    )
+    p.add_argument(
+        "--flat-search",
+        choices=("auto", "kernel", "faiss"),
+        default=d.flat_search,
+        help="`bankd serve --flat-search`: bankd's flat kernel where it runs (auto), or FAISS",
     )
     p.add_argument("--serve-index", default=None, help=argparse.SUPPRESS)  # the server child
     a = p.parse_args(argv)
