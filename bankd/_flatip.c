@@ -83,25 +83,20 @@ bankd_flatip_search(const float *keys, int64_t d, int64_t r0, int64_t r1, const 
                    c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
             for (int64_t e = 0; e < d; e++) {
                 const __m256 b0 = _mm256_loadu_ps(b + e * NR), b1 = _mm256_loadu_ps(b + e * NR + 8);
-                __m256 x;
-                x = _mm256_broadcast_ss(a[0] + e);
-                c00 = _mm256_fmadd_ps(x, b0, c00);
-                c01 = _mm256_fmadd_ps(x, b1, c01);
-                x = _mm256_broadcast_ss(a[1] + e);
-                c10 = _mm256_fmadd_ps(x, b0, c10);
-                c11 = _mm256_fmadd_ps(x, b1, c11);
-                x = _mm256_broadcast_ss(a[2] + e);
-                c20 = _mm256_fmadd_ps(x, b0, c20);
-                c21 = _mm256_fmadd_ps(x, b1, c21);
-                x = _mm256_broadcast_ss(a[3] + e);
-                c30 = _mm256_fmadd_ps(x, b0, c30);
-                c31 = _mm256_fmadd_ps(x, b1, c31);
-                x = _mm256_broadcast_ss(a[4] + e);
-                c40 = _mm256_fmadd_ps(x, b0, c40);
-                c41 = _mm256_fmadd_ps(x, b1, c41);
-                x = _mm256_broadcast_ss(a[5] + e);
-                c50 = _mm256_fmadd_ps(x, b0, c50);
-                c51 = _mm256_fmadd_ps(x, b1, c51);
+                /* key row i's element e times the tile's 16 queries */
+#define BANKD_ROW(i, lo, hi)                                   \
+    do {                                                       \
+        const __m256 x = _mm256_broadcast_ss(a[i] + e);        \
+        lo = _mm256_fmadd_ps(x, b0, lo);                       \
+        hi = _mm256_fmadd_ps(x, b1, hi);                       \
+    } while (0)
+                BANKD_ROW(0, c00, c01);
+                BANKD_ROW(1, c10, c11);
+                BANKD_ROW(2, c20, c21);
+                BANKD_ROW(3, c30, c31);
+                BANKD_ROW(4, c40, c41);
+                BANKD_ROW(5, c50, c51);
+#undef BANKD_ROW
             }
             const int64_t q0 = g * NR;
             const __m256 tile[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
