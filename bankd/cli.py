@@ -36,6 +36,7 @@ from bankd_client import BankClient, BankError, tune_allocator
 from bankd_client.credentials import add_connection_flags, connection_options
 
 from . import __version__
+from .flat_kernel import FLAT_SEARCH
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
@@ -56,7 +57,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="search device: auto, cpu, cuda, cuda:N")
     p.add_argument(
         "--flat-search",
-        choices=("auto", "kernel", "faiss"),
+        choices=FLAT_SEARCH,
         default="auto",
         help="exact search of a Flat index on the CPU: bankd's own kernel (x86-64 with AVX2 "
         "and FMA, k <= 64; about 1.25x FAISS's speed), FAISS, or auto (the kernel where it "

@@ -41,6 +41,9 @@ SPLIT_MIN_MACS = 1 << 22
 # k=64 130 vs 168 ms, k=128 157 vs 148 ms, k=1024 242 vs 175 ms), so searchers send
 # larger k to FAISS.
 MAX_K = 64
+# Who searches a flat index on the CPU (`bankd serve --flat-search`, Searcher's
+# flat_search): the kernel where it runs, the kernel or an error, or FAISS.
+FLAT_SEARCH = ("auto", "kernel", "faiss")
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64

@@ -48,7 +48,6 @@ FLAT_BLOCK_ROWS = 4096  # `bankd shard` aligns shard boundaries to it (bit-ident
 faiss.cvar.distance_compute_blas_database_bs = FLAT_BLOCK_ROWS
 
 MAX_K_CPU = 4096
-FLAT_SEARCH = ("auto", "kernel", "faiss")
 MAX_K_GPU = 2048  # FAISS GPU and our torch path both cap k here
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _TORCH_METRICS = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}
@@ -164,8 +163,10 @@ class Searcher:
         params: dict[str, Any] | None = None,
         flat_search: str = "auto",
     ) -> None:
-        if flat_search not in FLAT_SEARCH:
-            raise ValueError(f"flat_search must be one of {FLAT_SEARCH}, got {flat_search!r}")
+        if flat_search not in flat_kernel.FLAT_SEARCH:
+            raise ValueError(
+                f"flat_search must be one of {flat_kernel.FLAT_SEARCH}, got {flat_search!r}"
+            )
         self.ids = ids
         self.n, self.d = index.ntotal, index.d
         self.is_flat = isinstance(faiss.downcast_index(index), faiss.IndexFlat)

@@ -63,6 +63,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bankd.autoindex import exact_topk, search_parameters  # noqa: E402
+from bankd.flat_kernel import FLAT_SEARCH  # noqa: E402
 from bankd.store import VALUE_SHAPE, BankPaths, BankWriter  # noqa: E402
 
 BLAS_THRESHOLD = 16  # the value bankd.index sets; faiss 1.15's default is far higher
@@ -687,7 +688,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     )
     p.add_argument(
         "--flat-search",
-        choices=("auto", "kernel", "faiss"),
+        choices=FLAT_SEARCH,
         default=d.flat_search,
         help="`bankd serve --flat-search`: bankd's flat kernel where it runs (auto), or FAISS",
     )
