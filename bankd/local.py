@@ -28,7 +28,7 @@ from .topk import fetch_count, gather_values, select
 
 
 class LocalBank:
-    """A bank loaded into this process; same methods as ``bankd_client.BankClient``."""
+    """A bank loaded into this process; implements ``bankd_client.Bank`` as BankClient does."""
 
     def __init__(
         self,
@@ -50,7 +50,10 @@ class LocalBank:
             self._torch_keys = torch.from_numpy(np.asarray(self.bank.keys)).to(device)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the bank's files are memory-mapped and unmapped with it."""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Ready at once: the bank was loaded when this object was made."""
 
     def __enter__(self) -> LocalBank:
         return self
@@ -58,7 +61,9 @@ class LocalBank:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def info(self, **_: Any) -> BankInfo:
+    def info(self, *, timeout: float | None = None, refresh: bool = False) -> BankInfo:
+        """The loaded bank's description, as a server's GetInfo gives it (no call to time
+        out, nothing to refresh: the bank does not change while loaded)."""
         b = self.bank
         kf = b.key_function()
         return BankInfo(
@@ -142,11 +147,21 @@ class LocalBank:
         *,
         with_values: bool = True,
         timeout: float | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Iterator[Hits]:
+        """Hits of each batch in input order, searched one after another here."""
         for q in queries:
             if not isinstance(q, SearchQuery):
                 q = SearchQuery(keys=q)
-            yield self.search(q.keys, q.k or k, exclude_ids=q.exclude_ids, with_values=with_values)
+            yield self.search(
+                q.keys,
+                q.k or k,
+                exclude_ids=q.exclude_ids,
+                with_values=with_values,
+                nprobe=nprobe,
+                ef_search=ef_search,
+            )
 
     def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:
         wanted = tensors.as_numpy(ids, name="ids").reshape(-1).astype(np.int64)

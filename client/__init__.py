@@ -4,6 +4,7 @@ Light on purpose: importing it pulls in grpc, protobuf and numpy, never faiss,
 transformers or the server; torch tensors are converted only when torch is present.
 """
 
+from .bank import Bank
 from .client import BankClient
 from .errors import (
     BankError,
@@ -24,6 +25,7 @@ from .types import BankInfo, Hits, KeyFunctionSpec, SearchQuery
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bank",
     "BankClient",
     "BankError",
     "BankInfo",

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bankd_client import errors
+from bankd_client import Bank, errors
 from bankd_client.credentials import connection_options
 
 from .components import read_config
@@ -180,53 +180,39 @@ def model_config(config: TrainConfig) -> TinyAlignConfig:
     )
 
 
-class BorrowedBank:
-    """A caller's bank: used, never closed."""
-
-    def __init__(self, bank: Any) -> None:
-        self._bank = bank
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._bank, name)
-
-    def close(self) -> None:
-        pass
-
-
-def open_checked_bank(target: str, patience_s: float, **client_options: Any) -> Any:
+def open_checked_bank(target: str, patience_s: float, **client_options: Any) -> Bank:
     """Open a bank by address or index path; wait up to ``patience_s`` for a server.
 
     ``client_options`` (TLS, token: ``connection_options``) go to ``BankClient``."""
     if target.endswith(".faiss") and not Path(target).is_file():
         raise FileNotFoundError(f"bank index {target} not found")
     bank = open_bank(target, **client_options)
-    if hasattr(bank, "wait_ready"):
-        try:
-            bank.wait_ready(timeout=patience_s)
-        except errors.Unavailable as e:
-            bank.close()
-            raise RetrievalUnavailable(
-                f"the memory bank at {target} is unreachable ({e}) after waiting "
-                f"{patience_s:.0f} s (--bank-patience); is `bankd serve` running there?"
-            ) from None
+    try:
+        bank.wait_ready(timeout=patience_s)
+    except errors.Unavailable as e:
+        bank.close()
+        raise RetrievalUnavailable(
+            f"the memory bank at {target} is unreachable ({e}) after waiting "
+            f"{patience_s:.0f} s (--bank-patience); is `bankd serve` running there?"
+        ) from None
     return bank
 
 
 def connect_retriever(
-    config: TrainConfig, vision: Any, model: TinyAlignConfig, bank: Any | None = None
+    config: TrainConfig, vision: Any, model: TinyAlignConfig, bank: Bank | None = None
 ) -> Retriever | None:
     """The run's retriever for a model with this config and vision tower (DualEncoder).
 
     None without retrieval: no bank is contacted. Raises ``EncoderMismatch`` when the
-    bank's keys come from another encoder, unless ``allow_encoder_mismatch``.
+    bank's keys come from another encoder, unless ``allow_encoder_mismatch``. A ``bank``
+    given here is the caller's: used, never closed.
     """
     if not model.retrieval:
         return None
     if bank is None and not config.bank:
         raise ValueError("this model uses retrieval: pass --bank HOST:PORT (or --no-retrieval)")
-    if bank is not None:
-        bank = BorrowedBank(bank)
-    else:
+    owned = bank is None
+    if bank is None:
         options = connection_options(config, prefix="bank_")
         bank = open_checked_bank(config.bank, config.bank_patience, **options)
     try:
@@ -237,7 +223,9 @@ def connect_retriever(
             feature_layer=model.feature_layer,
             allow_encoder_mismatch=config.allow_encoder_mismatch,
             retry_for_s=config.bank_patience,
+            owns_bank=owned,
         )
     except Exception:
-        bank.close()
+        if owned:
+            bank.close()
         raise

@@ -28,9 +28,10 @@ import torch
 from PIL import Image
 
 from bankd.models.encoders import preprocess_images, resolve_device
+from bankd_client import Bank
 
 from .components import LoadedVLM, load_vlm
-from .config import BorrowedBank, open_checked_bank
+from .config import open_checked_bank
 from .conversation import build_prompt
 from .pipeline import autocast, resolve_precision
 from .retrieval import Retriever
@@ -53,7 +54,7 @@ def _image(item: Image.Image | str | Path | None) -> Image.Image | None:
 
 
 def _retriever(
-    bank: Any,
+    bank: str | Path | Bank | Retriever,
     vlm: LoadedVLM,
     top_k: int | None,
     allow_mismatch: bool,
@@ -63,10 +64,16 @@ def _retriever(
     """(retriever, owned): a Retriever for ``bank`` (target string, open bank or Retriever)."""
     if isinstance(bank, Retriever):
         return bank, False
-    if isinstance(bank, (str, Path)):
+    opened = isinstance(bank, (str, Path))
+    if opened:
         handle = open_checked_bank(str(bank), patience, **(bank_options or {}))
+    elif isinstance(bank, Bank):
+        handle = bank  # the caller's: left open
     else:
-        handle = BorrowedBank(bank)
+        raise TypeError(
+            f"bank must be an address, a .faiss path, a bank (bankd_client.Bank) or a "
+            f"Retriever, got {type(bank).__name__}"
+        )
     try:
         retriever = Retriever.from_bank(
             handle,
@@ -75,9 +82,11 @@ def _retriever(
             feature_layer=vlm.model.config.feature_layer,
             allow_encoder_mismatch=allow_mismatch,
             retry_for_s=patience,
+            owns_bank=opened,
         )
     except Exception:
-        handle.close()
+        if opened:
+            handle.close()
         raise
     return retriever, True
 
@@ -87,7 +96,7 @@ def generate(
     model: str | Path | LoadedVLM | tuple,
     images: list[Image.Image | str | Path | None],
     prompts: list[str],
-    bank: Any = None,
+    bank: str | Path | Bank | Retriever | None = None,
     max_new_tokens: int = 64,
     top_k: int | None = None,
     *,
@@ -103,7 +112,8 @@ def generate(
     """One answer per (image, prompt); ``None`` as an image gives a text-only prompt.
 
     ``model``: a model directory or what ``load_vlm`` returned. ``bank``: "host:port", a
-    ``.faiss`` path, an open ``BankClient`` / ``LocalBank``, or a ``Retriever``; required
+    ``.faiss`` path, an open bank (``bankd_client.Bank``: BankClient, ShardedBankClient,
+    LocalBank), or a ``Retriever``; required
     when the model uses retrieval. ``top_k`` defaults to the model's. ``exclude_ids``:
     one bank entry id per image to leave out of its search (e.g. evaluating on bank data).
     ``bank_options``: ``BankClient`` keywords (TLS, token) when ``bank`` is an address.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from bankd.models.keys import KeyFunction
-from bankd_client import BankClient, errors
+from bankd_client import Bank, BankClient, errors
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class RetrievalUnavailable(errors.Unavailable):
     """The bank stayed unreachable for longer than the configured patience."""
 
 
-def open_bank(target: str, **client_options: Any) -> Any:
+def open_bank(target: str, **client_options: Any) -> Bank:
     """A bank by address ("host:port", "dns:///...") or by index path (in-process).
 
     ``client_options`` go to ``BankClient`` (TLS certificates, token: see
@@ -65,16 +65,18 @@ class Retriever:
 
     def __init__(
         self,
-        bank: Any,
+        bank: Bank,
         key_function: KeyFunction,
         k: int,
         *,
         retry_for_s: float = 300.0,
         backoff_s: tuple[float, float] = (0.5, 10.0),
+        owns_bank: bool = True,
     ) -> None:
         if k < 1:
             raise ValueError(f"top-k must be >= 1, got {k}")
         self.bank = bank
+        self.owns_bank = owns_bank  # False: the caller's bank, left open by close()
         self.key_function = key_function.eval()
         self.k = k
         self.retry_for_s = retry_for_s
@@ -84,13 +86,14 @@ class Retriever:
     @classmethod
     def from_bank(
         cls,
-        bank: Any,
+        bank: Bank,
         vision: Any,
         k: int,
         *,
         feature_layer: int = -2,
         allow_encoder_mismatch: bool = False,
         retry_for_s: float = 300.0,
+        owns_bank: bool = True,
     ) -> Retriever:
         """Check the encoder against the bank and take the bank's key function."""
         info = bank.info()
@@ -120,7 +123,7 @@ class Retriever:
             k,
             fp.short(),
         )
-        return cls(bank, kf.to(vision.device), k, retry_for_s=retry_for_s)
+        return cls(bank, kf.to(vision.device), k, retry_for_s=retry_for_s, owns_bank=owns_bank)
 
     def keys(self, features: torch.Tensor) -> torch.Tensor:
         """Query keys (Bi, d) float32 from patch features (Bi, P, D)."""
@@ -164,5 +167,5 @@ class Retriever:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if hasattr(self.bank, "close"):
+        if self.owns_bank:
             self.bank.close()

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from bankd.models.encoders import DualEncoder, preprocess_images
+from bankd_client import Bank
 
 from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from .components import apply_stage, build_vlm, load_vision, load_vlm, read_config, save_model
@@ -100,8 +101,8 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def train(config: TrainConfig, *, bank: Any | None = None) -> TrainResult:
-    """Run stage ``config.stage``; ``bank`` (an open BankClient / LocalBank) overrides
+def train(config: TrainConfig, *, bank: Bank | None = None) -> TrainResult:
+    """Run stage ``config.stage``; ``bank`` (an open ``bankd_client.Bank``) overrides
     ``config.bank`` and stays open afterwards."""
     env = init_distributed(config.device)
     try:
@@ -111,7 +112,7 @@ def train(config: TrainConfig, *, bank: Any | None = None) -> TrainResult:
         env.close()
 
 
-def _train(config: TrainConfig, env: DistEnv, bank: Any | None) -> TrainResult:
+def _train(config: TrainConfig, env: DistEnv, bank: Bank | None) -> TrainResult:
     t_start = time.perf_counter()
     config = resolve_config(config)
     if config.retrieval and bank is None and not config.bank:
