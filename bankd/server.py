@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bankd_client import errors, tensors, wire
-from bankd_client.client import HTTP2_MAX_FRAME_BYTES
+from bankd_client.channel import HTTP2_MAX_FRAME_BYTES
 from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
 from bankd_client.shm import available as shm_available

@@ -109,7 +109,7 @@ def _equal(a: Any, b: Any) -> dict[str, int]:
 
 def merge_cost(shard_clients: list[Any], queries: np.ndarray, k: int, reps: int = 5) -> float:
     """Median seconds of merge_hits on real per-shard answers (the client's own work)."""
-    from bankd_client.sharded import merge_hits
+    from bankd_client.merge import merge_hits
 
     parts = [c.search(queries, k=k) for c in shard_clients]
     times = []

@@ -21,12 +21,10 @@ turns that off).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -36,49 +34,14 @@ import grpc
 import numpy as np
 
 from . import errors, shm, tensors, wire
-from .credentials import check_token, read_file, read_token_file
+from .channel import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, open_channel, search_stub
+from .chunking import Deadline, end_of, fitting_rows, join_hits, row_chunks, time_left
 from .identity import EncoderFingerprint, fingerprint_encoder
 from .proto import bankd_pb2 as pb
-from .proto import bankd_pb2_grpc as pb_grpc
-from .types import BankInfo, Hits, SearchQuery, exclude_lists, exclude_to_pb
+from .types import BankInfo, Hits, SearchQuery, exclude_to_pb
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "bankd.v1.MemoryBank"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 60.0
-RESPONSE_FRAMING_BYTES = 4096  # what the server allows a response beyond its hits
-HIT_BYTES = 8 + 4  # an id (int64) and a score (float32)
-# HTTP/2's largest frame (2^24 - 1 bytes; 16 KiB by default): a 3.9 MB answer crosses
-# in a few frames instead of 240, 3.9 -> 3.3 ms between two processes on 2 cores.
-HTTP2_MAX_FRAME_BYTES = (1 << 24) - 1
-LB_POLICIES = (None, "pick_first", "round_robin")  # None: gRPC's default, pick_first
-
-
-def _retry_service_config(max_attempts: int) -> str:
-    """gRPC service config: retry UNAVAILABLE with exponential backoff (client side)."""
-    return json.dumps(
-        {
-            "methodConfig": [
-                {
-                    "name": [{"service": SERVICE_NAME}],
-                    "retryPolicy": {
-                        "maxAttempts": max_attempts,
-                        "initialBackoff": "0.1s",
-                        "maxBackoff": "5s",
-                        "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"],
-                    },
-                }
-            ]
-        }
-    )
-
-
-def _pem(value: bytes | str | os.PathLike | None, name: str) -> bytes | None:
-    """PEM bytes as given, or read from a path; ValueError naming the option."""
-    if value is None or isinstance(value, bytes):
-        return value
-    return read_file(value, flag=name)
 
 
 class BankClient:
@@ -144,70 +107,31 @@ class BankClient:
         shared_memory: bool = True,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        if not 1 <= retry_attempts <= 5:
-            raise ValueError("retry_attempts must be between 1 and 5 (gRPC caps it at 5)")
-        if load_balancing not in LB_POLICIES:
-            raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
+        conn = open_channel(
+            target,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_certificate=client_certificate,
+            client_key=client_key,
+            server_name=server_name,
+            token=token,
+            token_file=token_file,
+            max_message_bytes=max_message_bytes,
+            retry_attempts=retry_attempts,
+            load_balancing=load_balancing,
+            options=options,
+        )
         self.target = target
         self.timeout = timeout
         self.split_batches = split_batches
+        self.max_message_bytes = conn.max_message_bytes
+        self._channel = conn.channel
+        self._metadata = conn.metadata
+        self._stub = search_stub(self._channel)
         # None until an answer shows whether the server writes into our regions.
         self._shm_in_use: bool | None = None if shared_memory and shm.available() else False
         self._shm_pool: shm.RegionPool | None = None
         self._shm_lock = threading.Lock()
-        if token is not None and token_file is not None:
-            raise ValueError("give token or token_file, not both")
-        if token_file is not None:
-            token = read_token_file(token_file)
-        elif token is not None:
-            check_token(token)
-        if (client_certificate is None) != (client_key is None):
-            raise ValueError("mutual TLS takes client_certificate and client_key together")
-        opts: dict[str, Any] = {
-            "grpc.max_send_message_length": max_message_bytes,
-            "grpc.max_receive_message_length": max_message_bytes,
-            "grpc.enable_retries": int(retry_attempts > 1),
-            "grpc.keepalive_time_ms": 30_000,
-            "grpc.keepalive_timeout_ms": 10_000,
-            "grpc.http2.max_frame_size": HTTP2_MAX_FRAME_BYTES,
-        }
-        if retry_attempts > 1:  # gRPC refuses a retry policy of fewer than 2 attempts
-            opts["grpc.service_config"] = _retry_service_config(retry_attempts)
-        if load_balancing:
-            opts["grpc.lb_policy_name"] = load_balancing
-        secure = tls or root_certificates is not None or client_certificate is not None
-        if server_name:
-            if not secure:
-                raise ValueError("server_name checks the server's certificate: it needs TLS")
-            opts["grpc.ssl_target_name_override"] = server_name
-        opts.update(dict(options))
-        names = {"grpc.ssl_target_name_override", "grpc.default_authority"}
-        if secure and target.startswith(("ipv4:", "ipv6:")) and "," in target:
-            if not names & opts.keys():  # gRPC would check the certificate for "a:p,b:p"
-                raise ValueError(
-                    f"{target} lists several addresses and no host name: give server_name, "
-                    "the name the replicas' certificate carries"
-                )
-        self.max_message_bytes = int(opts["grpc.max_receive_message_length"])
-        # Per-call metadata carries the token only in plaintext; with TLS the channel's
-        # call credentials do.
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        if secure:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=_pem(root_certificates, "root_certificates"),
-                private_key=_pem(client_key, "client_key"),
-                certificate_chain=_pem(client_certificate, "client_certificate"),
-            )
-            if token:
-                creds = grpc.composite_channel_credentials(
-                    creds, grpc.access_token_call_credentials(token)
-                )
-            self._channel = grpc.secure_channel(target, creds, options=list(opts.items()))
-        else:
-            if token:
-                self._metadata = (("authorization", f"Bearer {token}"),)
-            self._channel = grpc.insecure_channel(target, options=list(opts.items()))
-        self._stub = _stub(self._channel)
         self._info: BankInfo | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -234,7 +158,7 @@ class BankClient:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        deadline = _Deadline(timeout)
+        deadline = Deadline(timeout)
         while True:
             try:
                 resp = stub.Check(
@@ -367,7 +291,7 @@ class BankClient:
         parameter, InvalidArgument.
         """
         chunks = self._chunks(keys, exclude_ids, k, with_values)
-        end = _end_of(self.timeout if timeout is None else timeout)
+        end = end_of(self.timeout if timeout is None else timeout)
         parts = []
         for part_keys, part_exclude in chunks:
             region = self._lease(part_keys, k, with_values)
@@ -381,12 +305,12 @@ class BankClient:
                     ef_search=ef_search,
                     region=region,
                 )
-                hits = self._call(self._stub.Search, request, _left(end))
+                hits = self._call(self._stub.Search, request, time_left(end))
             except BaseException:
                 self._give_back(region)
                 raise
             parts.append(self._placed(hits, region))
-        hits = _join(parts)
+        hits = join_hits(parts)
         return hits.to_torch() if tensors.is_torch_tensor(keys) else hits
 
     def rows_per_call(self, k: int, with_values: bool = True) -> int | None:
@@ -395,36 +319,14 @@ class BankClient:
         split_batches=False). InvalidArgument when not even one query's hits fit."""
         if not (with_values and self.split_batches) or k < 1:  # the server refuses k < 1
             return None
-        info = self.info()
-        limit = min(info.max_message_bytes or self.max_message_bytes, self.max_message_bytes)
-        per_query = k * (HIT_BYTES + 2 * math.prod(info.value_shape))
-        rows = (limit - RESPONSE_FRAMING_BYTES) // per_query
-        if rows < 1:
-            raise errors.InvalidArgument(
-                f"k={k} with values needs {per_query + RESPONSE_FRAMING_BYTES} bytes for one "
-                f"query, over the {limit}-byte message limit (server "
-                f"{info.max_message_bytes}, client {self.max_message_bytes}); ask for a "
-                "smaller k, or raise the limit (bankd serve --max-message-mb, "
-                "BankClient(max_message_bytes=...))"
-            )
-        return rows
+        return fitting_rows(self.info(), k, self.max_message_bytes)
 
     def _chunks(
         self, keys: Any, exclude_ids: Any, k: int, with_values: bool
     ) -> list[tuple[Any, Any]]:
         """(keys, exclude_ids) of each call a search takes: one, or row chunks that fit."""
-        b = len(keys)
-        rows = self.rows_per_call(k, with_values) if b > 1 else None
-        if rows is None or b <= rows:
-            return [(keys, exclude_ids)]
-        try:
-            exclude = exclude_lists(exclude_ids, b)
-        except ValueError as e:
-            raise errors.InvalidArgument(str(e)) from None
-        return [
-            (keys[s : s + rows], None if exclude is None else exclude[s : s + rows])
-            for s in range(0, b, rows)
-        ]
+        rows = self.rows_per_call(k, with_values) if len(keys) > 1 else None
+        return row_chunks(keys, exclude_ids, rows)
 
     def stream_search(
         self,
@@ -512,7 +414,7 @@ class BankClient:
             if response.hits is None:
                 code = errors.code_from_int(response.error_code)
                 raise errors.error_for_code(code, response.error_message)
-        hits = _join([self._placed(r.hits, regions.pop(r.request_id, None)) for r in responses])
+        hits = join_hits([self._placed(r.hits, regions.pop(r.request_id, None)) for r in responses])
         return hits.to_torch() if as_torch else hits
 
     def fetch(self, ids: Any, *, with_keys: bool = False, timeout: float | None = None) -> Any:
@@ -567,23 +469,6 @@ class BankClient:
         return fp
 
 
-def _stub(channel: grpc.Channel) -> pb_grpc.MemoryBankStub:
-    """The generated stub, with Search answers read as views over the received bytes
-    (``wire``): Search gives Hits, SearchStream gives StreamAnswers."""
-    stub = pb_grpc.MemoryBankStub(channel)
-    stub.Search = channel.unary_unary(
-        f"/{SERVICE_NAME}/Search",
-        request_serializer=pb.SearchRequest.SerializeToString,
-        response_deserializer=wire.read_search_response,
-    )
-    stub.SearchStream = channel.stream_stream(
-        f"/{SERVICE_NAME}/SearchStream",
-        request_serializer=pb.SearchRequest.SerializeToString,
-        response_deserializer=wire.read_stream_response,
-    )
-    return stub
-
-
 def _encode_image(image: Any) -> bytes:
     if isinstance(image, bytes):
         return image
@@ -594,39 +479,3 @@ def _encode_image(image: Any) -> bytes:
         image.save(buf, format="PNG")
         return buf.getvalue()
     raise ValueError(f"cannot send {type(image).__name__} as an image (PIL image, bytes or path)")
-
-
-def _join(parts: list[Hits]) -> Hits:
-    """The hits of consecutive row chunks of one batch, as one (numpy)."""
-    if len(parts) == 1:
-        return parts[0]
-    values = [p.values for p in parts]
-    return Hits(
-        ids=np.concatenate([p.ids for p in parts]),
-        scores=np.concatenate([p.scores for p in parts]),
-        values=None if values[0] is None else np.concatenate(values),
-        request_id=parts[0].request_id,
-    )
-
-
-def _end_of(timeout: float | None) -> float | None:
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def _left(end: float | None) -> float | None:
-    """Seconds to a call's end, for the next chunk's deadline (None: no deadline)."""
-    return None if end is None else max(end - time.monotonic(), 0.0)
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        import time
-
-        self._time = time
-        self._end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self._end - self._time.monotonic()
-
-    def sleep(self, s: float) -> None:
-        self._time.sleep(min(s, max(self.left(), 0)))

@@ -36,7 +36,8 @@ from bankd_client import (
     ShardedBankClient,
     Unavailable,
 )
-from bankd_client.sharded import SEPARATE_VALUES_OVER, merge_hits
+from bankd_client.merge import merge_hits
+from bankd_client.sharded import SEPARATE_VALUES_OVER
 
 N, D = 5000, 32
 LIMITS = ServiceLimits(max_k=4096)
