@@ -1,4 +1,9 @@
-"""Loading a benchmark program (bench/NAME.py) as a module, for its end-to-end tests."""
+"""Loading a benchmark program (bench/NAME.py) as a module, for its end-to-end tests.
+
+A program run as ``python bench/NAME.py`` finds its siblings (the ``workload`` package,
+``peer_backends``) because Python puts bench/ first on the module path; the programs
+loaded here get the same path.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from types import ModuleType
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
 
 @pytest.fixture
