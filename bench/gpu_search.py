@@ -4,14 +4,14 @@
     python bench/gpu_search.py --n 200000 --k 5       # quicker
     python bench/gpu_search.py --no-server --json gpu_search.json
 
-Needs a CUDA device. It writes a synthetic bank (``bench/search_latency.py``'s generator
-through ``bankd.store.BankWriter``: clustered unit keys, random fp16 values [N, 32, 96],
-a Flat index) to a temporary folder, and then, in one run:
+Needs a CUDA device. It writes the reference workload's synthetic bank
+(``bench/workload/bank.py``: clustered unit keys, random fp16 values [N, 32, 96], a Flat
+index) to a temporary folder, and then, in one run:
 
-1. the limits of this GPU, measured on the bank's own fp16 key matrix: a device-to-device
-   copy of it (memory bandwidth, bytes read + written) and a read of it (a sum), and the
-   fp16 matrix product of the search's shape, (B x d) @ (d x N), plus a square 8192^3 one
-   (matrix-multiply throughput, TFLOP/s);
+1. the limits of this GPU (``bench/gpu_timing.py``), measured on the bank's own fp16 key
+   matrix: a device-to-device copy of it (memory bandwidth, bytes read + written) and a
+   read of it (a sum), and the fp16 matrix product of the search's shape, (B x d) @
+   (d x N), plus a square 8192^3 one (matrix-multiply throughput, TFLOP/s);
 2. ``bankd.index.Searcher`` on CUDA (the torch path when FAISS has no GPU build), each
    query excluding its own entry (k + 1 fetched): the GPU work alone (queries already on
    the device, CUDA-synchronised), ``raw_search`` (with the copies to and from the host)
@@ -31,11 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,15 +39,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from gpu_timing import gpu_ms, limits, sync, wall_ms
+from workload.bank import BenchConfig, bank_for, queries_near
+from workload.run import progress, publish, workdir_for
+from workload.server import BenchServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_latency import BenchConfig as BankSpec  # noqa: E402  (the bank generator)
-from search_latency import write_synthetic_bank  # noqa: E402
-
-from bankd import torch_search  # noqa: E402
-from bankd.index import Searcher  # noqa: E402
-from bankd.store import VALUE_SHAPE, Bank  # noqa: E402
-from bankd_client import tune_allocator  # noqa: E402
+from bankd import torch_search
+from bankd.index import Searcher
+from bankd.store import VALUE_SHAPE, Bank
+from bankd_client import tune_allocator
 
 SERVER_START_S = 600.0
 CHECK_ROWS = 16  # query rows per k checked against the float64 brute force
@@ -74,51 +70,6 @@ class Config:
     device: str = "cuda"  # "cpu": a smoke test of this script (figures meaningless)
     workdir: str | None = None
     json: str | None = None
-
-
-def progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def sync() -> None:
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def gpu_ms(fn: Any, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() on the GPU (CUDA events), after warm-up calls."""
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_initialized():  # --device cpu
-        return wall_ms(lambda _: fn(), [None] * reps, 0)[0]
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
-
-def wall_ms(
-    fn: Any, batches: list[Any], warmup: int, keep: bool = False
-) -> tuple[float, list[Any]]:
-    """Median wall milliseconds of fn(batch) over the measured batches (and, with keep,
-    their outputs; kept raw_search outputs would hold pinned buffers between calls)."""
-    times, outs = [], []
-    for i, b in enumerate(batches):
-        sync()
-        t0 = time.perf_counter()
-        out = fn(b)
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-            if keep:
-                outs.append(out)
-        del out
-    return float(np.median(times)), outs
 
 
 def parts_ms(index: torch_search.TorchFlatIndex, batches: list[Any], fetch: int, warmup: int):
@@ -147,62 +98,15 @@ def parts_ms(index: torch_search.TorchFlatIndex, batches: list[Any], fetch: int,
 # -- the bank and the queries -----------------------------------------------------------
 
 
-def bank_at(cfg: Config, folder: Path) -> Path:
-    spec = BankSpec(n=cfg.n, d=cfg.d, clusters=cfg.clusters, seed=cfg.seed, index="Flat")
-    path = folder / "bank.faiss"
-    manifest = folder / "bank.manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("config") == spec.bank_spec():
-        progress(f"reusing the bank at {path}")
-        return path
-    progress(f"writing a {cfg.n} x {cfg.d} bank to {path}")
-    t0 = time.perf_counter()
-    write_synthetic_bank(spec, path)
-    progress(f"bank written in {time.perf_counter() - t0:.0f} s")
-    return path
+# -- the bank and the queries ----------------------------------------------------------
 
 
 def query_batches(bank: Bank, cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
     """(queries (B, d) float32, own entry ids (B,)): noisy copies of random bank keys."""
-    rng = np.random.default_rng(cfg.seed + 1)
     total = (cfg.warmup + cfg.repeats) * cfg.batch
-    rows = np.sort(rng.choice(cfg.n, size=total, replace=total > cfg.n))
-    q = np.asarray(bank.keys[rows]) + rng.standard_normal((total, cfg.d), dtype=np.float32) * (
-        0.3 / np.sqrt(cfg.d)
-    )
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    perm = rng.permutation(total)
-    q, own = q[perm].astype(np.float32), bank.ids[rows[perm]]
+    q, rows = queries_near(bank.keys, total, cfg.seed)
+    own = bank.ids[rows]
     return [(q[i : i + cfg.batch], own[i : i + cfg.batch]) for i in range(0, total, cfg.batch)]
-
-
-# -- 1. the GPU's limits ----------------------------------------------------------------
-
-
-def limits(keys: torch.Tensor, b: int, reps: int) -> dict[str, float]:
-    n, d = keys.shape
-    nbytes = keys.numel() * keys.element_size()
-    out: dict[str, float] = {"key_bytes": nbytes}
-    dst = torch.empty_like(keys)
-    out["copy_ms"] = gpu_ms(lambda: dst.copy_(keys), reps)
-    dst.set_()  # free it
-    out["bandwidth_tb_s"] = 2 * nbytes / out["copy_ms"] / 1e9
-    out["read_keys_ms"] = nbytes / (out["bandwidth_tb_s"] * 1e9)  # at the copy's rate
-    out["sum_ms"] = gpu_ms(lambda: keys.sum(dtype=torch.float32), reps)
-    q = torch.randn(b, d, device=keys.device).div_(d**0.5).to(keys.dtype)
-    flop = 2 * b * n * d
-    out["matmul_fp16_out_ms"] = gpu_ms(lambda: q @ keys.T, reps)
-    out["matmul_fp16_out_tflops"] = flop / out["matmul_fp16_out_ms"] / 1e9
-    with contextlib.suppress(TypeError, RuntimeError):
-        out["matmul_fp32_out_ms"] = gpu_ms(
-            lambda: torch.mm(q, keys.T, out_dtype=torch.float32), reps
-        )
-        out["matmul_fp32_out_tflops"] = flop / out["matmul_fp32_out_ms"] / 1e9
-    m = 8192 if keys.is_cuda else 256
-    a = torch.randn(m, m, device=keys.device).to(keys.dtype)
-    out["matmul_square_ms"] = gpu_ms(lambda: a @ a, reps)
-    out["matmul_square_tflops"] = 2 * m**3 / out["matmul_square_ms"] / 1e9
-    torch.cuda.empty_cache()
-    return out
 
 
 # -- 2. the Searcher --------------------------------------------------------------------
@@ -349,34 +253,6 @@ def profile(index: torch_search.TorchFlatIndex, batches: list[Any], cfg: Config)
 # -- 4. the server ----------------------------------------------------------------------
 
 
-class Server:
-    """``bankd serve --device cuda`` in a child process, on free loopback ports."""
-
-    def __init__(self, index: Path, log: Path, cfg: Config) -> None:
-        self._log = open(log, "wb")
-        cmd = [sys.executable, "-m", "bankd", "--log-level", "WARNING", "serve"]
-        cmd += ["--index", str(index), "--port", "0", "--metrics-port", "-1"]
-        cmd += ["--device", cfg.device, "--no-verify", "--no-embed", "--grace", "1"]
-        cmd += ["--max-k", str(max(cfg.ks)), "--max-message-mb", str(cfg.max_message_mb)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
-        for line in iter(self.proc.stdout.readline, b""):  # "bankd serving ... on HOST:PORT"
-            m = re.search(r"serving .* on [\d.]+:(\d+)", line.decode())
-            if m:  # printed once the bank is loaded
-                self.port = int(m.group(1))
-                return
-        self.stop()
-        raise RuntimeError(f"bankd serve did not start; its log ends:\n{log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
-
-
 def measure_server(
     path: Path, batches: list[Any], cfg: Config, direct: dict[int, dict[str, Any]], log: Path
 ) -> dict[str, Any]:
@@ -384,11 +260,17 @@ def measure_server(
 
     progress(f"starting bankd serve --device {cfg.device}")
     t0 = time.perf_counter()
-    server = Server(path, log, cfg)
+    flags = ["--device", cfg.device, "--no-verify", "--grace", "1", "--max-k", str(max(cfg.ks))]
+    server = BenchServer(
+        path,
+        log,
+        [*flags, "--max-message-mb", str(cfg.max_message_mb)],
+        start_timeout=SERVER_START_S,
+    )
     out: dict[str, Any] = {"start_s": time.perf_counter() - t0}
     limit = cfg.max_message_mb << 20
     try:
-        with BankClient(f"127.0.0.1:{server.port}", timeout=600, max_message_bytes=limit) as c:
+        with BankClient(server.address, timeout=600, max_message_bytes=limit) as c:
             c.wait_ready(timeout=SERVER_START_S)
             out["search_device"] = c.info().search_device
             for k in cfg.ks:
@@ -548,11 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_search.py needs a CUDA device", file=sys.stderr)
         return 2
     progress(f"config: {asdict(cfg)}")
-    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="bankd-gpu-bench-") as where:
-        folder = Path(where)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = bank_at(cfg, folder)
+    with workdir_for(cfg.workdir, "bankd-gpu-bench-") as folder:
+        spec = BenchConfig(n=cfg.n, d=cfg.d, clusters=cfg.clusters, seed=cfg.seed, index="Flat")
+        path = bank_for(spec, folder)
         bank = Bank.load(path, verify=False)
         batches = query_batches(bank, cfg)
         t0 = time.perf_counter()
@@ -580,11 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             res.server = measure_server(path, batches, cfg, res.searcher, folder / "server.log")
     for r in res.searcher.values():
         r.pop("ids", None)
-    text = report(cfg, asdict(res))
-    print(text, flush=True)
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **asdict(res)}, indent=1))
-        progress(f"figures written to {cfg.json}")
+    publish(report(cfg, asdict(res)), cfg, asdict(res))
     return 0
 
 

@@ -52,10 +52,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_backends as pb  # noqa: E402  (the peers)
-import search_latency as sl  # noqa: E402  (the bank, queries and server child)
+from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries  # noqa: E402
+from workload.reference import Reference  # noqa: E402
+from workload.run import (  # noqa: E402
+    latency_stats,
+    progress,
+    publish,
+    run_program,
+    timed,
+    workdir_for,
+)
+from workload.server import SERVER_START_S, BenchServer, memory_mb, serve_flags  # noqa: E402
 
 from bankd.store import Bank, BankPaths  # noqa: E402
 
@@ -66,7 +74,7 @@ PEER_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
-class PeersConfig(sl.BenchConfig):
+class PeersConfig(BenchConfig):
     """What one run measures: search_latency's workload (its `index`, `merge_wait_us` and
     `threads` keep their defaults) and the peers; saved with the figures."""
 
@@ -74,10 +82,10 @@ class PeersConfig(sl.BenchConfig):
     peer_ef: int = 64  # efSearch of the HNSW peers
     ef_search: int = 0  # bankd's; 0: tuned to the recall of the faster HNSW peer
 
-    def bank(self, index: str = "Flat") -> sl.BenchConfig:
+    def bank(self, index: str = "Flat") -> BenchConfig:
         """The search_latency config that writes the same bank and queries."""
-        own = {f.name: getattr(self, f.name) for f in fields(sl.BenchConfig)}
-        return sl.BenchConfig(**{**own, "index": index})
+        own = {f.name: getattr(self, f.name) for f in fields(BenchConfig)}
+        return BenchConfig(**{**own, "index": index})
 
 
 def recall(got: np.ndarray, truth: np.ndarray) -> float:
@@ -106,7 +114,7 @@ def banks_for(cfg: PeersConfig, workdir: Path) -> tuple[Path, Path, dict[str, fl
         manifest = BankPaths(where / "bank.faiss").manifest
         before = manifest.stat().st_mtime_ns if manifest.exists() else None
         t0 = time.perf_counter()
-        paths.append(sl.bank_for(cfg.bank(index), where))
+        paths.append(bank_for(cfg.bank(index), where))
         write_s[index] = None if before == manifest.stat().st_mtime_ns else time.perf_counter() - t0
     return paths[0], paths[1], write_s
 
@@ -124,10 +132,12 @@ def measure_bankd(
     from bankd_client import BankClient
 
     bank = Bank.load(index_path, verify=False, load_index=False)
-    sl.progress(f"bankd {label}: starting the server process")
+    progress(f"bankd {label}: starting the server process")
     t0 = time.perf_counter()
-    server = sl.ServerProcess(index_path, workdir / f"server-{label}.log", cfg.bank())
-    target = f"127.0.0.1:{server.port}"
+    bank_cfg = cfg.bank()
+    log = workdir / f"server-{label}.log"
+    server = BenchServer(index_path, log, serve_flags(bank_cfg), threads=bank_cfg.threads)
+    target = server.address
     sides = ("shared_memory", "message")
     times: dict[str, list] = {side: [] for side in sides}
     ids: dict[str, list] = {side: [] for side in sides}
@@ -137,13 +147,13 @@ def measure_bankd(
             BankClient(target, timeout=600) as client,
             BankClient(target, timeout=600, shared_memory=False) as by_message,
         ):
-            client.wait_ready(timeout=sl.SERVER_START_S)
+            client.wait_ready(timeout=SERVER_START_S)
             start_s = time.perf_counter() - t0
             clients = {"shared_memory": client, "message": by_message}
             for i, queries in enumerate(batches):
                 for side in sides[::-1] if i % 2 else sides:
                     search = clients[side].search
-                    hits, t = sl._timed(
+                    hits, t = timed(
                         lambda q=queries, f=search: f(q, k=cfg.k, with_values=True, **search_kwargs)
                     )
                     wrong[side] += value_mismatches(bank, hits.ids, hits.values)
@@ -151,8 +161,8 @@ def measure_bankd(
                         times[side].append(t)
                         ids[side].append(hits.ids)
             if client.shared_memory_in_use is not True:
-                sl.progress(f"bankd {label}: shared memory was not used")
-            memory = sl.memory_mb(server.proc.pid)
+                progress(f"bankd {label}: shared memory was not used")
+            memory = memory_mb(server.pid)
     finally:
         server.stop()
     out = tuple(
@@ -165,7 +175,7 @@ def measure_bankd(
         }
         for side in sides
     )
-    sl.progress(
+    progress(
         f"bankd {label}: median {np.median(times['shared_memory']) * 1e3:.1f} ms, values in "
         f"the message {np.median(times['message']) * 1e3:.1f} ms"
     )
@@ -177,12 +187,12 @@ def in_process(
 ) -> tuple[list[float], np.ndarray]:
     """In-process FAISS search + numpy gather (search_latency's reference): seconds and
     entry ids (Q, k) of the batches after the warm-up ones."""
-    ref = sl.Reference(index_path)
+    ref = Reference(index_path)
     if ef is not None:
         faiss.downcast_index(ref.index).hnsw.efSearch = ef
     times, ids = [], []
     for i, queries in enumerate(batches):
-        (out, _), t = sl._timed(lambda q=queries: ref.search(q, k))
+        (out, _), t = timed(lambda q=queries: ref.search(q, k))
         if i >= warmup:
             times.append(t)
             ids.append(out["ids"])
@@ -197,10 +207,10 @@ def tune_ef_search(index_path: Path, queries: np.ndarray, truth: np.ndarray, tar
         faiss.downcast_index(index).hnsw.efSearch = ef
         _, rows = index.search(queries, truth.shape[1])
         got = recall(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), truth)
-        sl.progress(f"  efSearch {ef}: recall {got:.4f} (target {target:.4f})")
+        progress(f"  efSearch {ef}: recall {got:.4f} (target {target:.4f})")
         if got >= target:
             return ef
-    sl.progress(f"  no efSearch up to {EF_LADDER[-1]} reaches the target; using it")
+    progress(f"  no efSearch up to {EF_LADDER[-1]} reaches the target; using it")
     return EF_LADDER[-1]
 
 
@@ -213,15 +223,15 @@ def peer_child(job_path: str) -> int:
     cfg = PeersConfig(**{**job["config"], "peers": tuple(job["config"]["peers"])})
     name, index_path = job["peer"], Path(job["index"])
     bank = Bank.load(index_path, verify=False, load_index=False)
-    batches = sl.make_queries(cfg.bank(), index_path)
+    batches = make_queries(cfg.bank(), index_path)
     _, make = pb.PEERS[name]
     with tempfile.TemporaryDirectory(prefix=f"bankd-peer-{name}-") as folder:
         peer = make(Path(folder), cfg.peer_ef)
-        before = sl.memory_mb(os.getpid())
-        sl.progress(f"{name}: loading {cfg.n} entries into {folder}")
-        _, load_s = sl._timed(lambda: peer.load(bank.keys, bank.values, bank.ids))
-        loaded = sl.memory_mb(os.getpid())
-        sl.progress(f"{name}: loaded in {load_s:.1f} s; searching")
+        before = memory_mb(os.getpid())
+        progress(f"{name}: loading {cfg.n} entries into {folder}")
+        _, load_s = timed(lambda: peer.load(bank.keys, bank.values, bank.ids))
+        loaded = memory_mb(os.getpid())
+        progress(f"{name}: loaded in {load_s:.1f} s; searching")
         times, search_s, ids, wrong = [], [], [], 0
         for i, queries in enumerate(batches):
             t0 = time.perf_counter()
@@ -234,7 +244,7 @@ def peer_child(job_path: str) -> int:
                 times.append(t2 - t0)
                 search_s.append(t1 - t0)
                 ids.append(got.tolist())
-        after = sl.memory_mb(os.getpid())
+        after = memory_mb(os.getpid())
         peer.close()
     result = {
         "times": times,
@@ -260,7 +270,7 @@ def run_peer(name: str, cfg: PeersConfig, index_path: Path, workdir: Path) -> di
             {"config": asdict(cfg), "peer": name, "index": str(index_path), "result": str(result)}
         )
     )
-    sl.progress(f"{name}: starting its process")
+    progress(f"{name}: starting its process")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peer-child", str(job)]
     with open(workdir / f"peer-{name}.log", "wb") as log:
         try:
@@ -272,7 +282,7 @@ def run_peer(name: str, cfg: PeersConfig, index_path: Path, workdir: Path) -> di
         return f"its process failed (exit {rc}): {tail.splitlines()[-1] if tail else ''}"
     out = json.loads(result.read_text())
     out["ids"] = np.asarray(out["ids"], dtype=np.int64)
-    sl.progress(f"{name}: median {np.median(out['times']) * 1e3:.1f} ms")
+    progress(f"{name}: median {np.median(out['times']) * 1e3:.1f} ms")
     return out
 
 
@@ -283,7 +293,7 @@ HNSW_PEERS = ("milvus_hnsw", "chroma_hnsw")
 
 def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
     flat, hnsw, write_s = banks_for(cfg, workdir)
-    batches = sl.make_queries(cfg.bank(), flat)
+    batches = make_queries(cfg.bank(), flat)
     measured = np.concatenate(batches[cfg.warmup :])
     systems: dict[str, dict[str, Any]] = {}
 
@@ -291,7 +301,7 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
         figures["load_average"] = os.getloadavg()[0]  # the machine's, as it was measured
         systems[name] = figures
 
-    sl.progress("in-process FAISS Flat: the exact answers")
+    progress("in-process FAISS Flat: the exact answers")
     times, truth = in_process(flat, batches, cfg.k, cfg.warmup)
     done("faiss_flat", {"times": times, "ids": truth})
     shared, message = measure_bankd("flat", flat, cfg, batches, workdir, {})
@@ -303,7 +313,7 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
             out = run_peer(name, cfg, flat, workdir)
             if isinstance(out, str):
                 skipped[name] = out
-                sl.progress(f"skipped {name}: {out}")
+                progress(f"skipped {name}: {out}")
             else:
                 done(name, out)
     ef = cfg.ef_search
@@ -311,7 +321,7 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
     if not ef and measured_peers:
         fastest = min(measured_peers, key=lambda n: float(np.median(systems[n]["times"])))
         target = recall(systems[fastest]["ids"], truth)
-        sl.progress(f"tuning bankd's efSearch to recall {target:.4f} ({fastest}'s, the faster)")
+        progress(f"tuning bankd's efSearch to recall {target:.4f} ({fastest}'s, the faster)")
         ef = tune_ef_search(hnsw, measured, truth, target)
     ef = ef or DEFAULT_EF_SEARCH
     times, ids = in_process(hnsw, batches, cfg.k, cfg.warmup, ef=ef)
@@ -321,9 +331,9 @@ def measure(cfg: PeersConfig, workdir: Path) -> dict[str, Any]:
     done("bankd_hnsw_message", message)
     for r in systems.values():
         r["recall"] = recall(r.pop("ids"), truth)
-        r.update(sl._stats(r.pop("times")))
+        r.update(latency_stats(r.pop("times")))
         if "search_times" in r:
-            r["search_median_ms"] = sl._stats(r.pop("search_times"))["median_ms"]
+            r["search_median_ms"] = latency_stats(r.pop("search_times"))["median_ms"]
     return {
         "systems": systems,
         "skipped": skipped,
@@ -419,7 +429,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PeersConfig, str | None]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = PeersConfig()
-    sl.add_workload_args(p, d)
+    add_workload_args(p, d)
     p.add_argument(
         "--peers", default=",".join(d.peers), help=f"comma list of {', '.join(pb.PEER_GROUPS)}"
     )
@@ -449,12 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg, job = parse_args(argv)
     if job is not None:
         return peer_child(job)
-    sl.progress(f"config: {asdict(cfg)}")
-    with sl.workdir_for(cfg.workdir, "bankd-peers-") as workdir:
+    progress(f"config: {asdict(cfg)}")
+    with workdir_for(cfg.workdir, "bankd-peers-") as workdir:
         results = measure(cfg, workdir)
-    sl.publish(report(cfg, results), cfg, results)
+    publish(report(cfg, results), cfg, results)
     return 0
 
 
 if __name__ == "__main__":
-    sl.run_program(main)  # child processes stop on the way out, even when interrupted
+    run_program(main)  # child processes stop on the way out, even when interrupted

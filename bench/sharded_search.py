@@ -33,19 +33,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries
+from workload.run import latency_stats, progress, publish, run_program, workdir_for
+from workload.server import SERVER_START_S, BenchServer, serve_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import search_latency as sl  # noqa: E402  (the bank, queries and server child)
-
-from bankd.shard import shard_paths, split_bank  # noqa: E402
-from bankd.store import Bank, BankPaths  # noqa: E402
+from bankd.shard import shard_paths, split_bank
+from bankd.store import VALUE_SHAPE, Bank, BankPaths
 
 
 @dataclass(frozen=True)
@@ -68,10 +67,10 @@ class ShardBenchConfig:
     workdir: str | None = None
     json: str | None = None
 
-    def bank(self) -> sl.BenchConfig:
+    def bank(self) -> BenchConfig:
         """The search_latency config that writes the same bank and queries."""
-        names = {f.name for f in fields(sl.BenchConfig)} - {"json"}
-        return replace(sl.BenchConfig(), **{n: getattr(self, n) for n in names if hasattr(self, n)})
+        names = {f.name for f in fields(BenchConfig)} - {"json"}
+        return replace(BenchConfig(), **{n: getattr(self, n) for n in names if hasattr(self, n)})
 
 
 def shards_for(cfg: ShardBenchConfig, index: Path, workdir: Path) -> list[Path]:
@@ -82,12 +81,12 @@ def shards_for(cfg: ShardBenchConfig, index: Path, workdir: Path) -> list[Path]:
     if all(m.exists() for m in manifests) and all(
         json.loads(m.read_text())["config"]["shard"]["source_bank_id"] == bank_id for m in manifests
     ):
-        sl.progress(f"reusing the {cfg.shards} shards in {workdir / 'shards'}")
+        progress(f"reusing the {cfg.shards} shards in {workdir / 'shards'}")
         return paths
-    sl.progress(f"splitting the bank into {cfg.shards} shards")
+    progress(f"splitting the bank into {cfg.shards} shards")
     t0 = time.perf_counter()
     paths = split_bank(index, cfg.shards, workdir / "shards", verify=False)
-    sl.progress(f"shards written in {time.perf_counter() - t0:.1f} s")
+    progress(f"shards written in {time.perf_counter() - t0:.1f} s")
     return paths
 
 
@@ -126,16 +125,17 @@ def measure(cfg: ShardBenchConfig, index: Path, shards: list[Path], workdir: Pat
 
     bank_cfg = replace(cfg.bank(), merge_wait_us=None)
     shard_cfg = replace(bank_cfg, threads=shard_threads(cfg))
-    batches = sl.make_queries(bank_cfg, index)
-    servers: list[sl.ServerProcess] = []
+    batches = make_queries(bank_cfg, index)
+    servers: list[BenchServer] = []
     times: dict[str, list[float]] = {"unsharded": [], "sharded": []}
     agree = {"rows": 0, "id_rows": 0, "score_rows": 0, "value_hits": 0, "max_score_diff": 0.0}
     try:
-        sl.progress(f"starting {cfg.shards + 1} bankd server processes")
-        servers.append(sl.ServerProcess(index, workdir / "server-whole.log", bank_cfg))
-        for i, path in enumerate(shards):
-            servers.append(sl.ServerProcess(path, workdir / f"server-{i}.log", shard_cfg))
-        targets = [f"127.0.0.1:{s.port}" for s in servers]
+        progress(f"starting {cfg.shards + 1} bankd server processes")
+        for i, (path, c) in enumerate([(index, bank_cfg)] + [(p, shard_cfg) for p in shards]):
+            log = workdir / ("server-whole.log" if i == 0 else f"server-{i - 1}.log")
+            servers.append(BenchServer(path, log, serve_flags(c), threads=c.threads))
+        targets = [s.address for s in servers]
+        settings = [servers[0].search_settings(), servers[1].search_settings()]
         with (
             BankClient(targets[0], timeout=600) as whole,
             ShardedBankClient(
@@ -144,9 +144,9 @@ def measure(cfg: ShardBenchConfig, index: Path, shards: list[Path], workdir: Pat
                 separate_values_over=None if cfg.values_in_search else SEPARATE_VALUES_OVER,
             ) as sharded,
         ):
-            whole.wait_ready(timeout=sl.SERVER_START_S)
-            sharded.wait_ready(timeout=sl.SERVER_START_S)
-            sl.progress(f"servers up; {cfg.warmup} warm-up + {cfg.repeats} measured batches")
+            whole.wait_ready(timeout=SERVER_START_S)
+            sharded.wait_ready(timeout=SERVER_START_S)
+            progress(f"servers up; {cfg.warmup} warm-up + {cfg.repeats} measured batches")
             for i, q in enumerate(batches):
                 t: dict[str, float] = {}
                 out: dict[str, Any] = {}
@@ -160,12 +160,12 @@ def measure(cfg: ShardBenchConfig, index: Path, shards: list[Path], workdir: Pat
                 if i >= cfg.warmup:
                     for name in times:
                         times[name].append(t[name])
-                sl.progress(
+                progress(
                     f"  batch {i + 1}/{len(batches)}{' (warm-up)' if i < cfg.warmup else ''}: "
                     f"unsharded {t['unsharded'] * 1e3:.1f} ms, sharded {t['sharded'] * 1e3:.1f} ms"
                 )
             merge_s = merge_cost(sharded.shards, batches[0], cfg.k)
-            dropped = (cfg.shards - 1) * cfg.batch * cfg.k * 2 * int(np.prod(sl.VALUE_SHAPE))
+            dropped = (cfg.shards - 1) * cfg.batch * cfg.k * 2 * int(np.prod(VALUE_SHAPE))
             limit = sharded.separate_values_over
             values_path = (
                 f"fetched after the merge ({dropped / 1e6:.1f} MB of dropped values avoided)"
@@ -174,10 +174,10 @@ def measure(cfg: ShardBenchConfig, index: Path, shards: list[Path], workdir: Pat
             )
             shard_sizes = [s.entries for s in sharded.shard_infos()]
     finally:
-        sl.progress("stopping the servers")
+        progress("stopping the servers")
         for s in servers:
             s.stop()
-    stats = {name: sl._stats(v) for name, v in times.items()}
+    stats = {name: latency_stats(v) for name, v in times.items()}
     return {
         "stats": stats,
         "ratio": stats["sharded"]["median_ms"] / stats["unsharded"]["median_ms"],
@@ -186,8 +186,8 @@ def measure(cfg: ShardBenchConfig, index: Path, shards: list[Path], workdir: Pat
         "values_path": values_path,
         "shard_entries": shard_sizes,
         "agreement": agree,
-        "server_settings": servers[0].settings,
-        "shard_server_settings": servers[1].settings,
+        "server_settings": settings[0],
+        "shard_server_settings": settings[1],
     }
 
 
@@ -223,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> ShardBenchConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = ShardBenchConfig()
-    sl.add_workload_args(p, d)
+    add_workload_args(p, d)
     p.add_argument("--shards", type=int, default=d.shards, help="shards (S)")
     p.add_argument("--index", default=d.index, help="FAISS factory string")
     p.add_argument(
@@ -258,14 +258,14 @@ def parse_args(argv: list[str] | None = None) -> ShardBenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    sl.progress(f"config: {asdict(cfg)}")
-    with sl.workdir_for(cfg.workdir, "bankd-bench-") as workdir:
-        index = sl.bank_for(cfg.bank(), workdir)
+    progress(f"config: {asdict(cfg)}")
+    with workdir_for(cfg.workdir, "bankd-bench-") as workdir:
+        index = bank_for(cfg.bank(), workdir)
         shards = shards_for(cfg, index, workdir)
         results = measure(cfg, index, shards, workdir)
-    sl.publish(report(cfg, results), cfg, results)
+    publish(report(cfg, results), cfg, results)
     return 0
 
 
 if __name__ == "__main__":
-    sl.run_program(main)  # child processes stop on the way out, even when interrupted
+    run_program(main)  # child processes stop on the way out, even when interrupted

@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -47,15 +45,16 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import search_latency as sl  # noqa: E402  (the bank, queries, server child, reporting)
+from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries  # noqa: E402
+from workload.reference import Reference, tie_explained  # noqa: E402
+from workload.run import progress, publish, run_program, workdir_for  # noqa: E402
+from workload.server import SERVER_START_S, BenchServer, merge_wait, serve_flags  # noqa: E402
 
 POOL_BATCHES = 8  # the query pool holds this many reference batches
 
 
 @dataclass(frozen=True)
-class ThroughputConfig(sl.BenchConfig):
+class ThroughputConfig(BenchConfig):
     """What one run measures: search_latency's workload (`batch` is the reference's
     batch, `repeats`/`warmup` are unused) and the phases; saved with the figures."""
 
@@ -66,10 +65,10 @@ class ThroughputConfig(sl.BenchConfig):
     warmup_s: float = 2.0
     rounds: int = 2
 
-    def bank(self) -> sl.BenchConfig:
+    def bank(self) -> BenchConfig:
         """The search_latency config of the same bank and a pool of POOL_BATCHES batches."""
-        own = {f.name: getattr(self, f.name) for f in fields(sl.BenchConfig)}
-        return sl.BenchConfig(**{**own, "warmup": 0, "repeats": POOL_BATCHES})
+        own = {f.name: getattr(self, f.name) for f in fields(BenchConfig)}
+        return BenchConfig(**{**own, "warmup": 0, "repeats": POOL_BATCHES})
 
 
 @dataclass
@@ -101,13 +100,13 @@ class Phase:
             self.errors[code] = self.errors.get(code, 0) + n
 
 
-def scrape_merging(metrics_port: int) -> dict[str, float]:
+def scrape_merging(server: BenchServer) -> dict[str, float]:
     """Sums and counts of the server's merged-rows and index-search histograms."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    text = server.metrics_text()
     out = {}
     for name in ("bankd_merged_batch_rows", "bankd_index_search_latency_seconds"):
         for part in ("sum", "count"):
-            m = re.search(rf"^{name}_{part} (\S+)$", text.decode(), re.M)
+            m = re.search(rf"^{name}_{part} (\S+)$", text, re.M)
             out[f"{name}_{part}"] = float(m.group(1)) if m else float("nan")
     return out
 
@@ -127,12 +126,12 @@ def merging(d: dict[str, float], wall_s: float) -> dict[str, float]:
 def wrong_rows(want: dict[str, np.ndarray], ids: np.ndarray, scores: np.ndarray) -> int:
     """Rows whose ids differ from want's, other than by tied scores in another order."""
     differ = np.flatnonzero((want["ids"] != ids).any(axis=1))
-    return sum(not sl._tie_explained(want["scores"][r], scores[r]) for r in differ)
+    return sum(not tie_explained(want["scores"][r], scores[r]) for r in differ)
 
 
 def run_clients(
     cfg: ThroughputConfig,
-    port: int,
+    address: str,
     pool: np.ndarray,
     truth: dict[str, np.ndarray],
     clients: int,
@@ -151,8 +150,8 @@ def run_clients(
     start = threading.Barrier(clients + 1, action=begin)
 
     def client(c: int) -> None:
-        with BankClient(f"127.0.0.1:{port}", timeout=600) as bank:
-            bank.wait_ready(timeout=sl.SERVER_START_S)
+        with BankClient(address, timeout=600) as bank:
+            bank.wait_ready(timeout=SERVER_START_S)
             start.wait()
             window = (t_begin[0] + cfg.warmup_s, t_begin[0] + cfg.warmup_s + cfg.seconds)
             at = (c * b * 7) % (len(pool) - b + 1)  # clients start at different rows
@@ -183,7 +182,7 @@ def run_clients(
     return phase
 
 
-def in_process(cfg: ThroughputConfig, ref: sl.Reference, pool: np.ndarray) -> Phase:
+def in_process(cfg: ThroughputConfig, ref: Reference, pool: np.ndarray) -> Phase:
     """The pool searched here in cfg.batch batches, values gathered, for the window."""
     phase = Phase(f"in-process faiss, B={cfg.batch}", 1, cfg.batch, cfg.seconds)
     t0 = time.perf_counter()
@@ -199,28 +198,29 @@ def in_process(cfg: ThroughputConfig, ref: sl.Reference, pool: np.ndarray) -> Ph
 
 
 def measure(cfg: ThroughputConfig, index_path: Path, workdir: Path) -> dict[str, Any]:
-    pool = np.concatenate(sl.make_queries(cfg.bank(), index_path))  # (POOL_BATCHES * B, d)
-    ref = sl.Reference(index_path)
-    sl.progress(f"exact answers of the {len(pool)} pool queries, in process")
+    pool = np.concatenate(make_queries(cfg.bank(), index_path))  # (POOL_BATCHES * B, d)
+    ref = Reference(index_path)
+    progress(f"exact answers of the {len(pool)} pool queries, in process")
     batches = range(0, len(pool), cfg.batch)
     found = [ref.search(pool[s : s + cfg.batch], cfg.k)[0] for s in batches]
     truth = {name: np.concatenate([f[name] for f in found]) for name in ("ids", "scores")}
-    sl.progress("starting the bankd server process")
-    server = sl.ServerProcess(index_path, workdir / "server.log", cfg)
+    progress("starting the bankd server process")
+    server = BenchServer(index_path, workdir / "server.log", serve_flags(cfg), threads=cfg.threads)
     plan = [(1, cfg.batch)] + [(c, cfg.client_batch) for c in cfg.clients]
     phases: list[Phase] = []
     deltas: list[dict[str, float]] = []
     try:
+        settings = server.search_settings()
         for r in range(cfg.rounds):
             for i, (clients, b) in enumerate(plan):
-                sl.progress(
+                progress(
                     f"round {r + 1}/{cfg.rounds}, {clients} x B={b}: "
                     f"{cfg.warmup_s:g} s + {cfg.seconds:g} s"
                 )
-                before = scrape_merging(server.metrics_port)
-                phase = run_clients(cfg, server.port, pool, truth, clients, b)
-                after = scrape_merging(server.metrics_port)
-                sl.progress(f"  {phase.queries_per_s:.0f} queries/s")
+                before = scrape_merging(server)
+                phase = run_clients(cfg, server.address, pool, truth, clients, b)
+                after = scrape_merging(server)
+                progress(f"  {phase.queries_per_s:.0f} queries/s")
                 if r == 0:
                     phases.append(phase)
                     deltas.append(dict.fromkeys(after, 0.0))
@@ -229,19 +229,18 @@ def measure(cfg: ThroughputConfig, index_path: Path, workdir: Path) -> dict[str,
                 for name in after:
                     deltas[i][name] += after[name] - before[name]
     finally:
-        sl.progress("stopping the server")
+        progress("stopping the server")
         server.stop()
     for phase, d in zip(phases, deltas, strict=True):
         phase.server = merging(d, cfg.rounds * (cfg.warmup_s + cfg.seconds))
-    sl.progress(f"in-process faiss, B={cfg.batch}")
+    progress(f"in-process faiss, B={cfg.batch}")
     phases.append(in_process(cfg, ref, pool))
     top = phases[len(cfg.clients)]  # the largest C: clients are sorted
     return {
         "phases": [{**asdict(p), "queries_per_s": p.queries_per_s} for p in phases],
         "ratio": top.queries_per_s / phases[0].queries_per_s if phases[0].rows else float("nan"),
         "ratio_name": f"{top.clients} x B={top.batch} / 1 x B={cfg.batch}",
-        "server_settings": f"{server.settings}, merge wait "
-        + ("`bankd serve`'s default" if cfg.merge_wait_us is None else f"{cfg.merge_wait_us:g} us"),
+        "server_settings": f"{settings}, {merge_wait(cfg)}",
     }
 
 
@@ -282,7 +281,7 @@ def parse_args(argv: list[str] | None = None) -> ThroughputConfig:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = ThroughputConfig()
-    sl.add_workload_args(p, d)
+    add_workload_args(p, d)
     p.add_argument("--index", default=d.index, help="FAISS factory string, or auto")
     p.add_argument(
         "--clients", default=",".join(map(str, d.clients)), help="comma list of client counts"
@@ -307,13 +306,13 @@ def parse_args(argv: list[str] | None = None) -> ThroughputConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    sl.progress(f"config: {asdict(cfg)}")
-    with sl.workdir_for(cfg.workdir, "bankd-throughput-") as workdir:
-        index_path = sl.bank_for(cfg.bank(), workdir)
+    progress(f"config: {asdict(cfg)}")
+    with workdir_for(cfg.workdir, "bankd-throughput-") as workdir:
+        index_path = bank_for(cfg.bank(), workdir)
         results = measure(cfg, index_path, workdir)
-    sl.publish(report(cfg, results), cfg, results)
+    publish(report(cfg, results), cfg, results)
     return 0
 
 
 if __name__ == "__main__":
-    sl.run_program(main)  # child processes stop on the way out, even when interrupted
+    run_program(main)  # child processes stop on the way out, even when interrupted
