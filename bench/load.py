@@ -7,16 +7,16 @@
     python bench/load.py --scenario both --json load.json --check     # exit 1 if a verdict fails
     python bench/load.py --target HOST:PORT --server-pid PID     # a server already running
 
-By default it writes a synthetic bank from arrays (``bankd.store.write_bank``: unit keys
-around ``--clusters`` random centres, random fp16 values [N, 32, 96]) and, for each
+By default it writes the reference workload's synthetic bank (``bench/workload``: unit
+keys around ``--clusters`` random centres, random fp16 values [N, 32, 96]) and, for each
 phase, starts `bankd serve` on it in a child process on a free loopback port with
 ``--max-concurrent-rpcs`` set to the phase's limit. ``--clients`` threads, each with its
-own BankClient (its own channel, no retries), then send batches of ``--batch`` queries
-(k=5, values returned) for ``--warmup`` + ``--seconds`` seconds: a ``--stream-fraction``
-of the clients over SearchStream (``--stream-batches`` batches per call), the others
-over unary Search. After an error a client waits ``--backoff-ms`` before its next call.
-Every call has a deadline; ``--grace`` seconds after the end the calls still running are
-cancelled and every client is joined.
+own BankClient (its own channel, no retries; ``bench/load_clients.py``), then send
+batches of ``--batch`` queries (k=5, values returned) for ``--warmup`` + ``--seconds``
+seconds: a ``--stream-fraction`` of the clients over SearchStream (``--stream-batches``
+batches per call), the others over unary Search. After an error a client waits
+``--backoff-ms`` before its next call. Every call has a deadline; ``--grace`` seconds
+after the end the calls still running are cancelled and every client is joined.
 
 Printed per phase (and written with --json): requests and throughput, p50/p99/max
 latency per kind, errors by gRPC status code, the latency of RESOURCE_EXHAUSTED
@@ -37,29 +37,23 @@ fresh server. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import platform
-import re
-import sys
-import tempfile
-import threading
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from load_clients import Record, drive, fresh_client_answered
+from workload.bank import BenchConfig, queries_near, unit
+from workload.bank import bank_for as workload_bank
+from workload.memory import MemorySampler
+from workload.run import describe_machine, progress, publish, run_program, workdir_for
+from workload.server import BenchServer
 
-from bankd.serve_process import ServeProcess
-from bankd_client import BankClient, BankError
+from bankd.store import BankPaths
+from bankd_client import BankClient
 
-ID_OFFSET = 1_000_000  # entry ids differ from row numbers
-VALUE_SHAPE = (32, 96)
-KEY_NOISE = 0.7  # norm of the noise around a key's cluster centre
-QUERY_NOISE = 0.3  # norm of the noise added to a bank key to make a query
 POOL_BATCHES = 64  # distinct query batches the clients cycle through
 START_TIMEOUT_S = 120.0
 
@@ -108,285 +102,32 @@ class LoadConfig:
             "both": [under, over],
         }[self.scenario]
 
-    def bank_spec(self) -> dict[str, Any]:
-        spec = {"n": self.n, "d": self.d, "clusters": self.clusters, "seed": self.seed}
-        return {**spec, "generator": "bench/load.py v1"}
-
-
-def progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _noise(rng: np.random.Generator, shape: tuple[int, ...], norm: float) -> np.ndarray:
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(norm / np.sqrt(shape[-1]))
-
 
 # -- the bank and the queries ------------------------------------------------------------
 
 
 def bank_for(cfg: LoadConfig, workdir: Path) -> Path:
-    """workdir/bank.faiss: clustered unit keys, random finite fp16 values (reused if kept)."""
-    from bankd.store import BankPaths, write_bank
-
-    index_path = workdir / "bank.faiss"
-    manifest = BankPaths(index_path).manifest
-    if manifest.exists() and json.loads(manifest.read_text()).get("config") == cfg.bank_spec():
-        progress(f"reusing the bank at {index_path}")
-        return index_path
-    progress(f"writing a {cfg.n} x {cfg.d} bank to {index_path}")
-    rng = np.random.default_rng(cfg.seed)
-    centres = _unit(rng.standard_normal((cfg.clusters, cfg.d), dtype=np.float32))
-    keys = centres[rng.integers(cfg.clusters, size=cfg.n)]
-    keys = _unit(keys + _noise(rng, keys.shape, KEY_NOISE))  # (N, d)
-    # Random bits with the top exponent bit cleared: finite fp16 in (-2, 2).
-    bits = np.frombuffer(rng.bytes(cfg.n * int(np.prod(VALUE_SHAPE)) * 2), dtype=np.uint16)
-    values = (bits & np.uint16(0xBFFF)).view(np.float16).reshape(cfg.n, *VALUE_SHAPE)
-    ids = ID_OFFSET + np.arange(cfg.n, dtype=np.int64)
-    return write_bank(index_path, keys, values, ids, config=cfg.bank_spec(), seed=cfg.seed)
+    """workdir/bank.faiss: the reference workload's bank at this size (reused if kept)."""
+    spec = BenchConfig(n=cfg.n, d=cfg.d, clusters=cfg.clusters, seed=cfg.seed, index="Flat")
+    return workload_bank(spec, workdir)
 
 
 def make_queries(cfg: LoadConfig, d: int, index_path: Path | None) -> list[np.ndarray]:
     """POOL_BATCHES batches [B, d] of unit queries near bank keys (random ones if remote)."""
-    rng = np.random.default_rng(cfg.seed + 1)
     total = POOL_BATCHES * cfg.batch
     if index_path is None:
-        queries = _unit(rng.standard_normal((total, d), dtype=np.float32))
+        rng = np.random.default_rng(cfg.seed + 1)
+        queries = unit(rng.standard_normal((total, d), dtype=np.float32))
     else:
-        from bankd.store import BankPaths
-
         keys = np.load(BankPaths(index_path).file("keys.npy"), mmap_mode="r")
-        rows = np.sort(rng.integers(len(keys), size=total))
-        queries = _unit(np.asarray(keys[rows]) + _noise(rng, (total, d), QUERY_NOISE))
-        queries = queries[rng.permutation(total)]
+        queries, _ = queries_near(keys, total, cfg.seed)
     return [np.ascontiguousarray(b, dtype=np.float32) for b in np.split(queries, POOL_BATCHES)]
 
 
-# -- the server and its memory -----------------------------------------------------------
-
-
-def start_server(index: Path, limit: int, cfg: LoadConfig, log_path: Path) -> ServeProcess:
+def start_server(index: Path, limit: int, cfg: LoadConfig, log_path: Path) -> BenchServer:
     """`bankd serve` on a free loopback port in a child process, with a given limit."""
-    args = ["--device", cfg.device, "--no-verify", "--max-concurrent-rpcs", str(limit)]
-    server = ServeProcess(
-        index,
-        log_path,
-        serve_args=args,
-        log_level="WARNING",
-        start_timeout=START_TIMEOUT_S,
-        wait_ready=False,
-    )
-    return server.start()
-
-
-def read_memory_mb(pid: int) -> dict[str, float] | None:
-    """VmRSS and RssAnon of a process in MB (/proc, else psutil's rss), None if unknown."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        try:
-            import psutil
-        except ImportError:
-            return None
-        try:
-            return {"rss": psutil.Process(pid).memory_info().rss / 2**20, "anon": float("nan")}
-        except psutil.Error:
-            return None
-    kb = dict(re.findall(r"^(VmRSS|RssAnon):\s+(\d+) kB", text, re.M))
-    if "VmRSS" not in kb:
-        return None
-    return {"rss": int(kb["VmRSS"]) / 1024, "anon": int(kb.get("RssAnon", "nan")) / 1024}
-
-
-class MemorySampler:
-    """The server's memory every ``every_s`` seconds in a thread: (time, rss, anon)."""
-
-    def __init__(self, pid: int, every_s: float) -> None:
-        self.pid, self.every_s = pid, every_s
-        self.samples: list[tuple[float, float, float]] = []
-        self.marks: dict[str, dict[str, float] | None] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def sample(self) -> dict[str, float] | None:
-        mem = read_memory_mb(self.pid)
-        if mem is not None:
-            self.samples.append((time.monotonic(), mem["rss"], mem["anon"]))
-        return mem
-
-    def mark(self, name: str) -> None:
-        self.marks[name] = self.sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.sample()
-
-    def start(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self, t0: float, t1: float) -> dict[str, Any]:
-        """Start / after warm-up / end / peak; least-squares slopes over [t0, t1] and over
-        its second half (a leak keeps its slope; allocator warm-up flattens out)."""
-        out: dict[str, Any] = {
-            f"{part}_{name}_mb": None if m is None else round(m[part], 1)
-            for name, m in self.marks.items()
-            for part in ("rss", "anon")
-        }
-        out["rss_peak_mb"] = round(max((s[1] for s in self.samples), default=float("nan")), 1)
-        window = np.array([s for s in self.samples if t0 <= s[0] <= t1 + 1e-3]).reshape(-1, 3)
-        out["samples"] = len(window)
-        half = window[window[:, 0] >= (t0 + t1) / 2]
-        for part, i in (("rss", 1), ("anon", 2)):
-            out[f"{part}_slope_mb_per_min"] = _slope(window, i, t0)
-            out[f"{part}_slope_second_half_mb_per_min"] = _slope(half, i, t0)
-        out["series"] = [[round(t - t0, 1), round(r, 1), round(a, 1)] for t, r, a in window]
-        return out
-
-
-def _slope(samples: np.ndarray, column: int, t0: float) -> float | None:
-    """MB per minute of a least-squares line through (time, samples[:, column])."""
-    if len(samples) < 2 or not np.isfinite(samples[:, column]).all():
-        return None
-    return round(float(np.polyfit((samples[:, 0] - t0) / 60, samples[:, column], 1)[0]), 2)
-
-
-# -- the clients ---------------------------------------------------------------------------
-
-# One record per unary call, per answered stream message, per failed stream call (kind
-# "stream"), and per stream call as a whole ("stream_call", latency only):
-# (kind, start, seconds, status code name).
-Record = tuple[str, float, float, str]
-
-
-def _code(e: BaseException) -> str:
-    return e.code.name if isinstance(e, BankError) else f"CLIENT_{type(e).__name__}"
-
-
-def stream_call(
-    client: BankClient, qs: list[np.ndarray], cfg: LoadConfig, timeout: float, out: list[Record]
-) -> str:
-    """One SearchStream call of len(qs) batches; a message's latency runs from its send."""
-    sent: list[float] = []
-
-    def timed() -> Any:
-        for q in qs:
-            sent.append(time.monotonic())
-            yield q
-
-    t0, got, code = time.monotonic(), 0, "OK"
-    try:
-        for _ in client.stream_search(timed(), k=cfg.k, with_values=cfg.values, timeout=timeout):
-            out.append(("stream", sent[got], time.monotonic() - sent[got], "OK"))
-            got += 1
-    except Exception as e:
-        code = _code(e)
-    seconds = time.monotonic() - t0
-    if code != "OK":
-        out.append(("stream", t0, seconds, code))
-    out.append(("stream_call", t0, seconds, code))
-    return code
-
-
-def client_loop(
-    i: int,
-    client: BankClient,
-    streaming: bool,
-    batches: list[np.ndarray],
-    cfg: LoadConfig,
-    t_end: float,
-    t_hard: float,
-    stop: threading.Event,
-    out: list[Record],
-) -> None:
-    """Calls back to back until t_end (or max_requests); each deadline ends by t_hard."""
-    j, sent = i * 7, 0
-    while not stop.is_set() and (now := time.monotonic()) < t_end:
-        if cfg.max_requests and sent >= cfg.max_requests:
-            return
-        timeout = max(0.01, min(cfg.timeout, t_hard - now))
-        if streaming:
-            qs = [batches[(j + s) % len(batches)] for s in range(cfg.stream_batches)]
-            code = stream_call(client, qs, cfg, timeout, out)
-            j, sent = j + len(qs), sent + len(qs)
-        else:
-            code = "OK"
-            try:
-                q = batches[j % len(batches)]
-                client.search(q, cfg.k, with_values=cfg.values, timeout=timeout)
-            except Exception as e:
-                code = _code(e)
-            out.append(("search", now, time.monotonic() - now, code))
-            j, sent = j + 1, sent + 1
-        if code != "OK":
-            stop.wait(cfg.backoff_ms / 1e3)
-
-
-def drive(
-    cfg: LoadConfig, target: str, batches: list[np.ndarray], sampler: MemorySampler | None
-) -> tuple[list[Record], dict[str, float], int, list[int]]:
-    """Run the clients: (records, phase times, clients not joined, answers per client)."""
-    n_stream = round(cfg.clients * cfg.stream_fraction)
-    # Own channels, no retries: every refusal is seen and counted.
-    clients = [
-        BankClient(target, timeout=cfg.timeout, retry_attempts=1) for _ in range(cfg.clients)
-    ]
-    outs: list[list[Record]] = [[] for _ in clients]
-    stop = threading.Event()
-    t_begin = time.monotonic()
-    t = {"begin": t_begin, "warm": t_begin + cfg.warmup}
-    t["end"] = t["warm"] + cfg.seconds
-    t["hard"] = t["end"] + cfg.grace
-    threads = [
-        threading.Thread(
-            target=client_loop,
-            args=(i, c, i < n_stream, batches, cfg, t["end"], t["hard"], stop, outs[i]),
-            name=f"load-client-{i}",
-            daemon=True,
-        )
-        for i, c in enumerate(clients)
-    ]
-    for th in threads:
-        th.start()
-    for name in ("warm", "end"):
-        time.sleep(max(0.0, t[name] - time.monotonic()))
-        if sampler is not None:
-            sampler.mark(name)
-        progress(f"  {'warm-up over' if name == 'warm' else 'load over, joining clients'}")
-    for th in threads:
-        th.join(timeout=max(0.0, t["hard"] - time.monotonic()))
-    stop.set()
-    if any(th.is_alive() for th in threads):  # past the hard stop: cancel what still runs
-        for c in clients:
-            c.close()
-        for th in threads:
-            th.join(timeout=5.0)
-    for c in clients:
-        c.close()
-    not_joined = sum(th.is_alive() for th in threads)
-    answered = [
-        sum(1 for r in o if r[0] != "stream_call" and r[3] == "OK" and t["warm"] <= r[1] < t["end"])
-        for o in outs
-    ]
-    return [r for o in outs for r in o], t, not_joined, answered
-
-
-def fresh_client_answered(target: str, cfg: LoadConfig, queries: np.ndarray) -> bool:
-    """After the load: does a new client get an answer (retrying UNAVAILABLE as usual)?"""
-    try:
-        with BankClient(target, timeout=cfg.timeout) as client:
-            hits = client.search(queries, cfg.k, with_values=cfg.values)
-        return hits.ids.shape == (len(queries), cfg.k)
-    except Exception as e:
-        progress(f"  a fresh client after the load got {_code(e)}: {e}")
-        return False
+    flags = ["--device", cfg.device, "--no-verify", "--max-concurrent-rpcs", str(limit)]
+    return BenchServer(index, log_path, flags, start_timeout=START_TIMEOUT_S)
 
 
 # -- figures -------------------------------------------------------------------------------
@@ -476,7 +217,7 @@ def run_phase(
         progress(f"phase {name}: starting bankd serve --max-concurrent-rpcs {limit}")
         server = start_server(index_path, limit, cfg, workdir / f"server-{name}.log")
     target = server.address if server else cfg.target
-    pid = server.proc.pid if server else cfg.server_pid
+    pid = server.pid if server else cfg.server_pid
     exit_code: int | str | None = "not started here"
     try:
         with BankClient(target, timeout=cfg.timeout) as probe:
@@ -572,15 +313,6 @@ def report(cfg: LoadConfig, machine: str, phases: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def describe_machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = names[0] if names else cpu
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, load average {load} at start"
-
-
 def parse_args(argv: list[str] | None = None) -> LoadConfig:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -640,24 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     progress(f"config: {asdict(cfg)}")
     machine = describe_machine()
-    kept = contextlib.nullcontext(cfg.workdir) if cfg.workdir else None
-    with kept or tempfile.TemporaryDirectory(prefix="bankd-load-") as where:
-        workdir = Path(where)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_for(cfg.workdir, "bankd-load-") as workdir:
         index_path = None if cfg.target else bank_for(cfg, workdir)
         phases = [run_phase(cfg, n, lim, index_path, workdir) for n, lim in cfg.phases()]
-    print(report(cfg, machine, phases), flush=True)
-    if cfg.json:
-        doc = {"config": asdict(cfg), "machine": machine, "phases": phases}
-        Path(cfg.json).write_text(json.dumps(doc, indent=1))
-        progress(f"figures written to {cfg.json}")
+    publish(report(cfg, machine, phases), cfg, {"machine": machine, "phases": phases})
     return 1 if cfg.check and not all(p["ok"] for p in phases) else 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the server child stops on the way out
-        progress("interrupted")
-        sys.exit(130)
+    run_program(main)  # the server child stops on the way out, even when interrupted

@@ -6,12 +6,12 @@
     python bench/peers.py --peers chroma --json peers.json
     python bench/peers.py --workdir /tmp/bench-bank   # keep the banks, reused next run
 
-It writes `bench/search_latency.py`'s synthetic bank twice (same keys, values and ids:
-a Flat index and an HNSW32 one) and queries near bank keys, then measures, one system
-after another, `--warmup` + `--repeats` batches of B queries, top-k with each hit's
-fp16 [32, 96] value returned and decoded to a (B, k, 32, 96) array:
+It writes the reference workload's synthetic bank (`bench/workload`) twice (same keys,
+values and ids: a Flat index and an HNSW32 one) and queries near bank keys, then
+measures, one system after another, `--warmup` + `--repeats` batches of B queries, top-k
+with each hit's fp16 [32, 96] value returned and decoded to a (B, k, 32, 96) array:
 
-* bankd: `bankd serve` in a child process (search_latency's server child) on the Flat
+* bankd: `bankd serve` in a child process (`workload.server.BenchServer`) on the Flat
   bank and on the HNSW32 bank, `BankClient.search(..., with_values=True)`: the values
   through shared memory (the server is on this host), and, batch by batch in turn,
   in the response message as a client on another host gets them;
@@ -54,6 +54,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import peer_backends as pb  # noqa: E402  (the peers)
 from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries  # noqa: E402
+from workload.memory import memory_mb  # noqa: E402
 from workload.reference import Reference  # noqa: E402
 from workload.run import (  # noqa: E402
     latency_stats,
@@ -63,7 +64,7 @@ from workload.run import (  # noqa: E402
     timed,
     workdir_for,
 )
-from workload.server import SERVER_START_S, BenchServer, memory_mb, serve_flags  # noqa: E402
+from workload.server import SERVER_START_S, BenchServer, serve_flags  # noqa: E402
 
 from bankd.store import Bank, BankPaths  # noqa: E402
 
@@ -75,7 +76,7 @@ PEER_TIMEOUT_S = 3600.0
 
 @dataclass(frozen=True)
 class PeersConfig(BenchConfig):
-    """What one run measures: search_latency's workload (its `index`, `merge_wait_us` and
+    """What one run measures: the reference workload (its `index`, `merge_wait_us` and
     `threads` keep their defaults) and the peers; saved with the figures."""
 
     peers: tuple[str, ...] = ("milvus", "chroma")
@@ -83,7 +84,7 @@ class PeersConfig(BenchConfig):
     ef_search: int = 0  # bankd's; 0: tuned to the recall of the faster HNSW peer
 
     def bank(self, index: str = "Flat") -> BenchConfig:
-        """The search_latency config that writes the same bank and queries."""
+        """The workload config that writes the same bank and queries."""
         own = {f.name: getattr(self, f.name) for f in fields(BenchConfig)}
         return BenchConfig(**{**own, "index": index})
 
@@ -185,7 +186,7 @@ def measure_bankd(
 def in_process(
     index_path: Path, batches: list[np.ndarray], k: int, warmup: int, ef: int | None = None
 ) -> tuple[list[float], np.ndarray]:
-    """In-process FAISS search + numpy gather (search_latency's reference): seconds and
+    """In-process FAISS search + numpy gather (``workload.reference``): seconds and
     entry ids (Q, k) of the batches after the warm-up ones."""
     ref = Reference(index_path)
     if ef is not None:

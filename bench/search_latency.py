@@ -51,6 +51,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries  # noqa: E402
+from workload.memory import memory_budget, memory_mb  # noqa: E402
 from workload.reference import Reference, tie_explained  # noqa: E402
 from workload.run import (  # noqa: E402
     latency_stats,
@@ -60,14 +61,7 @@ from workload.run import (  # noqa: E402
     timed,
     workdir_for,
 )
-from workload.server import (  # noqa: E402
-    SERVER_START_S,
-    BenchServer,
-    memory_budget,
-    memory_mb,
-    merge_wait,
-    serve_flags,
-)
+from workload.server import SERVER_START_S, BenchServer, merge_wait, serve_flags  # noqa: E402
 
 from bankd.autoindex import exact_topk  # noqa: E402
 from bankd.flat_kernel import FLAT_SEARCH  # noqa: E402

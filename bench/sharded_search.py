@@ -6,8 +6,8 @@
     python bench/sharded_search.py --threads 1 --shard-threads 1 --json sharded.json
     python bench/sharded_search.py --workdir /tmp/bench-bank   # keep bank and shards; reused
 
-It writes the synthetic bank of ``bench/search_latency.py`` (same generator, same
-flags, so a ``--workdir`` bank is shared between the two), splits it with
+It writes the reference workload's synthetic bank (``bench/workload``, as
+``bench/search_latency.py`` does: same flags, so a ``--workdir`` bank is shared), splits it with
 ``bankd.shard.split_bank`` (what ``bankd shard`` runs), and starts S + 1 ``bankd
 serve`` processes on this machine: one on the whole bank, one per shard. Then, batch
 by batch and in alternating order:
@@ -68,7 +68,7 @@ class ShardBenchConfig:
     json: str | None = None
 
     def bank(self) -> BenchConfig:
-        """The search_latency config that writes the same bank and queries."""
+        """The workload config that writes the same bank and queries."""
         names = {f.name for f in fields(BenchConfig)} - {"json"}
         return replace(BenchConfig(), **{n: getattr(self, n) for n in names if hasattr(self, n)})
 

@@ -7,10 +7,10 @@
     python bench/throughput.py --rounds 3             # every phase three times, interleaved
     python bench/throughput.py --workdir /tmp/bench-bank   # keep the bank; reused next run
 
-It writes `bench/search_latency.py`'s synthetic bank (clustered unit keys, random fp16
-values [N, 32, 96]) and a pool of queries near bank keys, starts `bankd serve` on it in
-a child process (search_latency's server child), and measures queries per second,
-values returned and decoded, in phases one after another:
+It writes the reference workload's synthetic bank (`bench/workload`: clustered unit
+keys, random fp16 values [N, 32, 96]) and a pool of queries near bank keys, starts
+`bankd serve` on it in a child process (`workload.server.BenchServer`), and measures
+queries per second, values returned and decoded, in phases one after another:
 
 * reference: one client sending `--batch` (512) queries per Search call;
 * for each C in `--clients` (1, 8, 32): C threads, each with its own BankClient (its
@@ -55,7 +55,7 @@ POOL_BATCHES = 8  # the query pool holds this many reference batches
 
 @dataclass(frozen=True)
 class ThroughputConfig(BenchConfig):
-    """What one run measures: search_latency's workload (`batch` is the reference's
+    """What one run measures: the reference workload (`batch` is the reference's
     batch, `repeats`/`warmup` are unused) and the phases; saved with the figures."""
 
     batch: int = 512
@@ -66,7 +66,7 @@ class ThroughputConfig(BenchConfig):
     rounds: int = 2
 
     def bank(self) -> BenchConfig:
-        """The search_latency config of the same bank and a pool of POOL_BATCHES batches."""
+        """The workload config of the same bank and a pool of POOL_BATCHES batches."""
         own = {f.name: getattr(self, f.name) for f in fields(BenchConfig)}
         return BenchConfig(**{**own, "warmup": 0, "repeats": POOL_BATCHES})
 

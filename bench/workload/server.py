@@ -4,7 +4,7 @@ ports (gRPC and Prometheus), its search settings, its metrics and its memory.
     with BenchServer(index_path, workdir / "server.log", serve_flags(cfg)) as server:
         BankClient(server.address) ...
         server.server_seconds()        # the server's own Search and index-search time
-        memory_mb(server.pid)
+        memory_mb(server.pid)            # workload.memory
 
 The child is started by bankd's own launcher (``ServeProcess``), the one every program
 that needs a server of its own uses; ``BenchServer._launch`` is the one place that
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from bankd.serve_process import ServeProcess
-from bankd.store import BankPaths
 
 SERVER_START_S = 300.0
 
@@ -177,34 +176,3 @@ class BenchServer:
     def stop(self) -> int | None:
         """SIGTERM (bankd drains, then exits): its exit status, None if it was killed."""
         return self._process.stop()
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS, RssAnon, RssFile and VmHWM (peak RSS) of a process, MB; {} without /proc."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            out[name] = int(rest.split()[0]) / 1024
-    return out
-
-
-def memory_budget(index_path: Path, rss_mb: dict[str, float]) -> dict[str, float]:
-    """The server's resident memory against the bank it serves: index file + values
-    file, and the target 1.15 x (index + values) + 300 MB."""
-    paths = BankPaths(index_path)
-    index_mb = index_path.stat().st_size / 2**20
-    values_mb = paths.file("values.npy").stat().st_size / 2**20
-    bank_mb = index_mb + values_mb
-    limit = 1.15 * bank_mb + 300
-    out = {"index_mb": index_mb, "values_mb": values_mb, "limit_mb": limit}
-    if rss_mb:
-        out |= {
-            "rss_over_bank": rss_mb["VmRSS"] / bank_mb,
-            "rss_over_limit": rss_mb["VmRSS"] / limit,
-        }
-    return out
