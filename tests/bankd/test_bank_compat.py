@@ -59,8 +59,8 @@ def info_answer(info: Any) -> dict[str, Any]:
 
 def answers(index: Path) -> dict[str, Any]:
     """Everything recorded about the bank at ``index``, computed with the code of today."""
-    from bankd.local import LocalBank
-    from bankd.server import BankServer, ServerConfig
+    from bankd.search.local import LocalBank
+    from bankd.serve.server import BankServer, ServerConfig
     from bankd_client import BankClient
 
     out: dict[str, Any] = {}
