@@ -51,7 +51,7 @@ from workload.memory import MemorySampler
 from workload.run import describe_machine, progress, publish, run_program, workdir_for
 from workload.server import BenchServer
 
-from bankd.store import BankPaths
+from bankd.store.paths import BankPaths
 from bankd_client import BankClient
 
 POOL_BATCHES = 64  # distinct query batches the clients cycle through

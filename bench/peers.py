@@ -66,7 +66,8 @@ from workload.run import (  # noqa: E402
 )
 from workload.server import SERVER_START_S, BenchServer, serve_flags  # noqa: E402
 
-from bankd.store import Bank, BankPaths  # noqa: E402
+from bankd.store.paths import BankPaths  # noqa: E402
+from bankd.store.reader import Bank  # noqa: E402
 
 HNSW_FACTORY = "HNSW32"
 EF_LADDER = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 160, 192, 256, 384, 512)

@@ -4,7 +4,7 @@
     python bench/search_latency.py                       # N=100000, d=768, B=128, k=5, Flat
     python bench/search_latency.py --n 20000 --d 256     # quick check, well under a minute
     python bench/search_latency.py --index HNSW32 --json search_latency.json
-    python bench/search_latency.py --index auto          # bankd.autoindex's choice, tuned
+    python bench/search_latency.py --index auto          # bankd.search.tuning's choice, tuned
     python bench/search_latency.py --index HNSW32 --ef-search 64   # per-request override
     python bench/search_latency.py --workdir /tmp/bench-bank   # keep the bank, reuse it next run
 
@@ -25,7 +25,7 @@ interleaves:
   B * k * 32 * 96 fp16 values (3.9 MB at the defaults).
 
 Both processes set ``faiss.cvar.distance_compute_blas_threshold = 16`` (the server
-does it in ``bankd.index``), so a batch search takes the BLAS path in each. The
+does it in ``bankd.search.index``), so a batch search takes the BLAS path in each. The
 server's own histograms (scraped from its /metrics after every call) split each
 RPC into the server's handler time and its index search. The last line printed is
 ``ratio(bankd/in-process) = X.XX``, the ratio of the median latencies; the project's
@@ -63,16 +63,16 @@ from workload.run import (  # noqa: E402
 )
 from workload.server import SERVER_START_S, BenchServer, merge_wait, serve_flags  # noqa: E402
 
-from bankd.autoindex import exact_topk  # noqa: E402
-from bankd.flat_kernel import FLAT_SEARCH  # noqa: E402
-from bankd.store import VALUE_SHAPE, BankPaths  # noqa: E402
+from bankd.search.flat_kernel import FLAT_SEARCH  # noqa: E402
+from bankd.search.tuning import exact_topk  # noqa: E402
+from bankd.store.paths import VALUE_SHAPE, BankPaths  # noqa: E402
 
 
 def wire_cost(ref: dict[str, np.ndarray], reps: int = 5) -> dict[str, float]:
     """In-process cost of one response: bankd's way (``bankd_client.wire``: values
     gathered into the message, read back as views) against the protobuf runtime's
     (arrays -> Tensor messages -> serialization, parse -> decode), gather included."""
-    from bankd.topk import gather_values
+    from bankd.search.topk import gather_values
     from bankd_client import wire
     from bankd_client.proto import bankd_pb2 as pb
     from bankd_client.types import Hits

@@ -8,7 +8,7 @@
 
 It writes the reference workload's synthetic bank (``bench/workload``, as
 ``bench/search_latency.py`` does: same flags, so a ``--workdir`` bank is shared), splits it with
-``bankd.shard.split_bank`` (what ``bankd shard`` runs), and starts S + 1 ``bankd
+``bankd.search.shard.split_bank`` (what ``bankd shard`` runs), and starts S + 1 ``bankd
 serve`` processes on this machine: one on the whole bank, one per shard. Then, batch
 by batch and in alternating order:
 
@@ -43,8 +43,9 @@ from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries
 from workload.run import latency_stats, progress, publish, run_program, workdir_for
 from workload.server import SERVER_START_S, BenchServer, serve_flags
 
-from bankd.shard import shard_paths, split_bank
-from bankd.store import VALUE_SHAPE, Bank, BankPaths
+from bankd.search.shard import shard_paths, split_bank
+from bankd.store.paths import VALUE_SHAPE, BankPaths
+from bankd.store.reader import Bank
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
             return bank.search(keys, k=5).values   # [B, 5, 32, 96] fp16
 
 ``BankClient`` (one bankd), ``ShardedBankClient`` (S shards searched as one) and
-``bankd.local.LocalBank`` (the bank's files searched in this process) implement it,
+``bankd.search.local.LocalBank`` (the bank's files searched in this process) implement it,
 so code written against ``Bank`` runs on any of them. Each may offer more (keyword
 options such as the sharded client's ``window``, ``embed`` where a server holds the
 encoder), but never less: ``conformance`` names where a class falls short, and the

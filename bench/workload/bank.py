@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from bankd.store import VALUE_SHAPE, BankPaths, BankWriter
+from bankd.store.paths import VALUE_SHAPE, BankPaths
+from bankd.store.writer import BankWriter
 
 from .run import progress
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bankd.store import BankPaths
+from bankd.store.paths import BankPaths
 
 
 def memory_mb(pid: int) -> dict[str, float]:

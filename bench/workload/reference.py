@@ -3,7 +3,7 @@ index file plus a numpy gather of the values from the memory-mapped values file,
 floor a remote bank can only approach.
 
 The reference sets ``faiss.cvar.distance_compute_blas_threshold`` to the value the
-server sets (``bankd.index``), so a batch search takes the BLAS path in both.
+server sets (``bankd.search.index``), so a batch search takes the BLAS path in both.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from bankd.autoindex import search_parameters
-from bankd.store import BankPaths
+from bankd.search.tuning import search_parameters
+from bankd.store.paths import BankPaths
 
-BLAS_THRESHOLD = 16  # the value bankd.index sets; faiss 1.15's default is far higher
+BLAS_THRESHOLD = 16  # the value bankd.search.index sets; faiss 1.15's default is far higher
 
 
 class Reference:

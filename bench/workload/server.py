@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bankd.serve_process import ServeProcess
+from bankd.serve.process import ServeProcess
 
 SERVER_START_S = 300.0
 
@@ -32,8 +32,8 @@ SERVER_START_S = 300.0
 # OpenMP thread count comes from the environment), and who searches a Flat index.
 _SETTINGS_PROBE = """import sys
 import faiss
-import bankd.index
-from bankd import flat_kernel
+import bankd.search.index
+from bankd.search import flat_kernel
 if sys.argv[1] == "faiss" or not flat_kernel.available():
     engine = "FAISS"
 else:

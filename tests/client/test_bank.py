@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bankd.local import LocalBank
+from bankd.search.local import LocalBank
 from bankd_client import Bank, BankClient, ShardedBankClient
 from bankd_client.bank import conformance, protocol_methods
 
