@@ -5,7 +5,7 @@ port with a temporary TSDB, scraping the server's /metrics every second with the
 rules of deploy/prometheus loaded. While searches run, the HTTP API is polled until
 the p99 of ``bankd_search_latency_seconds`` over the last minute is a number; the
 rules must evaluate without error. Skipped where the binary is missing.
-(tests/deploy/test_deploy_files.py runs promtool over the config and the rules.)
+(tests/deploy/test_deploy_monitoring.py runs promtool over the config and the rules.)
 """
 
 from __future__ import annotations
