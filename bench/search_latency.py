@@ -63,7 +63,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bankd.search.flat_kernel import FLAT_SEARCH  # noqa: E402
-from bankd.search.tuning import exact_topk, search_parameters  # noqa: E402
+from bankd.search.params import search_parameters  # noqa: E402
+from bankd.search.tuning import exact_topk  # noqa: E402
 from bankd.store.paths import VALUE_SHAPE, BankPaths  # noqa: E402
 from bankd.store.writer import BankWriter  # noqa: E402
 

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from bankd.search import tuning
+from bankd.search import params, tuning
 from bankd.search.index import Searcher, build_index
 from bankd.search.tuning import RecallSample, choose_factory, parse_bytes, tune
 from bankd.serve.service import BankService
@@ -131,11 +131,11 @@ def test_an_unreachable_target_is_reported_not_hidden(bank: Any, sample: RecallS
 def test_per_call_parameters_leave_the_index_alone(ivf: Any, bank: Any) -> None:
     q = bank.queries(64, seed=3)
     lone = ivf.search(q, 5)[1]
-    wide = ivf.search(q, 5, params=tuning.search_parameters(ivf, {"nprobe": 32}))[1]
+    wide = ivf.search(q, 5, params=params.search_parameters(ivf, {"nprobe": 32}))[1]
     assert ivf.nprobe == 1 and (lone != wide).any()
     np.testing.assert_array_equal(ivf.search(q, 5)[1], lone)
     with pytest.raises(ValueError, match="no search parameter"):
-        tuning.search_parameters(ivf, {"efSearch": 8})
+        params.search_parameters(ivf, {"efSearch": 8})
 
 
 def test_searcher_per_call_params(ivf: Any, bank: Any, helpers: Any) -> None:
