@@ -182,6 +182,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from bankd.build.pipeline import run  # torch: only for a build
+
+    return run(args)
+
+
 def _client(args: argparse.Namespace) -> BankClient:
     return BankClient(args.target, timeout=args.timeout, **connection_options(args))
 
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per rank). Run the same command again to resume an interrupted build.",
     )
     build_config.add_arguments(p)
-    p.set_defaults(func=build_config.run)
+    p.set_defaults(func=_build)
 
     p = sub.add_parser("shard", help="split a bank into S banks, one bankd per shard")
     shard.add_arguments(p)

@@ -1,13 +1,13 @@
 """``bankd build``'s configuration and flags, importable without torch.
 
 ``bankd.cli`` builds its parser from here so that ``bankd serve``, ``info`` and
-``query`` start without loading torch; the build itself is ``bankd.build.pipeline``.
+``query`` start without loading torch; the build itself (and ``run``, the command's
+entry point) is ``bankd.build.pipeline``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,19 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``bankd build``; bad arguments raise ValueError.
-
-    Under torchrun every rank runs this; only rank 0 prints.
-    """
-    from bankd.build.distributed import init_distributed
-    from bankd.build.parallel import COLLECTIVE_TIMEOUT
-    from bankd.build.pipeline import build_bank
-    from bankd.search.shard import shard_paths
-    from bankd.store.paths import BankPaths
-
+def from_args(args: argparse.Namespace) -> BuildConfig:
+    """The BuildConfig of parsed ``bankd build`` flags; bad values raise ValueError."""
     same_name = (*_FLAG_FIELDS, "threads")
-    config = BuildConfig(
+    return BuildConfig(
         **{f: getattr(args, f) for f in same_name},
         index_factory=args.index_type,
         memory_budget=args.memory_budget,
@@ -145,25 +136,3 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         keep_shards=args.keep_shards,
     )
-    env = init_distributed(config.device, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        path = build_bank(config, restart=args.restart, env=env)
-    finally:
-        env.close()
-    if not env.is_main:
-        return 0
-    manifest = json.loads(BankPaths(path).manifest.read_text())
-    report, index = manifest.get("report") or {}, manifest.get("index") or {}
-    timings = report.get("timings", {})
-    where = path
-    if config.keep_shards:
-        shards = shard_paths(config.out, env.world_size, config.out.parent)
-        where = f"{env.world_size} shards, {', '.join(map(str, shards))}"
-    print(f"build: wrote {report.get('entries')} entries to {where} in {timings.get('total_s')} s")
-    recall, params = index.get("recall", {}), index.get("search_params") or "none"
-    print(
-        f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "
-        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {params}, "
-        f"recall@{recall.get('k')} {recall.get('value')}"
-    )
-    return 0  # the informativeness table is in the log and in the manifest's report

@@ -31,8 +31,8 @@ import faiss
 import numpy as np
 
 from bankd.search import flat_kernel
+from bankd.search.params import current_params, search_parameters, tunable
 from bankd.search.topk import SearchResult, fetch_count, gather_values, select
-from bankd.search.tuning import current_params, search_parameters, tunable
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ faiss.cvar.distance_compute_blas_database_bs = FLAT_BLOCK_ROWS
 
 MAX_K_CPU = 4096
 MAX_K_GPU = 2048  # FAISS GPU and our torch path both cap k here
-_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _TORCH_METRICS = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}
 
 
@@ -62,11 +62,11 @@ def build_index(
     seed: int = 0,
 ) -> Any:
     """FAISS index over keys [N, d] from a factory string; trained on a seeded sample."""
-    if metric not in _METRICS:
-        raise ValueError(f"unknown metric {metric!r} (choose from {sorted(_METRICS)})")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r} (choose from {sorted(METRICS)})")
     n, d = keys.shape
     try:
-        index = faiss.index_factory(d, factory, _METRICS[metric])
+        index = faiss.index_factory(d, factory, METRICS[metric])
     except RuntimeError as e:
         raise ValueError(f"bad FAISS factory string {factory!r}: {e}") from None
     if not index.is_trained:

@@ -14,7 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from bankd.search.tuning import search_parameters
+from bankd.search.params import search_parameters
 from bankd.store.paths import BankPaths
 
 BLAS_THRESHOLD = 16  # the value bankd.search.index sets; faiss 1.15's default is far higher
