@@ -33,7 +33,7 @@ import argparse
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from workload.server import BenchServer
 
 from bankd.search import torch_search
 from bankd.search.index import Searcher
+from bankd.serve.flags import ServerConfig, ServiceLimits
 from bankd.store.paths import VALUE_SHAPE
 from bankd.store.reader import Bank
 from bankd_client import tune_allocator
@@ -261,13 +262,18 @@ def measure_server(
 
     progress(f"starting bankd serve --device {cfg.device}")
     t0 = time.perf_counter()
-    flags = ["--device", cfg.device, "--no-verify", "--grace", "1", "--max-k", str(max(cfg.ks))]
-    server = BenchServer(
-        path,
-        log,
-        [*flags, "--max-message-mb", str(cfg.max_message_mb)],
-        start_timeout=SERVER_START_S,
+    limits = replace(ServiceLimits(), max_k=max(cfg.ks), max_message_bytes=cfg.max_message_mb << 20)
+    config = ServerConfig(
+        index=str(path),
+        port=0,
+        metrics_port=None,
+        device=cfg.device,
+        verify=False,
+        no_embed=True,
+        grace_s=1.0,
+        limits=limits,
     )
+    server = BenchServer(config, log, start_timeout=SERVER_START_S)
     out: dict[str, Any] = {"start_s": time.perf_counter() - t0}
     limit = cfg.max_message_mb << 20
     try:

@@ -51,6 +51,7 @@ from workload.memory import MemorySampler
 from workload.run import describe_machine, progress, publish, run_program, workdir_for
 from workload.server import BenchServer
 
+from bankd.serve.flags import ServerConfig
 from bankd.store.paths import BankPaths
 from bankd_client import BankClient
 
@@ -126,8 +127,17 @@ def make_queries(cfg: LoadConfig, d: int, index_path: Path | None) -> list[np.nd
 
 def start_server(index: Path, limit: int, cfg: LoadConfig, log_path: Path) -> BenchServer:
     """`bankd serve` on a free loopback port in a child process, with a given limit."""
-    flags = ["--device", cfg.device, "--no-verify", "--max-concurrent-rpcs", str(limit)]
-    return BenchServer(index, log_path, flags, start_timeout=START_TIMEOUT_S)
+    config = ServerConfig(
+        index=str(index),
+        port=0,
+        metrics_port=None,
+        device=cfg.device,
+        verify=False,
+        no_embed=True,
+        grace_s=2.0,
+        max_concurrent_rpcs=limit,
+    )
+    return BenchServer(config, log_path, start_timeout=START_TIMEOUT_S)
 
 
 # -- figures -------------------------------------------------------------------------------

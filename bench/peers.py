@@ -64,7 +64,7 @@ from workload.run import (  # noqa: E402
     timed,
     workdir_for,
 )
-from workload.server import SERVER_START_S, BenchServer, serve_flags  # noqa: E402
+from workload.server import SERVER_START_S, BenchServer, server_config  # noqa: E402
 
 from bankd.store.paths import BankPaths  # noqa: E402
 from bankd.store.reader import Bank  # noqa: E402
@@ -138,7 +138,7 @@ def measure_bankd(
     t0 = time.perf_counter()
     bank_cfg = cfg.bank()
     log = workdir / f"server-{label}.log"
-    server = BenchServer(index_path, log, serve_flags(bank_cfg), threads=bank_cfg.threads)
+    server = BenchServer(server_config(index_path, bank_cfg), log, threads=bank_cfg.threads)
     target = server.address
     sides = ("shared_memory", "message")
     times: dict[str, list] = {side: [] for side in sides}

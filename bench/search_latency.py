@@ -61,7 +61,7 @@ from workload.run import (  # noqa: E402
     timed,
     workdir_for,
 )
-from workload.server import SERVER_START_S, BenchServer, merge_wait, serve_flags  # noqa: E402
+from workload.server import SERVER_START_S, BenchServer, merge_wait, server_config  # noqa: E402
 
 from bankd.search.flat_kernel import FLAT_SEARCH  # noqa: E402
 from bankd.search.tuning import exact_topk  # noqa: E402
@@ -191,7 +191,9 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
         faiss.omp_set_num_threads(cfg.threads)  # the reference searches in this thread
     ref = Reference(index_path, cfg.search_params(), cfg.reference_block)
     progress("starting the bankd server process")
-    server = BenchServer(index_path, workdir / "server.log", serve_flags(cfg), threads=cfg.threads)
+    server = BenchServer(
+        server_config(index_path, cfg), workdir / "server.log", threads=cfg.threads
+    )
     times: dict[str, list[float]] = {name: [] for name in TIMINGS}
     agree = Agreement()
     found: dict[str, list[np.ndarray]] = {"ref": [], "bankd": []}

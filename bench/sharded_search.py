@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries
 from workload.run import latency_stats, progress, publish, run_program, workdir_for
-from workload.server import SERVER_START_S, BenchServer, serve_flags
+from workload.server import SERVER_START_S, BenchServer, server_config
 
 from bankd.search.shard import shard_paths, split_bank
 from bankd.store.paths import VALUE_SHAPE, BankPaths
@@ -134,7 +134,7 @@ def measure(cfg: ShardBenchConfig, index: Path, shards: list[Path], workdir: Pat
         progress(f"starting {cfg.shards + 1} bankd server processes")
         for i, (path, c) in enumerate([(index, bank_cfg)] + [(p, shard_cfg) for p in shards]):
             log = workdir / ("server-whole.log" if i == 0 else f"server-{i - 1}.log")
-            servers.append(BenchServer(path, log, serve_flags(c), threads=c.threads))
+            servers.append(BenchServer(server_config(path, c), log, threads=c.threads))
         targets = [s.address for s in servers]
         settings = [servers[0].search_settings(), servers[1].search_settings()]
         with (

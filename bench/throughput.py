@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from workload.bank import BenchConfig, add_workload_args, bank_for, make_queries  # noqa: E402
 from workload.reference import Reference, tie_explained  # noqa: E402
 from workload.run import progress, publish, run_program, workdir_for  # noqa: E402
-from workload.server import SERVER_START_S, BenchServer, merge_wait, serve_flags  # noqa: E402
+from workload.server import SERVER_START_S, BenchServer, merge_wait, server_config  # noqa: E402
 
 POOL_BATCHES = 8  # the query pool holds this many reference batches
 
@@ -205,7 +205,9 @@ def measure(cfg: ThroughputConfig, index_path: Path, workdir: Path) -> dict[str,
     found = [ref.search(pool[s : s + cfg.batch], cfg.k)[0] for s in batches]
     truth = {name: np.concatenate([f[name] for f in found]) for name in ("ids", "scores")}
     progress("starting the bankd server process")
-    server = BenchServer(index_path, workdir / "server.log", serve_flags(cfg), threads=cfg.threads)
+    server = BenchServer(
+        server_config(index_path, cfg), workdir / "server.log", threads=cfg.threads
+    )
     plan = [(1, cfg.batch)] + [(c, cfg.client_batch) for c in cfg.clients]
     phases: list[Phase] = []
     deltas: list[dict[str, float]] = []

@@ -1,14 +1,14 @@
 """The bank server of a benchmark: `bankd serve` in a child process on free loopback
-ports (gRPC and Prometheus), its search settings, its metrics and its memory.
+ports, its search settings and its metrics.
 
-    with BenchServer(index_path, workdir / "server.log", serve_flags(cfg)) as server:
+    with BenchServer(server_config(index_path, cfg), workdir / "server.log") as server:
         BankClient(server.address) ...
         server.server_seconds()        # the server's own Search and index-search time
-        memory_mb(server.pid)            # workload.memory
+        memory_mb(server.pid)          # workload.memory
 
-The child is started by bankd's own launcher (``ServeProcess``), the one every program
-that needs a server of its own uses; ``BenchServer._launch`` is the one place that
-knows how.
+The child is started by bankd's own launcher (``bankd.serve.process.ServeProcess``:
+``bankd serve --ready-file``), the one every program that needs a server of its own
+uses; its ports come from the ready file.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import re
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+from bankd.serve.flags import ServerConfig, ServiceLimits
 from bankd.serve.process import ServeProcess
+
+from .bank import BenchConfig
 
 SERVER_START_S = 300.0
 
@@ -45,18 +48,27 @@ print(
 )"""
 
 
-def serve_flags(cfg: Any) -> list[str]:
-    """`bankd serve` flags of a BenchConfig: CPU search, its merge wait, index mapping
-    and flat search engine."""
-    flags = ["--device", "cpu", "--no-verify", "--grace", "1"]
+def server_config(index_path: Path, cfg: BenchConfig) -> ServerConfig:
+    """`bankd serve` of a BenchConfig: CPU search, free ports with /metrics, no Embed,
+    no checksums at load, its merge wait, index mapping and flat search engine."""
+    limits = ServiceLimits()
     if cfg.merge_wait_us is not None:
-        flags += ["--merge-wait-us", str(cfg.merge_wait_us)]
-    if cfg.mmap_index:
-        flags += ["--mmap-index"]
-    return flags + ["--flat-search", cfg.flat_search]
+        limits = replace(limits, merge_wait_s=cfg.merge_wait_us / 1e6)
+    return ServerConfig(
+        index=str(index_path),
+        port=0,
+        metrics_port=0,
+        device="cpu",
+        verify=False,
+        no_embed=True,
+        grace_s=1.0,
+        mmap_index=cfg.mmap_index,
+        flat_search=cfg.flat_search,
+        limits=limits,
+    )
 
 
-def merge_wait(cfg: Any) -> str:
+def merge_wait(cfg: BenchConfig) -> str:
     """The server's merge wait as the settings lines name it."""
     if cfg.merge_wait_us is None:
         return "merge wait `bankd serve`'s default"
@@ -86,8 +98,8 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 
 class BenchServer:
-    """`bankd serve --index INDEX [flags]` in a child process, on free loopback ports,
-    with metrics; ``threads`` sets its FAISS OpenMP threads (0: FAISS's default).
+    """`bankd serve` of ``config`` in a child process (its ports: 0 picks free ones);
+    ``threads`` sets its FAISS OpenMP threads (0: FAISS's default).
 
     ``search_settings()`` says what the server searches with (FAISS settings, OpenMP
     threads, the Flat engine), as a process with the server's environment reports them.
@@ -95,47 +107,28 @@ class BenchServer:
 
     def __init__(
         self,
-        index_path: Path,
+        config: ServerConfig,
         log_path: Path,
-        flags: Sequence[str] = (),
         *,
         threads: int = 0,
         start_timeout: float = SERVER_START_S,
     ) -> None:
+        self.config = config
         self.log_path = log_path
         self.threads = threads
-        self._flags = list(flags)
-        self._process = self._launch(index_path, start_timeout)
-
-    def _launch(self, index_path: Path, start_timeout: float) -> ServeProcess:
-        """Start the child; its gRPC and metrics ports are known when this returns."""
-        process = ServeProcess(
-            index_path,
-            self.log_path,
-            serve_args=["--metrics-port", "0", *self._flags],
-            log_level="WARNING",
-            start_timeout=start_timeout,
-            wait_ready=False,
+        self._process = ServeProcess(
+            config, log_path, log_level="WARNING", start_timeout=start_timeout
         )
-        with _environment(_server_env(self.threads)):
-            process.start()
-        self.port = int(process.address.rsplit(":", 1)[1])
-        # "bankd serving X on HOST:PORT (...), metrics on HOST:PORT": in the log by now.
-        m = re.search(r"metrics on [\d.]+:(\d+)", self.log_path.read_text(errors="replace"))
-        if m is None:
-            process.stop()
-            raise RuntimeError(f"bankd serve gave no metrics port; see {self.log_path}")
-        self.metrics_port = int(m.group(1))
-        return process
+        with _environment(_server_env(threads)):
+            self._process.start()  # returns once it serves; stops the child if it fails
+        self.port = self._process.port
+        self.metrics_port = self._process.metrics_port
 
     def search_settings(self) -> str:
         """FAISS's BLAS threshold and database block, OpenMP threads, the Flat engine."""
-        flags = self._flags
-        given = "--flat-search" in flags
-        flat_search = flags[flags.index("--flat-search") + 1] if given else "auto"
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **_server_env(self.threads)}
         out = subprocess.run(
-            [sys.executable, "-c", _SETTINGS_PROBE, flat_search],
+            [sys.executable, "-c", _SETTINGS_PROBE, self.config.flat_search],
             env=env,
             capture_output=True,
             text=True,
@@ -145,11 +138,12 @@ class BenchServer:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self._process.address
 
     @property
     def pid(self) -> int:
-        return self._process.proc.pid
+        assert self._process.pid is not None  # started in __init__
+        return self._process.pid
 
     def __enter__(self) -> BenchServer:
         return self
@@ -158,6 +152,9 @@ class BenchServer:
         self.stop()
 
     def metrics_text(self) -> str:
+        """The server's /metrics page (it must serve one: metrics_port in its config)."""
+        if self.metrics_port is None:
+            raise RuntimeError("this server was started without /metrics (metrics_port=None)")
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         return urllib.request.urlopen(url, timeout=10).read().decode()
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from bankd.cli import _add_serve
+from bankd.serve.flags import add_arguments as add_serve_arguments
 from bankd_client.proto import bankd_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,5 +36,5 @@ def parse_serve(argv: list[str]) -> argparse.Namespace:
     """Parse `bankd serve` arguments exactly as the CLI does; SystemExit if it would not."""
     assert argv[0] == "serve", argv
     parser = argparse.ArgumentParser(prog="bankd serve", exit_on_error=False)
-    _add_serve(parser)
+    add_serve_arguments(parser)
     return parser.parse_args(argv[1:])
