@@ -84,7 +84,10 @@ def _server_env(threads: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _environment(extra: dict[str, str]) -> Iterator[None]:
-    """os.environ with ``extra`` set while a child is started, restored afterwards."""
+    """os.environ with ``extra`` set while a child is started, restored afterwards.
+
+    ServeProcess hands the child this process's environment, and OpenMP reads its
+    thread count from the environment once, when the child loads it."""
     saved = {name: os.environ.get(name) for name in extra}
     os.environ.update(extra)
     try:
