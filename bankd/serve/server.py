@@ -30,6 +30,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bankd.serve import wire
 from bankd.serve.flags import ServerConfig
 from bankd.serve.malformed import UndecodableRequests
 from bankd.serve.metrics import Metrics
@@ -37,7 +38,7 @@ from bankd.serve.security import ServerSecurity
 from bankd.serve.service import BankService
 from bankd.serve.shm import MappedRegions, Sweeper
 from bankd.store.reader import Bank
-from bankd_client import errors, tensors, wire
+from bankd_client import errors, tensors
 from bankd_client.client import HTTP2_MAX_FRAME_BYTES
 from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
@@ -78,7 +79,7 @@ def _rpc(method: str) -> Callable:
 
 
 def _serialize(message: bytes | Any) -> bytes:
-    """Search answers come serialized already (``bankd_client.wire``); the rest are
+    """Search answers come serialized already (``bankd.serve.wire``); the rest are
     protobuf messages."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
