@@ -160,13 +160,21 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
     return answers
 
 
-def _settings(config: EvalConfig, model_id: str, retrieval: bool, top_k: int | None) -> dict:
+def _settings(
+    config: EvalConfig, model_id: str, retrieval: bool, top_k: int | None, bank: Any
+) -> dict:
     """What decides the answers: a resumed file must have been written with the same."""
+    if not retrieval:
+        bank = None
+    elif bank is not None:  # a caller's open bank: name its kind
+        bank = f"<{type(bank).__name__}>"
+    else:
+        bank = config.bank
     return {
         "model": str(Path(config.model).resolve()),
         "model_id": model_id,
         "retrieval": retrieval,
-        "bank": config.bank if retrieval else None,
+        "bank": bank,
         "top_k": top_k,
         "decoding": {
             "greedy": True,
@@ -220,7 +228,7 @@ def run_eval(config: EvalConfig, bank: Any | None = None, progress: bool = True)
     top_k = None
     if retrieval:
         top_k = retriever.k if retriever else config.top_k or vlm.model.config.top_k
-    settings = _settings(config, model_id, retrieval, top_k)
+    settings = _settings(config, model_id, retrieval, top_k, bank)
     if done and done[0]["metadata"].get("settings") != settings:
         if owned:
             retriever.close()

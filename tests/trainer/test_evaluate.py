@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from bankd.search.local import LocalBank
 from tinyalign.cli import main
 from tinyalign.evaluate import ANSWER_FIELDS, EvalConfig, read_answers, run_eval
 from tinyalign.scoring import score_answers
@@ -78,6 +79,13 @@ def test_batched_equals_one_at_a_time_in_process_and_remote(
     address = f"127.0.0.1:{bank_server.port}"
     run_eval(config(demo, eval_set, remote, model=str(stage1), bank=address), progress=False)
     assert texts(remote) == texts(batched)
+    opened = tmp_path / "opened.jsonl"  # a caller's open bank, used and not closed
+    with LocalBank(demo.bank) as bank:
+        summary = run_eval(
+            config(demo, eval_set, opened, model=str(stage1)), bank=bank, progress=False
+        )
+        assert bank.info().entries > 0
+    assert texts(opened) == texts(batched) and summary["bank"] == "<LocalBank>"
 
 
 def test_rerun_resumes_and_refuses_other_settings(
