@@ -288,12 +288,14 @@ def summarise(
     settings: dict[str, Any],
     new: int,
 ) -> dict[str, Any]:
-    """Counts and settings; scores of the questions' answers when gold is given."""
-    wanted = {q["question_id"] for q in questions}
+    """Counts and settings; scores of the questions' answers when gold is given.
+
+    Question ids are matched as strings, so a gold file writing 7 answers question "7"."""
+    by_q = {str(q["question_id"]): q for q in questions}
     answers = {
-        row["question_id"]: row["text"]
+        str(row["question_id"]): row["text"]
         for row in read_answers(Path(config.answers_file))
-        if row["question_id"] in wanted
+        if str(row["question_id"]) in by_q
     }
     summary: dict[str, Any] = {
         **settings,
@@ -304,14 +306,14 @@ def summarise(
         "counts": {"questions": len(questions), "answered": len(answers), "new": new},
     }
     if gold is not None:
-        by_q = {q["question_id"]: q for q in questions}
-        refs = {g["question_id"]: g["answer"] for g in gold if g["question_id"] in wanted}
-        categories: dict[Any, str | None] = {}
-        scorers: dict[Any, str] = {}
+        refs: dict[str, Any] = {}
+        categories: dict[str, str | None] = {}
+        scorers: dict[str, str] = {}
         for g in gold:  # the gold line's category / scorer over the question's
-            qid = g["question_id"]
-            if qid not in wanted:
+            qid = str(g["question_id"])
+            if qid not in by_q:
                 continue
+            refs[qid] = g["answer"]
             categories[qid] = g.get("category") or by_q[qid].get("category")
             scorer = g.get("scorer") or by_q[qid].get("scorer")
             if scorer is not None:

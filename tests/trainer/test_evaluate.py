@@ -11,7 +11,7 @@ import pytest
 
 from bankd.search.local import LocalBank
 from tinyalign.cli import main
-from tinyalign.evaluate import ANSWER_FIELDS, EvalConfig, read_answers, run_eval
+from tinyalign.evaluate import ANSWER_FIELDS, EvalConfig, read_answers, run_eval, summarise
 from tinyalign.scoring import score_answers
 from tinyalign.train import train
 
@@ -209,3 +209,30 @@ def test_cli_baseline_without_retrieval_and_errors(
         ]
     )
     assert code == 2 and "appears twice" in capsys.readouterr().err
+
+
+def test_summary_matches_question_ids_as_strings(tmp_path: Path) -> None:
+    answers = tmp_path / "a.jsonl"
+    rows = [
+        {
+            "question_id": i,
+            "prompt": "p",
+            "text": t,
+            "answer_id": "x",
+            "model_id": "m",
+            "metadata": {},
+        }
+        for i, t in ((1, "Two."), (2, "no"))
+    ]
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = EvalConfig(model="m", questions="q", image_folder=".", answers_file=str(answers))
+    questions = [{"question_id": 1, "text": "How many?"}, {"question_id": 2, "text": "Red?"}]
+    gold = [{"question_id": "1", "answer": "2"}, {"question_id": "2", "answer": "yes"}]
+    s = summarise(cfg, questions, gold, {}, 0)
+    assert s["counts"] == {"questions": 2, "answered": 2, "new": 0}
+    assert s["scores"]["overall"] == {
+        "count": 2,
+        "accuracy": 0.5,
+        "pope": s["scores"]["overall"]["pope"],
+    }
+    assert s["scores"]["scorer_of"] == {"1": "short", "2": "yesno"}
