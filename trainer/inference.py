@@ -38,7 +38,7 @@ from .retrieval import Retriever
 
 log = logging.getLogger(__name__)
 
-__all__ = ["generate", "load_vlm", "LoadedVLM"]
+__all__ = ["generate", "image_inputs", "load_vlm", "open_retriever", "LoadedVLM"]
 
 NO_EXCLUSION = -1  # no bank entry has a negative id, so excluding it excludes nothing
 
@@ -89,6 +89,27 @@ def _retriever(
             handle.close()
         raise
     return retriever, True
+
+
+def open_retriever(
+    vlm: LoadedVLM,
+    bank: Any,
+    top_k: int | None = None,
+    *,
+    allow_encoder_mismatch: bool = False,
+    bank_patience: float = 30.0,
+    bank_options: dict[str, Any] | None = None,
+) -> tuple[Retriever | None, bool]:
+    """(retriever, owned): the retriever ``generate`` would open for ``vlm`` and ``bank``.
+
+    Open it once and pass it as ``bank=`` to many ``generate`` calls (``tinyalign eval``);
+    close it when ``owned``. None for a model without retrieval.
+    """
+    if not vlm.model.config.retrieval:
+        return None, False
+    if bank is None:
+        raise ValueError("this model was trained with retrieval: pass a bank (--bank)")
+    return _retriever(bank, vlm, top_k, allow_encoder_mismatch, bank_patience, bank_options)
 
 
 @torch.no_grad()
@@ -159,6 +180,30 @@ def generate(
             retriever.close()
 
 
+def image_inputs(
+    vlm: LoadedVLM,
+    images: list[Image.Image],
+    retriever: Retriever | None,
+    exclude_ids: list[int] | None,
+    dev: torch.device,
+    precision: str,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(features (Bi, P, Dv), retrieved (Bi, k, 32, 96), mask (Bi, k)) of a batch's images.
+
+    All None without images; the retrieved ones None without a retriever."""
+    if not images:
+        return None, None, None
+    model = vlm.model
+    pixels = preprocess_images(model.vision.image_processor, images)
+    with autocast(precision, dev):
+        features = model.image_features(pixels.to(dev))  # (Bi, P, Dv)
+    if retriever is None:
+        return features, None, None
+    own = [NO_EXCLUSION] * len(images) if exclude_ids is None else exclude_ids
+    got = retriever.submit(features, torch.tensor(own, dtype=torch.long)).result()
+    return features, got.values.to(dev), got.mask.to(dev)
+
+
 def _generate_batch(
     vlm: LoadedVLM,
     images: list[Any],
@@ -182,19 +227,10 @@ def _generate_batch(
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
     for r, x in enumerate(ids):  # right-padded like training; the model re-pads on the left
         input_ids[r, : len(x)], attention_mask[r, : len(x)] = torch.tensor(x), 1
-    features = retrieved = retrieved_mask = None
-    if rows:
-        pixels = preprocess_images(model.vision.image_processor, [pil[r] for r in rows])
-        with autocast(precision, dev):
-            features = model.image_features(pixels.to(dev))  # (Bi, P, Dv)
-        if retriever is not None:
-            own = (
-                [NO_EXCLUSION] * len(rows)
-                if exclude_ids is None
-                else [exclude_ids[r] for r in rows]
-            )
-            got = retriever.submit(features, torch.tensor(own, dtype=torch.long)).result()
-            retrieved, retrieved_mask = got.values.to(dev), got.mask.to(dev)  # (Bi, k, 32, 96)
+    excl = None if exclude_ids is None else [exclude_ids[r] for r in rows]
+    features, retrieved, retrieved_mask = image_inputs(
+        vlm, [pil[r] for r in rows], retriever, excl, dev, precision
+    )
     kwargs = {"do_sample": False, "num_beams": 1, **generate_kwargs}
     with autocast(precision, dev):
         new = model.generate(

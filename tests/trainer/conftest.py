@@ -166,3 +166,37 @@ def stage1(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def eval_set(demo: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(questions.jsonl, answers_gt.jsonl): 5 questions on held-out images, 2 text-only."""
+    held = json.loads(demo.heldout.read_text())
+    root = tmp_path_factory.mktemp("eval_set")
+    kinds = [
+        ("short", "What shape is it?", lambda a: a["shape"]),
+        (
+            "yesno",
+            "Is the background white?",
+            lambda a: "yes" if a["background"] == "white" else "no",
+        ),
+        ("choice", "Which colour? A. red B. cyan C. green", lambda a: "B"),
+        ("short", "How many shapes?", lambda a: [str(a["count"])] * 3 + ["many"] * 7),
+        ("yesno", "Is there a star?", lambda a: "yes" if a["shape"] == "star" else "no"),
+    ]
+    questions, gold = [], []
+    for i, (category, text, answer) in enumerate(kinds):
+        item = held[i]
+        questions.append(
+            {"question_id": f"q{i}", "image": item["image"], "text": text, "category": category}
+        )
+        gold.append({"question_id": f"q{i}", "answer": answer(item["attributes"])})
+    for i in range(2):
+        questions.append(
+            {"question_id": f"t{i}", "text": f"Say the number {i}.", "category": "short"}
+        )
+        gold.append({"question_id": f"t{i}", "answer": f"The number is {i}."})
+    q, g = root / "questions.jsonl", root / "answers_gt.jsonl"
+    q.write_text("".join(json.dumps(x) + "\n" for x in questions))
+    g.write_text("".join(json.dumps(x) + "\n" for x in gold))
+    return q, g
