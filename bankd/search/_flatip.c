@@ -39,6 +39,21 @@ static void heap_replace_top(float *hs, int64_t *hr, int64_t k, float s, int64_t
     hr[i] = r;
 }
 
+/* The same for a heap of scores alone. */
+static void heap_replace_scores(float *hs, int64_t k, float s)
+{
+    int64_t i = 0;
+    for (;;) {
+        int64_t l = 2 * i + 1, c;
+        if (l >= k) break;
+        c = (l + 1 < k && hs[l + 1] < hs[l]) ? l + 1 : l;
+        if (hs[c] >= s) break;
+        hs[i] = hs[c];
+        i = c;
+    }
+    hs[i] = s;
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -123,6 +138,94 @@ bankd_flatip_search(const float *keys, int64_t d, int64_t r0, int64_t r1, const 
     return 0;
 }
 
+/*
+ * Exact fp32 scores of chosen rows: out[q][j] = keys[rows[q][j]] . queries[q], one fp32
+ * fused multiply-add per element in order e = 0 .. d-1 from 0, the arithmetic of
+ * bankd_flatip_search above, so a re-ranked score is bit-identical to the kernel's.
+ * rows[q][j] < 0 gives -inf. queries: [nq][d] row-major; rows, out: [nq][m].
+ */
+__attribute__((target("avx2,fma"))) int
+bankd_flatip_rescore(const float *keys, int64_t d, const float *queries, int64_t nq,
+                     const int64_t *rows, int64_t m, float *out)
+{
+    if (!bankd_flatip_supported()) return -1;
+    for (int64_t q = 0; q < nq; q++) {
+        const float *x = queries + q * d;
+        for (int64_t j = 0; j < m; j++) {
+            const int64_t r = rows[q * m + j];
+            if (r < 0) {
+                out[q * m + j] = -INFINITY;
+                continue;
+            }
+            const float *a = keys + r * d;
+            float acc = 0.0f;
+            for (int64_t e = 0; e < d; e++) acc = __builtin_fmaf(a[e], x[e], acc);
+            out[q * m + j] = acc;
+        }
+    }
+    return 0;
+}
+
+int bankd_bf16_supported(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
+
+/* Smallest float not above x - m: the threshold is never rounded upwards. */
+static inline float below(float x, float m) { return nextafterf(x - m, -INFINITY); }
+
+/*
+ * Candidate collection over one block of low-precision scores (bankd/search/bf16_search.py).
+ * scores: [nq][ld] bfloat16 bits, columns [0, ncols) are bank rows row0 .. row0+ncols-1.
+ * Per query q (state continued across blocks): hs[q][k], a min-heap of the k best scores
+ * so far (-inf to start); every score s >= hs[q][0] - margin[q] at the time it is read is
+ * a candidate: (s, row) appended to cs/cr[q][0 .. cap), count[q] counting past cap (the
+ * caller then searches that query another way). The heap only rises, so any score at or
+ * above (final k-th best - margin) is collected.
+ */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) int
+bankd_bf16_collect(const uint16_t *scores, int64_t ld, int64_t ncols, int64_t row0, int64_t nq,
+                   int64_t k, const float *margin, float *hs, float *cs, int64_t *cr,
+                   int64_t cap, int64_t *count)
+{
+    if (!bankd_bf16_supported()) return -1;
+    for (int64_t q = 0; q < nq; q++) {
+        const uint16_t *row = scores + q * ld;
+        float *h = hs + q * k;
+        float thr = below(h[0], margin[q]);
+        __m512 t = _mm512_set1_ps(thr);
+        for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
+            const int64_t n = ncols - c0 < 16 ? ncols - c0 : 16;
+            const __mmask16 valid = (__mmask16)(n == 16 ? 0xFFFF : (1u << n) - 1);
+            const __m256i raw = _mm256_maskz_loadu_epi16(valid, row + c0);
+            const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, v, t, _CMP_GE_OQ);
+            while (hit) {
+                const int j = __builtin_ctz(hit);
+                hit &= hit - 1;
+                uint32_t bits = (uint32_t)row[c0 + j] << 16;
+                float s;
+                __builtin_memcpy(&s, &bits, 4);
+                if (!(s >= thr)) continue; /* the threshold rose within this vector */
+                int64_t *cnt = count + q;
+                if (*cnt < cap) {
+                    cs[q * cap + *cnt] = s;
+                    cr[q * cap + *cnt] = row0 + c0 + j;
+                }
+                (*cnt)++;
+                if (s > h[0]) {
+                    heap_replace_scores(h, k, s);
+                    thr = below(h[0], margin[q]);
+                    t = _mm512_set1_ps(thr);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 #else /* not x86-64 with GCC or clang: the caller falls back to FAISS */
 
 int bankd_flatip_supported(void) { return 0; }
@@ -131,7 +234,25 @@ int bankd_flatip_search(const float *keys, int64_t d, int64_t r0, int64_t r1,
                         const float *qpack, int64_t nq, int64_t k, float *hs, int64_t *hr)
 {
     (void)keys, (void)d, (void)r0, (void)r1, (void)qpack, (void)nq, (void)k, (void)hs,
-        (void)hr, (void)heap_replace_top;
+        (void)hr, (void)heap_replace_top, (void)heap_replace_scores;
+    return -1;
+}
+
+int bankd_flatip_rescore(const float *keys, int64_t d, const float *queries, int64_t nq,
+                         const int64_t *rows, int64_t m, float *out)
+{
+    (void)keys, (void)d, (void)queries, (void)nq, (void)rows, (void)m, (void)out;
+    return -1;
+}
+
+int bankd_bf16_supported(void) { return 0; }
+
+int bankd_bf16_collect(const uint16_t *scores, int64_t ld, int64_t ncols, int64_t row0, int64_t nq,
+                       int64_t k, const float *margin, float *hs, float *cs, int64_t *cr,
+                       int64_t cap, int64_t *count)
+{
+    (void)scores, (void)ld, (void)ncols, (void)row0, (void)nq, (void)k, (void)margin, (void)hs,
+        (void)cs, (void)cr, (void)cap, (void)count;
     return -1;
 }
 

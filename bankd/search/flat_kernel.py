@@ -63,12 +63,82 @@ def _library() -> ctypes.CDLL | None:
     lib.bankd_flatip_supported.argtypes = []
     lib.bankd_flatip_search.restype = ctypes.c_int
     lib.bankd_flatip_search.argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P]
+    lib.bankd_flatip_rescore.restype = ctypes.c_int
+    lib.bankd_flatip_rescore.argtypes = [_P, _I64, _P, _I64, _P, _I64, _P]
+    lib.bankd_bf16_supported.restype = ctypes.c_int
+    lib.bankd_bf16_supported.argtypes = []
+    lib.bankd_bf16_collect.restype = ctypes.c_int
+    lib.bankd_bf16_collect.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _P]
     return lib if lib.bankd_flatip_supported() else None
 
 
 def available() -> bool:
     """Whether the kernel was built and this CPU runs it (x86-64 with AVX2 and FMA)."""
     return _library() is not None
+
+
+def collect_available() -> bool:
+    """Whether ``collect_candidates`` runs here (the kernel, and AVX-512 F/BW/VL)."""
+    lib = _library()
+    return lib is not None and bool(lib.bankd_bf16_supported())
+
+
+def rescore(keys: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Exact fp32 scores [B, m] of rows [B, m] (int64; -1 gives -inf) for queries [B, d],
+    bit-identical to the kernel's search scores (one fused multiply-add per element, in
+    order)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("bankd's flat-search kernel is not available on this machine")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if (
+        keys.dtype != np.float32
+        or not keys.flags.c_contiguous
+        or keys.shape[1:] != queries.shape[1:]
+    ):
+        raise ValueError(
+            f"keys {keys.dtype}{list(keys.shape)} do not fit queries {list(queries.shape)}"
+        )
+    if rows.shape[0] != queries.shape[0] or ((rows >= len(keys)).any()):
+        raise ValueError(f"rows {list(rows.shape)} out of range for {len(keys)} keys")
+    out = np.empty(rows.shape, dtype=np.float32)
+    b, m = rows.shape
+    rc = lib.bankd_flatip_rescore(
+        keys.ctypes.data, keys.shape[1], queries.ctypes.data, b, rows.ctypes.data, m,
+        out.ctypes.data,
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"bankd rescore failed ({rc})")
+    return out
+
+
+def collect_candidates(
+    scores: np.ndarray,
+    row0: int,
+    margin: np.ndarray,
+    heap: np.ndarray,
+    cand_scores: np.ndarray,
+    cand_rows: np.ndarray,
+    count: np.ndarray,
+) -> None:
+    """One block of bfloat16 scores [b, c] (as uint16 bits, rows row0..row0+c-1) into the
+    running candidate state of its b queries (see bankd_bf16_collect in _flatip.c):
+    heap [b, k] float32, cand_scores/cand_rows [b, cap], count [b] int64; all updated."""
+    lib = _library()
+    if lib is None or not lib.bankd_bf16_supported():
+        raise RuntimeError("candidate collection needs the kernel and AVX-512 (F, BW, VL)")
+    b, c = scores.shape
+    assert scores.dtype == np.uint16 and scores.strides[1] == 2, scores.strides
+    for a in (margin, heap, cand_scores, cand_rows, count):
+        assert a.flags.c_contiguous and len(a) == b
+    rc = lib.bankd_bf16_collect(
+        scores.ctypes.data, scores.strides[0] // 2, c, row0, b, heap.shape[1],
+        margin.ctypes.data, heap.ctypes.data, cand_scores.ctypes.data, cand_rows.ctypes.data,
+        cand_scores.shape[1], count.ctypes.data,
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"bankd candidate collection failed ({rc})")
 
 
 def pack_queries(queries: np.ndarray) -> np.ndarray:
