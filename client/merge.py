@@ -114,6 +114,7 @@ def combine_info(targets: Sequence[str], infos: Sequence[BankInfo]) -> BankInfo:
         server_version=",".join(dict.fromkeys(i.server_version for i in infos)),
         embed_available=any(info.embed_available for info in infos),
         search_device=",".join(dict.fromkeys(i.search_device for i in infos)),
+        search_engine=";".join(dict.fromkeys(i.search_engine for i in infos)),
         max_message_bytes=min(info.max_message_bytes for info in infos),
         # Shards are indexed (and tuned) on their own: the most any shard uses, the
         # least any accepts, the lowest recall any measured.

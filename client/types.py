@@ -80,6 +80,7 @@ class BankInfo:
     max_ef_search: int = 0  # largest ef_search a search may ask for
     recall: float = 0.0  # recall@recall_k measured at build (1.0: exact); 0: not measured
     recall_k: int = 0
+    search_engine: str = ""  # exact engine(s) of a flat index; see GetInfoResponse
 
     def to_pb(self) -> pb.GetInfoResponse:
         msg = pb.GetInfoResponse(
@@ -102,6 +103,7 @@ class BankInfo:
             max_ef_search=self.max_ef_search,
             recall=self.recall,
             recall_k=self.recall_k,
+            search_engine=self.search_engine,
         )
         if self.vision_encoder is not None:
             msg.vision_encoder.CopyFrom(fingerprint_to_pb(self.vision_encoder))
@@ -136,6 +138,7 @@ class BankInfo:
             max_ef_search=msg.max_ef_search,
             recall=msg.recall,
             recall_k=msg.recall_k,
+            search_engine=msg.search_engine,
         )
 
     def summary(self) -> dict[str, Any]:

@@ -42,8 +42,9 @@ SPLIT_MIN_MACS = 1 << 22
 # larger k to FAISS.
 MAX_K = 64
 # Who searches a flat index on the CPU (`bankd serve --flat-search`, Searcher's
-# flat_search): the kernel where it runs, the kernel or an error, or FAISS.
-FLAT_SEARCH = ("auto", "kernel", "faiss")
+# flat_search): the fastest engine by measurement at load, or one pinned (an error
+# where it does not run): the kernel, FAISS, or bf16 matrix units with an exact re-rank.
+FLAT_SEARCH = ("auto", "kernel", "faiss", "bf16")
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64

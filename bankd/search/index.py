@@ -5,10 +5,13 @@ The index is a FAISS factory string ("Flat" by default; "HNSW32", "IVF1024,Flat"
 search parameters (efSearch, nprobe) are set once when the bank loads, and a search
 may override them for itself through FAISS SearchParameters. Where search runs:
 
-* CPU: the FAISS index itself; a flat inner-product index with bankd's own kernel
-  (``bankd.search.flat_kernel``: exact, multiplies from the index's vectors, about 1.25x
-  FAISS's speed) for k up to ``flat_kernel.MAX_K``, where it was built and the CPU has
-  AVX2 and FMA, unless ``flat_search="faiss"``.
+* CPU: the FAISS index itself; a flat inner-product index with one of three exact
+  engines: FAISS, bankd's own kernel (``bankd.search.flat_kernel``: multiplies from the
+  index's vectors; x86-64 with AVX2 and FMA; k up to ``flat_kernel.MAX_K``), or bf16
+  products on the CPU's matrix units with an exact fp32 re-rank
+  (``bankd.search.bf16_search``; AMX or AVX-512-BF16). ``flat_search="auto"`` times
+  those this machine has on the bank's own keys at load and takes the fastest for each
+  batch size (``bankd.search.engine_choice``); the others pin one.
 * CUDA with a FAISS GPU build: the index cloned to the GPU.
 * CUDA without one: exact search with torch for flat indexes (``bankd.search.torch_search``:
   fp16 keys on the GPU, fp32 scores computed and reduced block by block, so memory
@@ -30,7 +33,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bankd.search import flat_kernel
+from bankd.search import bf16_search, flat_kernel
+from bankd.search.engine_choice import EngineChoice, measure
 from bankd.search.params import current_params, search_parameters, tunable
 from bankd.search.topk import SearchResult, fetch_count, gather_values, select
 
@@ -131,6 +135,19 @@ def _flat_kernel(index: Any, required: bool) -> Any | None:
     return flat_kernel.FlatKernel(keys, threads=faiss.omp_get_max_threads())
 
 
+def _bf16_engine(kernel: flat_kernel.FlatKernel, required: bool) -> Any | None:
+    """bf16 matrix-unit search over the kernel's keys with its re-rank, or None where
+    the CPU has no bf16 units (an error if required)."""
+    if not bf16_search.available():
+        if required:
+            raise ValueError(
+                "flat_search='bf16' asked for, but this machine has no bf16 matrix units "
+                "(AMX or AVX-512-BF16), AVX-512 candidate scan or torch"
+            )
+        return None
+    return bf16_search.Bf16Search(kernel.keys, kernel, threads=kernel.threads)
+
+
 def _faiss_gpus() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
@@ -144,9 +161,9 @@ class Searcher:
         ids: entry id of each row [N].
         device: "auto", "cpu", or "cuda[:n]".
         params: FAISS search parameters to set, e.g. {"efSearch": 64, "nprobe": 16}.
-        flat_search: "auto" (bankd's kernel for a flat inner-product index on the CPU
-            when it is available, else FAISS), "kernel" (the same, an error when it is
-            not available) or "faiss".
+        flat_search: for a flat inner-product index on the CPU: "auto" (the engines
+            this machine has, timed on the bank's keys; the fastest per batch size),
+            or one pinned: "kernel", "bf16" (an error where they do not run), "faiss".
 
     ``tunable`` names the parameter a search may override per call ({"efSearch": max}
     for HNSW, {"nprobe": nlist} for IVF, {} otherwise, and {} on a FAISS GPU index);
@@ -197,15 +214,49 @@ class Searcher:
             else:
                 log.warning("no FAISS GPU build: %s index searched on the CPU", describe(index))
         self.kernel = None  # bankd.search.flat_kernel.FlatKernel, when it searches
+        self.bf16 = None  # bankd.search.bf16_search.Bf16Search, when it searches
+        self.choice: EngineChoice | None = None  # which engine answers which batch sizes
         if self.device == "cpu" and flat_search != "faiss":
-            self.kernel = _flat_kernel(index, required=flat_search == "kernel")
+            self.kernel = _flat_kernel(index, required=flat_search in ("kernel", "bf16"))
+        if self.kernel is not None and flat_search in ("auto", "bf16"):
+            self.bf16 = _bf16_engine(self.kernel, required=flat_search == "bf16")
+        if flat_search == "bf16":
+            self.kernel = None  # pinned: the kernel stays only as bf16's re-rank
+        if flat_search == "auto" and self.kernel is not None:  # more than one engine here
+            self.choice = measure(self._flat_engines(), self.kernel.keys)
         self.tunable = tunable(index) if self._index is index else {}
         self.defaults = current_params(index)
         self.max_k = min(MAX_K_GPU if self.device != "cpu" else MAX_K_CPU, self.n)
 
+    def _flat_engines(self) -> dict[str, Any]:
+        engines = {"faiss": lambda q, k: self._index.search(np.ascontiguousarray(q, "f4"), k)}
+        if self.kernel is not None:
+            engines["kernel"] = self.kernel.search
+        if self.bf16 is not None:
+            engines["bf16"] = self.bf16.search
+        return engines
+
+    def engine_label(self) -> str:
+        """Short engine name for GetInfo and metric labels: "faiss", "kernel", "bf16",
+        "torch", or a measured choice by batch size such as "B<=45:kernel,bf16"."""
+        if self.choice is not None:
+            return self.choice.label()
+        if self.torch_index is not None:
+            return "torch"
+        if self.bf16 is not None:
+            return "bf16"
+        return "kernel" if self.kernel is not None else "faiss"
+
     def engine(self) -> str:
         """Where and with what searches run, for logs: e.g. "cpu, bankd flat kernel on 2
         threads (k <= 64)", "cuda:0, torch exact", "cpu, FAISS IndexHNSWFlat"."""
+        if self.choice is not None:
+            return (
+                f"cpu, exact engines by batch size {self.choice.label()} (measured: "
+                f"{self.choice.table()}; FAISS for k > {flat_kernel.MAX_K})"
+            )
+        if self.bf16 is not None:
+            return f"cpu, bf16 matrix units + exact fp32 re-rank on {self.bf16.threads} threads"
         if self.kernel is not None:
             return (
                 f"cpu, bankd flat kernel on {self.kernel.threads} threads "
@@ -225,7 +276,11 @@ class Searcher:
         """
         if self.torch_index is not None:
             return self.torch_index.search_numpy(queries, fetch)
-        if self.kernel is not None and fetch <= flat_kernel.MAX_K:  # flat: no parameters
+        if self.choice is not None and fetch <= flat_kernel.MAX_K:  # flat: no parameters
+            return self._flat_engines()[self.choice.pick(len(queries))](queries, fetch)
+        if self.bf16 is not None and self.choice is None:  # pinned: any k
+            return self.bf16.search(queries, fetch)
+        if self.kernel is not None and fetch <= flat_kernel.MAX_K:
             return self.kernel.search(queries, fetch)
         sp = search_parameters(self._index, params) if params else None
         return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch, params=sp)

@@ -92,6 +92,12 @@ class Metrics:
         )
         self.inflight = Gauge("bankd_inflight_requests", "Requests being answered now.", registry=r)
         self.ready = Gauge("bankd_ready", "1 once the bank is loaded and serving.", registry=r)
+        self.search_engine = Gauge(
+            "bankd_search_engine_info",
+            "1 for the exact engine(s) searching the bank (GetInfo's search_engine).",
+            ["engine"],
+            registry=r,
+        )
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> tuple[object, int]:
         """Start the /metrics HTTP server; returns (server, bound port)."""

@@ -178,6 +178,7 @@ class BankServer:
             )
             for name in ("", SERVICE_NAME):
                 self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.metrics.search_engine.labels(self.servicer.service.searcher.engine_label()).set(1)
             self.metrics.ready.set(1)
             if not self.config.mmap_index:  # --mmap-index: larger than RAM, demand-paged
                 threading.Thread(

@@ -121,6 +121,7 @@ class BankService:
             max_batch=self.limits.max_batch,
             embed_available=self.embedder is not None,
             search_device=self.searcher.device,
+            search_engine=self.searcher.engine_label(),
             max_message_bytes=self.limits.max_message_bytes,
             nprobe=self.searcher.defaults.get("nprobe", 0),
             ef_search=self.searcher.defaults.get("efSearch", 0),

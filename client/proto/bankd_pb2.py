@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61nkd/v1/bankd.proto\x12\x08\x62\x61nkd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.bankd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x12\x45ncoderFingerprint\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\"M\n\x0bKeyFunction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x1b\n\x13weights_safetensors\x18\x03 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\xaf\x04\n\x0fGetInfoResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03\x12\x0f\n\x07key_dim\x18\x02 \x01(\x05\x12\x13\n\x0bvalue_shape\x18\x03 \x03(\x03\x12$\n\x0bvalue_dtype\x18\x04 \x01(\x0e\x32\x0f.bankd.v1.DType\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x34\n\x0evision_encoder\x18\x07 \x01(\x0b\x32\x1c.bankd.v1.EncoderFingerprint\x12\x32\n\x0ctext_encoder\x18\x08 \x01(\x0b\x32\x1c.bankd.v1.EncoderFingerprint\x12+\n\x0ckey_function\x18\t \x01(\x0b\x32\x15.bankd.v1.KeyFunction\x12\r\n\x05max_k\x18\n \x01(\x05\x12\x11\n\tmax_batch\x18\x0b \x01(\x05\x12\x0f\n\x07\x62\x61nk_id\x18\x0c \x01(\t\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x17\n\x0f\x65mbed_available\x18\x0e \x01(\x08\x12\x15\n\rsearch_device\x18\x0f \x01(\t\x12\x19\n\x11max_message_bytes\x18\x10 \x01(\x03\x12\x0e\n\x06nprobe\x18\x11 \x01(\x05\x12\x11\n\tef_search\x18\x12 \x01(\x05\x12\x12\n\nmax_nprobe\x18\x13 \x01(\x05\x12\x15\n\rmax_ef_search\x18\x14 \x01(\x05\x12\x0e\n\x06recall\x18\x15 \x01(\x01\x12\x10\n\x08recall_k\x18\x16 \x01(\x05\"\x19\n\nExcludeIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xe2\x01\n\rSearchRequest\x12\x1e\n\x04keys\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12\t\n\x01k\x18\x02 \x01(\x05\x12%\n\x07\x65xclude\x18\x03 \x03(\x0b\x32\x14.bankd.v1.ExcludeIds\x12\x13\n\x0bwith_values\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06nprobe\x18\x06 \x01(\x05\x12\x11\n\tef_search\x18\x07 \x01(\x05\x12\x33\n\rvalues_region\x18\x08 \x01(\x0b\x32\x1c.bankd.v1.SharedMemoryRegion\"@\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\xa1\x01\n\x0eSearchResponse\x12\x1d\n\x03ids\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12 \n\x06scores\x18\x02 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12 \n\x06values\x18\x03 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10values_in_region\x18\x05 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x83\x01\n\x14SearchStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.bankd.v1.SearchResponseH\x00\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.bankd.v1.ErrorH\x00\x42\t\n\x07outcome\".\n\x0c\x46\x65tchRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x11\n\twith_keys\x18\x02 \x01(\x08\"Q\n\rFetchResponse\x12 \n\x06values\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12\x1e\n\x04keys\x18\x02 \x01(\x0b\x32\x10.bankd.v1.Tensor\"-\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\"/\n\rEmbedResponse\x12\x1e\n\x04keys\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x32\xca\x02\n\nMemoryBank\x12>\n\x07GetInfo\x12\x18.bankd.v1.GetInfoRequest\x1a\x19.bankd.v1.GetInfoResponse\x12;\n\x06Search\x12\x17.bankd.v1.SearchRequest\x1a\x18.bankd.v1.SearchResponse\x12K\n\x0cSearchStream\x12\x17.bankd.v1.SearchRequest\x1a\x1e.bankd.v1.SearchStreamResponse(\x01\x30\x01\x12\x38\n\x05\x46\x65tch\x12\x16.bankd.v1.FetchRequest\x1a\x17.bankd.v1.FetchResponse\x12\x38\n\x05\x45mbed\x12\x16.bankd.v1.EmbedRequest\x1a\x17.bankd.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x62\x61nkd/v1/bankd.proto\x12\x08\x62\x61nkd.v1\"E\n\x06Tensor\x12\x1e\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0f.bankd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x12\x45ncoderFingerprint\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rconfig_sha256\x18\x02 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x03 \x01(\t\"M\n\x0bKeyFunction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x1b\n\x13weights_safetensors\x18\x03 \x01(\x0c\"\x10\n\x0eGetInfoRequest\"\xc6\x04\n\x0fGetInfoResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x03\x12\x0f\n\x07key_dim\x18\x02 \x01(\x05\x12\x13\n\x0bvalue_shape\x18\x03 \x03(\x03\x12$\n\x0bvalue_dtype\x18\x04 \x01(\x0e\x32\x0f.bankd.v1.DType\x12\x12\n\nindex_type\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x34\n\x0evision_encoder\x18\x07 \x01(\x0b\x32\x1c.bankd.v1.EncoderFingerprint\x12\x32\n\x0ctext_encoder\x18\x08 \x01(\x0b\x32\x1c.bankd.v1.EncoderFingerprint\x12+\n\x0ckey_function\x18\t \x01(\x0b\x32\x15.bankd.v1.KeyFunction\x12\r\n\x05max_k\x18\n \x01(\x05\x12\x11\n\tmax_batch\x18\x0b \x01(\x05\x12\x0f\n\x07\x62\x61nk_id\x18\x0c \x01(\t\x12\x16\n\x0eserver_version\x18\r \x01(\t\x12\x17\n\x0f\x65mbed_available\x18\x0e \x01(\x08\x12\x15\n\rsearch_device\x18\x0f \x01(\t\x12\x19\n\x11max_message_bytes\x18\x10 \x01(\x03\x12\x0e\n\x06nprobe\x18\x11 \x01(\x05\x12\x11\n\tef_search\x18\x12 \x01(\x05\x12\x12\n\nmax_nprobe\x18\x13 \x01(\x05\x12\x15\n\rmax_ef_search\x18\x14 \x01(\x05\x12\x0e\n\x06recall\x18\x15 \x01(\x01\x12\x10\n\x08recall_k\x18\x16 \x01(\x05\x12\x15\n\rsearch_engine\x18\x17 \x01(\t\"\x19\n\nExcludeIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xe2\x01\n\rSearchRequest\x12\x1e\n\x04keys\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12\t\n\x01k\x18\x02 \x01(\x05\x12%\n\x07\x65xclude\x18\x03 \x03(\x0b\x32\x14.bankd.v1.ExcludeIds\x12\x13\n\x0bwith_values\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0e\n\x06nprobe\x18\x06 \x01(\x05\x12\x11\n\tef_search\x18\x07 \x01(\x05\x12\x33\n\rvalues_region\x18\x08 \x01(\x0b\x32\x1c.bankd.v1.SharedMemoryRegion\"@\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\xa1\x01\n\x0eSearchResponse\x12\x1d\n\x03ids\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12 \n\x06scores\x18\x02 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12 \n\x06values\x18\x03 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10values_in_region\x18\x05 \x01(\x08\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x83\x01\n\x14SearchStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.bankd.v1.SearchResponseH\x00\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.bankd.v1.ErrorH\x00\x42\t\n\x07outcome\".\n\x0c\x46\x65tchRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x11\n\twith_keys\x18\x02 \x01(\x08\"Q\n\rFetchResponse\x12 \n\x06values\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor\x12\x1e\n\x04keys\x18\x02 \x01(\x0b\x32\x10.bankd.v1.Tensor\"-\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\"/\n\rEmbedResponse\x12\x1e\n\x04keys\x18\x01 \x01(\x0b\x32\x10.bankd.v1.Tensor*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x32\xca\x02\n\nMemoryBank\x12>\n\x07GetInfo\x12\x18.bankd.v1.GetInfoRequest\x1a\x19.bankd.v1.GetInfoResponse\x12;\n\x06Search\x12\x17.bankd.v1.SearchRequest\x1a\x18.bankd.v1.SearchResponse\x12K\n\x0cSearchStream\x12\x17.bankd.v1.SearchRequest\x1a\x1e.bankd.v1.SearchStreamResponse(\x01\x30\x01\x12\x38\n\x05\x46\x65tch\x12\x16.bankd.v1.FetchRequest\x1a\x17.bankd.v1.FetchResponse\x12\x38\n\x05\x45mbed\x12\x16.bankd.v1.EmbedRequest\x1a\x17.bankd.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bankd.v1.bankd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1738
-  _globals['_DTYPE']._serialized_end=1843
+  _globals['_DTYPE']._serialized_start=1761
+  _globals['_DTYPE']._serialized_end=1866
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=103
   _globals['_ENCODERFINGERPRINT']._serialized_start=105
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=271
   _globals['_GETINFOREQUEST']._serialized_end=287
   _globals['_GETINFORESPONSE']._serialized_start=290
-  _globals['_GETINFORESPONSE']._serialized_end=849
-  _globals['_EXCLUDEIDS']._serialized_start=851
-  _globals['_EXCLUDEIDS']._serialized_end=876
-  _globals['_SEARCHREQUEST']._serialized_start=879
-  _globals['_SEARCHREQUEST']._serialized_end=1105
-  _globals['_SHAREDMEMORYREGION']._serialized_start=1107
-  _globals['_SHAREDMEMORYREGION']._serialized_end=1171
-  _globals['_SEARCHRESPONSE']._serialized_start=1174
-  _globals['_SEARCHRESPONSE']._serialized_end=1335
-  _globals['_ERROR']._serialized_start=1337
-  _globals['_ERROR']._serialized_end=1375
-  _globals['_SEARCHSTREAMRESPONSE']._serialized_start=1378
-  _globals['_SEARCHSTREAMRESPONSE']._serialized_end=1509
-  _globals['_FETCHREQUEST']._serialized_start=1511
-  _globals['_FETCHREQUEST']._serialized_end=1557
-  _globals['_FETCHRESPONSE']._serialized_start=1559
-  _globals['_FETCHRESPONSE']._serialized_end=1640
-  _globals['_EMBEDREQUEST']._serialized_start=1642
-  _globals['_EMBEDREQUEST']._serialized_end=1687
-  _globals['_EMBEDRESPONSE']._serialized_start=1689
-  _globals['_EMBEDRESPONSE']._serialized_end=1736
-  _globals['_MEMORYBANK']._serialized_start=1846
-  _globals['_MEMORYBANK']._serialized_end=2176
+  _globals['_GETINFORESPONSE']._serialized_end=872
+  _globals['_EXCLUDEIDS']._serialized_start=874
+  _globals['_EXCLUDEIDS']._serialized_end=899
+  _globals['_SEARCHREQUEST']._serialized_start=902
+  _globals['_SEARCHREQUEST']._serialized_end=1128
+  _globals['_SHAREDMEMORYREGION']._serialized_start=1130
+  _globals['_SHAREDMEMORYREGION']._serialized_end=1194
+  _globals['_SEARCHRESPONSE']._serialized_start=1197
+  _globals['_SEARCHRESPONSE']._serialized_end=1358
+  _globals['_ERROR']._serialized_start=1360
+  _globals['_ERROR']._serialized_end=1398
+  _globals['_SEARCHSTREAMRESPONSE']._serialized_start=1401
+  _globals['_SEARCHSTREAMRESPONSE']._serialized_end=1532
+  _globals['_FETCHREQUEST']._serialized_start=1534
+  _globals['_FETCHREQUEST']._serialized_end=1580
+  _globals['_FETCHRESPONSE']._serialized_start=1582
+  _globals['_FETCHRESPONSE']._serialized_end=1663
+  _globals['_EMBEDREQUEST']._serialized_start=1665
+  _globals['_EMBEDREQUEST']._serialized_end=1710
+  _globals['_EMBEDRESPONSE']._serialized_start=1712
+  _globals['_EMBEDRESPONSE']._serialized_end=1759
+  _globals['_MEMORYBANK']._serialized_start=1869
+  _globals['_MEMORYBANK']._serialized_end=2199
 # @@protoc_insertion_point(module_scope)

@@ -55,7 +55,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("entries", "key_dim", "value_shape", "value_dtype", "index_type", "metric", "vision_encoder", "text_encoder", "key_function", "max_k", "max_batch", "bank_id", "server_version", "embed_available", "search_device", "max_message_bytes", "nprobe", "ef_search", "max_nprobe", "max_ef_search", "recall", "recall_k")
+    __slots__ = ("entries", "key_dim", "value_shape", "value_dtype", "index_type", "metric", "vision_encoder", "text_encoder", "key_function", "max_k", "max_batch", "bank_id", "server_version", "embed_available", "search_device", "max_message_bytes", "nprobe", "ef_search", "max_nprobe", "max_ef_search", "recall", "recall_k", "search_engine")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     KEY_DIM_FIELD_NUMBER: _ClassVar[int]
     VALUE_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class GetInfoResponse(_message.Message):
     MAX_EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
     RECALL_K_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_ENGINE_FIELD_NUMBER: _ClassVar[int]
     entries: int
     key_dim: int
     value_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -100,7 +101,8 @@ class GetInfoResponse(_message.Message):
     max_ef_search: int
     recall: float
     recall_k: int
-    def __init__(self, entries: _Optional[int] = ..., key_dim: _Optional[int] = ..., value_shape: _Optional[_Iterable[int]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., vision_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., text_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., key_function: _Optional[_Union[KeyFunction, _Mapping]] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., bank_id: _Optional[str] = ..., server_version: _Optional[str] = ..., embed_available: _Optional[bool] = ..., search_device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., max_nprobe: _Optional[int] = ..., max_ef_search: _Optional[int] = ..., recall: _Optional[float] = ..., recall_k: _Optional[int] = ...) -> None: ...
+    search_engine: str
+    def __init__(self, entries: _Optional[int] = ..., key_dim: _Optional[int] = ..., value_shape: _Optional[_Iterable[int]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., vision_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., text_encoder: _Optional[_Union[EncoderFingerprint, _Mapping]] = ..., key_function: _Optional[_Union[KeyFunction, _Mapping]] = ..., max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., bank_id: _Optional[str] = ..., server_version: _Optional[str] = ..., embed_available: _Optional[bool] = ..., search_device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., max_nprobe: _Optional[int] = ..., max_ef_search: _Optional[int] = ..., recall: _Optional[float] = ..., recall_k: _Optional[int] = ..., search_engine: _Optional[str] = ...) -> None: ...
 
 class ExcludeIds(_message.Message):
     __slots__ = ("ids",)
