@@ -115,9 +115,10 @@ class ServerConfig:
     flat_search: str = flag(
         "auto",
         choices=FLAT_SEARCH,
-        help="exact search of a Flat index on the CPU: bankd's own kernel (x86-64 with AVX2 "
-        "and FMA, k <= 64; about 1.25x FAISS's speed), FAISS, or auto (the kernel where it "
-        "runs)",
+        help="exact search of a Flat index on the CPU: auto (the engines this machine has "
+        "timed on the bank's keys at load, the fastest per batch size), or pinned: kernel "
+        "(bankd's own; x86-64 with AVX2 and FMA, k <= 64), bf16 (AMX or AVX-512-BF16 "
+        "products, exact fp32 re-rank) or faiss",
     )
     max_concurrent_rpcs: int = flag(64, help="RPCs answered at once; more get RESOURCE_EXHAUSTED")
     workers: int = 0  # gRPC handler threads; 0 = max_concurrent_rpcs + 8
