@@ -32,6 +32,7 @@ from bankd_client import errors, wire
 from bankd_client.types import BankInfo, KeyFunctionSpec
 
 from . import __version__
+from .images import DEFAULT_MAX_PIXELS, decode_images
 from .index import Searcher, SearchResult, gather_values
 from .metrics import Metrics
 from .shm import MappedRegions
@@ -49,6 +50,7 @@ class ServiceLimits:
     max_exclude_per_query: int = 1024
     max_fetch: int = 65_536
     max_embed: int = 256
+    max_embed_pixels: int = DEFAULT_MAX_PIXELS  # declared pixels of one Embed's images
     merge_wait_s: float = 0.0005
     merge_max_rows: int = 8192
     max_message_bytes: int = 256 * 1024 * 1024
@@ -437,6 +439,26 @@ class BankService:
 
     # -- fetch and embed ---------------------------------------------------------------
 
+    def fetch_response_bytes(self, n: int, with_keys: bool) -> int:
+        """Upper bound of a Fetch response's size: values, keys, framing."""
+        per_id = 2 * math.prod(self.bank.value_shape) + (4 * self.bank.key_dim if with_keys else 0)
+        return n * per_id + 4096
+
+    def check_fetch_size(self, n: int, with_keys: bool) -> None:
+        """InvalidArgument, before anything is gathered, when the answer to a Fetch of n
+        ids would exceed the message limit (as ``validate_search`` does for Search)."""
+        limit = self.limits.max_message_bytes
+        need = self.fetch_response_bytes(n, with_keys)
+        if need <= limit:
+            return
+        per_id = self.fetch_response_bytes(1, with_keys) - self.fetch_response_bytes(0, False)
+        fit = max((limit - self.fetch_response_bytes(0, False)) // per_id, 0)
+        raise errors.InvalidArgument(
+            f"a Fetch of {n} ids{' with keys' if with_keys else ''} needs a response of "
+            f"{need} bytes, over the server's {limit}-byte message limit (bankd serve "
+            f"--max-message-mb); fetch at most {fit} ids per call"
+        )
+
     def fetch(self, ids: list[int], with_keys: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if not ids:
             raise errors.InvalidArgument("fetch needs at least one id")
@@ -444,6 +466,7 @@ class BankService:
             raise errors.InvalidArgument(
                 f"{len(ids)} ids is over the fetch limit of {self.limits.max_fetch}"
             )
+        self.check_fetch_size(len(ids), with_keys)
         rows = self.bank.rows_of(np.asarray(ids, dtype=np.int64))
         if (rows < 0).any():
             missing = [ids[i] for i in np.flatnonzero(rows < 0)[:10]]
@@ -466,16 +489,5 @@ class BankService:
             )
         if texts and len(texts) != len(images):
             raise errors.InvalidArgument(f"{len(texts)} texts for {len(images)} images")
-        import io
-
-        from PIL import Image, UnidentifiedImageError
-
-        decoded = []
-        for i, blob in enumerate(images):
-            try:
-                im = Image.open(io.BytesIO(blob))
-                im.load()
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise errors.InvalidArgument(f"image {i} cannot be decoded: {e}") from None
-            decoded.append(im.convert("RGB"))
+        decoded = decode_images(images, self.limits.max_embed_pixels)
         return np.asarray(self.embedder.embed(decoded, list(texts) or None), dtype=np.float32)
