@@ -115,7 +115,7 @@ def embed_port(encoder_bank: Any) -> Any:
 
     limits = dataclasses.replace(ServiceLimits(), max_embed_pixels=3 * 64 * 64)
     config = ServerConfig(
-        index=str(encoder_bank[0]), port=0, metrics_port=None, device="cpu", limits=limits
+        index=str(encoder_bank.path), port=0, metrics_port=None, device="cpu", limits=limits
     )
     server = BankServer(config).start()
     try:
