@@ -419,6 +419,7 @@ class _Built:
                 memory_budget_bytes=budget,
                 recall_target=recall_target,
                 recall_k=config.recall_k,
+                ef_construction=config.ef_construction,
             )
 
     def write_shard(self, env: DistEnv, bounds: list[int], chunks: Iterator[tuple]) -> Path:

@@ -60,8 +60,13 @@ def build_index(
     *,
     train_sample: int = 100_000,
     seed: int = 0,
+    ef_construction: int | None = None,
 ) -> Any:
-    """FAISS index over keys [N, d] from a factory string; trained on a seeded sample."""
+    """FAISS index over keys [N, d] from a factory string; trained on a seeded sample.
+
+    ef_construction: the build depth of the index's HNSW graph (its own, or its IVF
+    quantizer's); None keeps FAISS's (40). A ValueError when the index has no graph.
+    """
     if metric not in _METRICS:
         raise ValueError(f"unknown metric {metric!r} (choose from {sorted(_METRICS)})")
     n, d = keys.shape
@@ -69,6 +74,16 @@ def build_index(
         index = faiss.index_factory(d, factory, _METRICS[metric])
     except RuntimeError as e:
         raise ValueError(f"bad FAISS factory string {factory!r}: {e}") from None
+    if ef_construction is not None:
+        graphs = hnsw_graphs(index)
+        if not graphs:
+            raise ValueError(
+                f"ef_construction applies to HNSW indexes; {factory!r} has no HNSW graph"
+            )
+        if ef_construction < 1:
+            raise ValueError(f"ef_construction must be >= 1, got {ef_construction}")
+        for graph in graphs:  # before training: an HNSW quantizer is built by train()
+            graph.efConstruction = int(ef_construction)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(n, train_sample), replace=False))
@@ -77,6 +92,17 @@ def build_index(
     for s in range(0, n, chunk):
         index.add(np.ascontiguousarray(keys[s : s + chunk], dtype=np.float32))
     return index
+
+
+def hnsw_graphs(index: Any) -> list[Any]:
+    """The HNSW graphs of an index: its own (under pre-transforms) or its IVF
+    quantizer's; [] when it has none."""
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner = faiss.downcast_index(inner.quantizer)
+    return [inner.hnsw] if isinstance(inner, faiss.IndexHNSW) else []
 
 
 def write_index(index: Any, path: os.PathLike) -> None:

@@ -163,16 +163,18 @@ class BankWriter:
         train_sample: int = 100_000,
         seed: int = 0,
         memory_budget_bytes: int | None = None,
-        recall_target: float | None = None,
+        recall_target: float | None = 0.95,  # autoindex.DEFAULT_RECALL_TARGET
         recall_k: int = 5,
+        ef_construction: int | None = None,
     ) -> Path:
         """Build the index, write the manifest, and move the bank into place.
 
         index_factory is a FAISS factory string or "auto" (``bankd.autoindex``: chosen
-        from N, d and memory_budget_bytes). With recall_target (default 0.95 for
-        "auto") efSearch / nprobe are tuned to reach it; the manifest's ``index``
-        records the choice, the search parameters the server applies by default,
-        recall@recall_k against exact search and the index's size.
+        from N, d and memory_budget_bytes). efSearch / nprobe are tuned to reach
+        recall_target, whatever the factory string (None: FAISS's defaults, measured
+        only); ef_construction sets an HNSW graph's build depth. The manifest's
+        ``index`` records the choice, the search parameters the server applies by
+        default, recall@recall_k against exact search and the index's size.
         """
         from .autoindex import build_tuned  # faiss only when writing
         from .index import write_index
@@ -194,6 +196,7 @@ class BankWriter:
             recall_k=recall_k,
             train_sample=train_sample,
             seed=seed,
+            ef_construction=ef_construction,
         )
         index_factory = index_desc["factory"]
         staged: dict[str, Path] = {"faiss": self.tmp / "index.faiss"}
