@@ -64,6 +64,23 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
         "runs)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads one search may use (FAISS's OpenMP threads and bankd's flat "
+        "kernel's; default: one per core). Fewer leave cores to other work on the host, "
+        "e.g. a trainer, or to concurrent Embed calls",
+    )
+    p.add_argument(
+        "--max-embed-pixels",
+        type=int,
+        default=None,
+        help="pixels the images of one Embed request may declare together (default 2^25, "
+        "33.5 Mpx), read from their headers before anything is decoded; over it the request "
+        "is INVALID_ARGUMENT. Decoded images take about 4 bytes a pixel, so this bounds "
+        "what one Embed call holds",
+    )
+    p.add_argument(
         "--max-concurrent-rpcs",
         type=int,
         default=64,
@@ -123,6 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import BankServer, ServerConfig
     from .service import ServiceLimits
 
+    for flag in ("threads", "max_embed_pixels"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     limits = replace(
         ServiceLimits(),
         max_batch=args.max_batch,
@@ -132,6 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_nprobe=args.max_nprobe,
         max_ef_search=args.max_ef_search,
     )
+    if args.max_embed_pixels is not None:
+        limits = replace(limits, max_embed_pixels=args.max_embed_pixels)
     config = ServerConfig(
         index=args.index,
         host=args.host,
@@ -140,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         device=args.device,
         flat_search=args.flat_search,
+        threads=args.threads,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_s=args.grace,
         verify=not args.no_verify,

@@ -140,7 +140,7 @@ def _torch_cuda() -> Any | None:
     return torch if torch.cuda.is_available() else None
 
 
-def _flat_kernel(index: Any, required: bool) -> Any | None:
+def _flat_kernel(index: Any, required: bool, threads: int) -> Any | None:
     """bankd's flat kernel over a flat inner-product index's own vectors (no copy), or
     None: another index type, an empty index, or no kernel here (an error if required)."""
     flat = faiss.downcast_index(index)
@@ -154,7 +154,7 @@ def _flat_kernel(index: Any, required: bool) -> Any | None:
     # the index, so the view stays valid.
     n, d = index.ntotal, index.d
     keys = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
-    return flat_kernel.FlatKernel(keys, threads=faiss.omp_get_max_threads())
+    return flat_kernel.FlatKernel(keys, threads=threads)
 
 
 def _faiss_gpus() -> int:
@@ -173,6 +173,9 @@ class Searcher:
         flat_search: "auto" (bankd's kernel for a flat inner-product index on the CPU
             when it is available, else FAISS), "kernel" (the same, an error when it is
             not available) or "faiss".
+        threads: CPU threads one search may use: FAISS's OpenMP threads (a setting of
+            the whole process) and bankd's flat kernel's; None leaves FAISS's default
+            (one per core).
 
     ``tunable`` names the parameter a search may override per call ({"efSearch": max}
     for HNSW, {"nprobe": nlist} for IVF, {} otherwise, and {} on a FAISS GPU index);
@@ -188,11 +191,17 @@ class Searcher:
         device: str = "auto",
         params: dict[str, Any] | None = None,
         flat_search: str = "auto",
+        threads: int | None = None,
     ) -> None:
         if flat_search not in flat_kernel.FLAT_SEARCH:
             raise ValueError(
                 f"flat_search must be one of {flat_kernel.FLAT_SEARCH}, got {flat_search!r}"
             )
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            faiss.omp_set_num_threads(threads)
+        self.threads = faiss.omp_get_max_threads()
         self.ids = ids
         self.n, self.d = index.ntotal, index.d
         self.is_flat = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
@@ -224,7 +233,7 @@ class Searcher:
                 log.warning("no FAISS GPU build: %s index searched on the CPU", describe(index))
         self.kernel = None  # bankd.flat_kernel.FlatKernel, when it searches
         if self.device == "cpu" and flat_search != "faiss":
-            self.kernel = _flat_kernel(index, required=flat_search == "kernel")
+            self.kernel = _flat_kernel(index, flat_search == "kernel", self.threads)
         self.tunable = tunable(index) if self._index is index else {}
         self.defaults = current_params(index)
         self.max_k = min(MAX_K_GPU if self.device != "cpu" else MAX_K_CPU, self.n)
@@ -239,7 +248,8 @@ class Searcher:
             )
         if self.torch_index is not None:
             return f"{self.device}, torch exact"
-        return f"{self.device}, FAISS {describe(self._index)}"
+        on = f" on {self.threads} threads" if self.device == "cpu" else ""
+        return f"{self.device}, FAISS {describe(self._index)}{on}"
 
     def raw_search(
         self, queries: np.ndarray, fetch: int, params: dict[str, int] | None = None

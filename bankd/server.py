@@ -59,6 +59,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     device: str = "auto"
     flat_search: str = "auto"  # CPU flat indexes: "auto" (bankd's kernel if built), "faiss"
+    threads: int | None = None  # CPU search threads (FAISS OpenMP, flat kernel); None: cores
     max_concurrent_rpcs: int = 64
     workers: int = 0  # gRPC handler threads; 0 = max_concurrent_rpcs + 8
     grace_s: float = 10.0
@@ -490,6 +491,7 @@ class BankServer:
                 bank,
                 device=self.config.device,
                 flat_search=self.config.flat_search,
+                threads=self.config.threads,
                 limits=self.config.limits,
                 metrics=self.metrics,
                 embedder=embedder,

@@ -82,6 +82,7 @@ class BankService:
         *,
         device: str = "auto",
         flat_search: str = "auto",
+        threads: int | None = None,
         limits: ServiceLimits = ServiceLimits(),
         metrics: Metrics | None = None,
         embedder: Any = None,
@@ -100,6 +101,7 @@ class BankService:
             device=device,
             params=search_params,
             flat_search=flat_search,
+            threads=threads,
         )
         self.max_k = min(limits.max_k, self.searcher.max_k)
         # The largest value a request may give each overridable parameter.
