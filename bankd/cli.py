@@ -33,11 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bankd import __version__
+from bankd.search.flat_kernel import FLAT_SEARCH
 from bankd_client import BankClient, BankError, tune_allocator
 from bankd_client.credentials import add_connection_flags, connection_options
-
-from . import __version__
-from .flat_kernel import FLAT_SEARCH
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
@@ -138,8 +137,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import BankServer, ServerConfig
-    from .service import ServiceLimits
+    from bankd.serve.server import BankServer, ServerConfig
+    from bankd.serve.service import ServiceLimits
 
     for flag in ("threads", "max_embed_pixels"):
         value = getattr(args, flag)
@@ -208,6 +207,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from bankd.build.pipeline import run  # torch: only for a build
+
+    return run(args)
+
+
 def _client(args: argparse.Namespace) -> BankClient:
     return BankClient(args.target, timeout=args.timeout, **connection_options(args))
 
@@ -255,7 +260,10 @@ def _captions(path: str) -> dict[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import build_config, demo_data, importer, shard  # no torch: serve starts light
+    # none of these imports torch: serve starts light
+    from bankd.build import config as build_config
+    from bankd.build import demo_data, importer
+    from bankd.search import shard
 
     parser = argparse.ArgumentParser(
         prog="bankd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -276,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         "per rank). Run the same command again to resume an interrupted build.",
     )
     build_config.add_arguments(p)
-    p.set_defaults(func=build_config.run)
+    p.set_defaults(func=_build)
 
     p = sub.add_parser(
         "import",

@@ -4,7 +4,7 @@
     python bench/build_throughput.py --encoders tiny --n 2048 --workers 2
     python bench/build_throughput.py --encoders base --batch-size 128 --json build.json
 
-Made for CUDA (it runs on a CPU too, slowly). Demo pairs (``bankd.demo_data``, PNGs of
+Made for CUDA (it runs on a CPU too, slowly). Demo pairs (``bankd.build.demo_data``, PNGs of
 ``--image-size`` px) are generated in a temporary folder. Each encoder is built in code
 with random weights (throughput does not depend on them), saved with
 ``DualEncoder.save_pretrained`` and loaded by path, as a real checkpoint is:
@@ -14,14 +14,14 @@ with random weights (throughput does not depend on them), saved with
 * ``base``: SigLIP-base-sized (224 px, 16 px patches, width 768, 12 layers per tower,
   as google/siglip-base-patch16-224), with the tiny byte-level tokenizer.
 
-For each encoder, all at ``--batch-size`` and inside ``bankd.build.build_environment``:
+For each encoder, all at ``--batch-size`` and inside ``bankd.build.pipeline.build_environment``:
 
-1. build pass: ``bankd.build._Pipeline.keys_and_values``, pass 2 of ``bankd build``
+1. build pass: ``bankd.build.encoding.BuildPipeline.keys_and_values``, pass 2 of ``bankd build``
    (DataLoader workers decode, preprocess and tokenize; vision and text towers under
    bf16 autocast; key function; Perceiver value compressor; keys and values copied to
    the host) over all pairs, wall clock including the workers' start, per ``--workers``;
-2. input alone: the same DataLoader (``_Pipeline.loader``) without the models;
-3. models alone: ``_Pipeline.encode`` + ``compress`` + copies to the host on one batch
+2. input alone: the same DataLoader (``BuildPipeline.loader``) without the models;
+3. models alone: ``BuildPipeline.encode`` + ``compress`` + copies to the host on one batch
    already on the device, repeated;
 4. bare vision tower: ``vision_model(pixel_values=...)`` under bf16 autocast on random
    pixels already on the device, repeated.
@@ -45,9 +45,11 @@ import numpy as np
 import torch
 import transformers
 
-from bankd.build import BuildConfig, _Pipeline, build_environment
-from bankd.data import load_llava_json
-from bankd.demo_data import DemoDataConfig, generate
+from bankd.build.config import BuildConfig
+from bankd.build.data import load_llava_json
+from bankd.build.demo_data import DemoDataConfig, generate
+from bankd.build.encoding import BuildPipeline
+from bankd.build.pipeline import build_environment
 from bankd.models.encoders import (
     DualEncoder,
     autocast_context,
@@ -113,7 +115,7 @@ def pairs_per_s(fn: Any, pairs: int, repeats: int, device: torch.device) -> floa
     return pairs * repeats / (time.perf_counter() - t0)
 
 
-def build_pass(pipe: _Pipeline, compressor: ValueCompressor, rows: np.ndarray) -> float:
+def build_pass(pipe: BuildPipeline, compressor: ValueCompressor, rows: np.ndarray) -> float:
     """Pairs/s of bankd build's pass 2 over rows (wall clock, workers' start included)."""
     for _ in pipe.keys_and_values(compressor, rows[: 2 * pipe.config.batch_size]):
         pass  # warm-up: CUDA context, cuBLAS handles, kernels
@@ -125,7 +127,7 @@ def build_pass(pipe: _Pipeline, compressor: ValueCompressor, rows: np.ndarray) -
     return len(rows) / (time.perf_counter() - t0)
 
 
-def input_only(pipe: _Pipeline, rows: np.ndarray) -> float:
+def input_only(pipe: BuildPipeline, rows: np.ndarray) -> float:
     """Pairs/s of the same DataLoader (decode, preprocess, tokenize) without the models."""
     t0 = time.perf_counter()
     for _ in pipe.loader(rows):
@@ -133,7 +135,7 @@ def input_only(pipe: _Pipeline, rows: np.ndarray) -> float:
     return len(rows) / (time.perf_counter() - t0)
 
 
-def on_device(cfg: Config, pipe: _Pipeline, compressor: ValueCompressor) -> dict[str, Any]:
+def on_device(cfg: Config, pipe: BuildPipeline, compressor: ValueCompressor) -> dict[str, Any]:
     """Pairs/s of the models on one batch already on the device, and of the bare tower."""
     dev, enc = pipe.device, pipe.encoder
     batch = {k: v.to(dev) for k, v in next(iter(pipe.loader(np.arange(cfg.batch_size)))).items()}
@@ -178,7 +180,7 @@ def measure(cfg: Config, name: str, encoder_dir: Path, data: Path) -> dict[str, 
             progress=False,
         )
         with build_environment(build):
-            pipe = _Pipeline(build, samples)
+            pipe = BuildPipeline(build, samples)
             enc = pipe.encoder
             spec = PerceiverSpec(max_text_tokens=pipe.text_tokens)
             dims = (enc.vision_dim, enc.text_dim, enc.num_patches)
@@ -204,7 +206,8 @@ def report(cfg: Config, results: dict[str, dict[str, Any]], gpu: str) -> str:
     for w in cfg.workers:
         lines.append(
             row(
-                f"build pass (bankd.build pass 2), {w} DataLoader workers", f"build_pass_workers{w}"
+                f"build pass (bankd.build.pipeline pass 2), {w} DataLoader workers",
+                f"build_pass_workers{w}",
             )
         )
         lines.append(

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd.images import DEFAULT_MAX_PIXELS, decode_images
-from bankd.service import ServiceLimits
+from bankd.serve.images import DEFAULT_MAX_PIXELS, decode_images
+from bankd.serve.service import ServiceLimits
 from bankd_client import errors
 
 
@@ -111,7 +111,7 @@ def test_default_budget_fits_a_full_request_of_typical_images() -> None:
 
 @pytest.fixture(scope="module")
 def embed_port(encoder_bank: Any) -> Any:
-    from bankd.server import BankServer, ServerConfig
+    from bankd.serve.server import BankServer, ServerConfig
 
     limits = dataclasses.replace(ServiceLimits(), max_embed_pixels=3 * 64 * 64)
     config = ServerConfig(

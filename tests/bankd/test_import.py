@@ -20,9 +20,9 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
+from bankd.build.importer import ImportConfig, import_bank, load_array
 from bankd.cli import main
-from bankd.importer import ImportConfig, import_bank, load_array
-from bankd.store import Bank
+from bankd.store.reader import Bank
 from bankd_client import BankClient, sample_id_to_int
 
 

@@ -15,17 +15,18 @@ from typing import Any
 import faiss
 import pytest
 
-from bankd import autoindex
-from bankd.index import build_index, hnsw_graphs, read_index
-from bankd.service import BankService
-from bankd.store import Bank, BankWriter
+from bankd.search import tuning
+from bankd.search.index import build_index, hnsw_graphs, read_index
+from bankd.serve.service import BankService
+from bankd.store.reader import Bank
+from bankd.store.writer import BankWriter
 
-TARGET = autoindex.DEFAULT_RECALL_TARGET
+TARGET = tuning.DEFAULT_RECALL_TARGET
 
 
 def test_writer_default_target_is_the_tuning_default() -> None:
     finish = inspect.signature(BankWriter.finish).parameters["recall_target"].default
-    tuned = inspect.signature(autoindex.build_tuned).parameters["recall_target"].default
+    tuned = inspect.signature(tuning.build_tuned).parameters["recall_target"].default
     assert finish == tuned == TARGET
 
 

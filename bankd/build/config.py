@@ -1,13 +1,13 @@
 """``bankd build``'s configuration and flags, importable without torch.
 
 ``bankd.cli`` builds its parser from here so that ``bankd serve``, ``info`` and
-``query`` start without loading torch; the build itself is ``bankd.build``.
+``query`` start without loading torch; the build itself (and ``run``, the command's
+entry point) is ``bankd.build.pipeline``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ class BuildConfig:
     encoder: str = "tiny"
     seed: int = 0
     entries: int | None = None  # a seeded sample of this many pairs; None = all
-    index_factory: str = "auto"  # FAISS factory string, or "auto" (bankd.autoindex)
+    index_factory: str = "auto"  # FAISS factory string, or "auto" (bankd.search.tuning)
     memory_budget: str = "8GiB"  # what the index may take in memory ("auto" chooses by it)
     recall_target: float | None = 0.95  # efSearch / nprobe tuned to reach this recall@k
     recall_k: int = 5
@@ -62,12 +62,12 @@ class BuildConfig:
             raise ValueError(f"recall_k must be >= 1, got {self.recall_k}")
         if self.ef_construction is not None and self.ef_construction < 1:
             raise ValueError(f"ef_construction must be >= 1, got {self.ef_construction}")
-        from .autoindex import parse_bytes  # faiss only once a build is configured
+        from bankd.search.tuning import parse_bytes  # faiss only once a build is configured
 
         parse_bytes(self.memory_budget)  # validates
         if not self.perceiver_lr > 0:
             raise ValueError(f"perceiver_lr must be > 0, got {self.perceiver_lr}")
-        from .models.keys import KeyConfig  # torch: only once a build is configured
+        from bankd.models.keys import KeyConfig  # torch: only once a build is configured
 
         KeyConfig(temperature=self.key_temperature, text_weight=self.text_weight)  # validates
 
@@ -136,19 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``bankd build``; bad arguments raise ValueError.
-
-    Under torchrun every rank runs this; only rank 0 prints.
-    """
-    from .build import build_bank
-    from .build_parallel import COLLECTIVE_TIMEOUT
-    from .distributed import init_distributed
-    from .shard import shard_paths
-    from .store import BankPaths
-
+def from_args(args: argparse.Namespace) -> BuildConfig:
+    """The BuildConfig of parsed ``bankd build`` flags; bad values raise ValueError."""
     same_name = (*_FLAG_FIELDS, "threads")
-    config = BuildConfig(
+    return BuildConfig(
         **{f: getattr(args, f) for f in same_name},
         index_factory=args.index_type,
         memory_budget=args.memory_budget,
@@ -158,25 +149,3 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         keep_shards=args.keep_shards,
     )
-    env = init_distributed(config.device, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        path = build_bank(config, restart=args.restart, env=env)
-    finally:
-        env.close()
-    if not env.is_main:
-        return 0
-    manifest = json.loads(BankPaths(path).manifest.read_text())
-    report, index = manifest.get("report") or {}, manifest.get("index") or {}
-    timings = report.get("timings", {})
-    where = path
-    if config.keep_shards:
-        shards = shard_paths(config.out, env.world_size, config.out.parent)
-        where = f"{env.world_size} shards, {', '.join(map(str, shards))}"
-    print(f"build: wrote {report.get('entries')} entries to {where} in {timings.get('total_s')} s")
-    recall, params = index.get("recall", {}), index.get("search_params") or "none"
-    print(
-        f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "
-        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {params}, "
-        f"recall@{recall.get('k')} {recall.get('value')}"
-    )
-    return 0  # the informativeness table is in the log and in the manifest's report

@@ -13,24 +13,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .models.encoders import autocast_context
-from .models.perceiver import (
+from bankd.build.encoding import BuildPipeline
+from bankd.build.workdir import BuildWorkDir
+from bankd.models.encoders import autocast_context
+from bankd.models.perceiver import (
     CachedFeatures,
     FeatureBatch,
     ValueCompressor,
     compress,
     train_compressor,
 )
-from .models.probe import informativeness
-from .workdir import BuildWorkDir
-
-if TYPE_CHECKING:
-    from .build import _Pipeline
+from bankd.models.probe import informativeness
 
 log = logging.getLogger("bankd.build")  # part of the build: one logger for all of it
 
@@ -41,7 +38,7 @@ MIN_EVAL_PAIRS = 20  # fewer held-out pairs than this: no informativeness report
 class _EncodedBatches:
     """Compressor training batches recomputed by the encoder every epoch (no cache)."""
 
-    def __init__(self, pipe: _Pipeline, rows: np.ndarray, seed: int) -> None:
+    def __init__(self, pipe: BuildPipeline, rows: np.ndarray, seed: int) -> None:
         self.pipe, self.rows, self.seed, self.epoch = pipe, rows, seed, 0
 
     def __iter__(self) -> Iterator[FeatureBatch]:
@@ -58,7 +55,7 @@ def _values(compressor: ValueCompressor, feats: FeatureBatch, chunk: int = 256) 
 
 
 def _measure(
-    pipe: _Pipeline,
+    pipe: BuildPipeline,
     train_rows: np.ndarray,
     eval_rows: np.ndarray,
     cache,
@@ -80,7 +77,7 @@ def _measure(
 
 
 def train_stage(
-    pipe: _Pipeline, train_rows: np.ndarray, eval_rows: np.ndarray, work: BuildWorkDir
+    pipe: BuildPipeline, train_rows: np.ndarray, eval_rows: np.ndarray, work: BuildWorkDir
 ) -> tuple[ValueCompressor, dict, dict]:
     """Pass 1, the Perceiver, informativeness: (compressor, training record, info).
 
@@ -106,7 +103,7 @@ def train_stage(
     return compressor, record, info
 
 
-def _train(pipe: _Pipeline, train_rows: np.ndarray, eval_rows: np.ndarray) -> tuple:
+def _train(pipe: BuildPipeline, train_rows: np.ndarray, eval_rows: np.ndarray) -> tuple:
     """Pass 1 (key center, feature cache) and Perceiver training: (compressor, record, cache)."""
     config, enc, kf = pipe.config, pipe.encoder, pipe.embedder.key_function
     fit_rows = np.union1d(train_rows, eval_rows)

@@ -7,7 +7,7 @@
 
 From Python, with arrays in memory or memory-mapped::
 
-    from bankd.importer import import_bank
+    from bankd.build.importer import import_bank
     import_bank("bank/bank.faiss", keys, values, ids=ids)   # keys [N, d], values [N, ...]
 
 Inputs: keys [N, d] and values [N, ...] (for the TinyAlign trainer [N, 32, 96]) as
@@ -20,9 +20,9 @@ as its source ids), or 0..N-1 when neither is given.
 Checked before anything is written, each with the file and row named: shapes and
 counts, dtypes (floating keys and values; integer ids), NaN and inf (and values too
 large for float16), negative ids (-1 marks "no hit" on the wire) and duplicate ids.
-The index is built and tuned as ``bankd build`` builds it (``bankd.autoindex``:
+The index is built and tuned as ``bankd build`` builds it (``bankd.search.tuning``:
 ``auto`` chooses by N, d and the memory budget; every approximate index is tuned to
-the recall target) and the bank is written by ``bankd.store``'s writer, so ``bankd
+the recall target) and the bank is written by ``bankd.store.writer``, so ``bankd
 serve`` serves it. Keys are searched by inner product as given (``--metric l2`` for
 Euclidean): L2-normalise them first for cosine similarity. An imported bank has no
 encoder, so its server answers Search and Fetch but not Embed.
@@ -50,7 +50,7 @@ ROLES = ("keys", "values", "ids")
 class ImportConfig:
     """How the index is built; saved in the bank's manifest as its config."""
 
-    index_factory: str = "auto"  # FAISS factory string or "auto" (bankd.autoindex)
+    index_factory: str = "auto"  # FAISS factory string or "auto" (bankd.search.tuning)
     metric: str = "ip"
     memory_budget: str = "8GiB"  # what "auto" may give the index
     recall_target: float | None = 0.95  # efSearch / nprobe tuned to it; None: FAISS's
@@ -234,8 +234,8 @@ def import_bank(
     ``config`` (factory or "auto", memory budget, recall target, HNSW build depth).
     ValueError names any problem before a file is written; returns the index path.
     """
-    from .autoindex import parse_bytes
-    from .store import BankWriter
+    from bankd.search.tuning import parse_bytes
+    from bankd.store.writer import BankWriter
 
     check_keys_values(keys, values, config.progress)
     ids = entry_ids(len(keys), ids, sources)
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     sources = load_sources(args.sources) if args.sources else None
     inputs = {r: str(getattr(args, r)) for r in (*ROLES, "sources") if getattr(args, r)}
     path = import_bank(args.out, keys, values, ids, sources=sources, config=config, inputs=inputs)
-    from .store import Bank
+    from bankd.store.reader import Bank
 
     index = Bank.load(path, verify=False, load_index=False).manifest["index"]
     recall = index.get("recall", {})

@@ -1,5 +1,6 @@
 """Index choice: a FAISS factory string from N, d and a memory budget, search
-parameters tuned to a recall target, and per-call search parameters.
+parameters tuned to a recall target, and the index built and tuned (``build_tuned``).
+Per-call search parameters are ``bankd.search.params``'.
 
 ``choose_factory`` follows autofaiss's order of preference, by the bytes the index
 holds in memory (estimates; the built index's serialized size is what the manifest
@@ -36,6 +37,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bankd.search.index import METRICS, build_index, hnsw_graphs
+from bankd.search.params import EF_SEARCH_MAX, current_params, search_parameters, tunable
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -45,11 +49,10 @@ DEFAULT_RECALL_K = 5
 FLAT_MAX = 20_000  # exact search on fewer entries costs about what an ANN search does
 HNSW_MAX = 2_000_000  # past this, building the graph takes too long: IVF
 HNSW_M = 32
-EF_SEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+EF_SEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, EF_SEARCH_MAX)
 NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 PQ_M = (192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)  # preferred sub-quantizer counts
 # FAISS's ParameterSpace names, as stored in the manifest, and the request fields.
-PARAMS = ("nprobe", "efSearch")
 
 
 @dataclass(frozen=True)
@@ -140,64 +143,6 @@ def choose_factory(
     log.info("index choice: %s (%s; about %.1f MB)", choice.factory, choice.reason,
              choice.estimated_bytes / 1e6)  # fmt: skip
     return choice
-
-
-# -- search parameters ---------------------------------------------------------------
-
-
-def _unwrap(index: Any) -> tuple[Any, list[Any]]:
-    """The index under IndexPreTransform wrappers, and the wrappers."""
-    index = faiss.downcast_index(index)
-    wrappers = []
-    while isinstance(index, faiss.IndexPreTransform):
-        wrappers.append(index)
-        index = faiss.downcast_index(index.index)
-    return index, wrappers
-
-
-def tunable(index: Any) -> dict[str, int]:
-    """The search parameter the index has, with its largest useful value (empty: none)."""
-    inner, _ = _unwrap(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return {"efSearch": EF_SEARCH_LADDER[-1]}
-    if isinstance(inner, faiss.IndexIVF):
-        return {"nprobe": int(inner.nlist)}
-    return {}
-
-
-def current_params(index: Any) -> dict[str, int]:
-    """The index's own values of its tunable parameters."""
-    inner, _ = _unwrap(index)
-    if isinstance(inner, faiss.IndexHNSW):
-        return {"efSearch": int(inner.hnsw.efSearch)}
-    if isinstance(inner, faiss.IndexIVF):
-        return {"nprobe": int(inner.nprobe)}
-    return {}
-
-
-def search_parameters(index: Any, params: dict[str, int]) -> Any:
-    """faiss SearchParameters for one call (the index itself is left as it is).
-
-    The returned object keeps the objects it points to alive; pass it as
-    ``index.search(x, k, params=...)``.
-    """
-    inner, wrappers = _unwrap(index)
-    unknown = set(params) - set(tunable(index))
-    if unknown:
-        raise ValueError(f"{type(inner).__name__} has no search parameter {sorted(unknown)}")
-    if isinstance(inner, faiss.IndexHNSW):
-        sp = faiss.SearchParametersHNSW()
-        sp.efSearch = int(params.get("efSearch", inner.hnsw.efSearch))
-    else:
-        sp = faiss.SearchParametersIVF()
-        sp.nprobe = int(params.get("nprobe", inner.nprobe))
-    keep = [sp]
-    for _ in wrappers:
-        outer = faiss.SearchParametersPreTransform()
-        outer.index_params = keep[-1]
-        keep.append(outer)
-    keep[-1].referenced = keep  # the SWIG objects hold raw pointers to the inner ones
-    return keep[-1]
 
 
 # -- recall --------------------------------------------------------------------------
@@ -330,7 +275,6 @@ def build_tuned(
     ``ef_construction``: HNSW's build depth (FAISS: 40; deeper builds a better graph,
     more slowly); a ValueError for an index without an HNSW graph.
     """
-    from .index import _METRICS, build_index, hnsw_graphs  # index.py imports this module
 
     n, d = keys.shape
     budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes
@@ -348,7 +292,7 @@ def build_tuned(
     graphs = hnsw_graphs(index)
     if graphs:
         desc["build_params"] = {"efConstruction": int(graphs[0].efConstruction)}
-    faiss_metric = _METRICS[metric]
+    faiss_metric = METRICS[metric]
     exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
     if exact or n < 2:
         desc["search_params"] = {}

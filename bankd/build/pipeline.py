@@ -13,7 +13,7 @@ GPU, a real encoder, a seeded 100k sample, an IVF index::
         --entries 100000 --index-type IVF1024,Flat --device cuda
 
 Pipeline (``build_bank``): read and sample the pairs; the training stage
-(``bankd.build_train``): pass 1 runs the frozen encoder over
+(``bankd.build.train``): pass 1 runs the frozen encoder over
 the pairs the Perceiver trains on plus the evaluation split, fitting the key center and
 caching the features when they fit the memory budget; the value compressor is trained
 self-supervised on them; the informativeness of its values (trained vs. the same
@@ -23,14 +23,14 @@ through encoder -> keys (``Embedder``, the path the server's Embed rpc uses) and
 copied into ``BankWriter``, which commits the bank atomically. Same inputs + seed ->
 byte-identical keys and values on the same machine.
 
-Data-parallel under torchrun (``bankd.build_parallel``): every rank encodes its own
+Data-parallel under torchrun (``bankd.build.parallel``): every rank encodes its own
 contiguous part of pass 2 on ``cuda:LOCAL_RANK``; rank 0 trains the Perceiver first and
 writes one bank equal to a one-process build's, or each rank writes its shard::
 
     torchrun --nproc_per_node 8 -m bankd build --data ... --out bank/bank.faiss [--keep-shards]
 
 Interrupted (Ctrl-C, kill -9, a lost node)? Run the same command again: the build
-resumes from ``<out stem>.partial/`` (``bankd.workdir``), skipping pass 1 and training
+resumes from ``<out stem>.partial/`` (``bankd.build.workdir``), skipping pass 1 and training
 once the Perceiver was saved, and pass 2 from the last complete chunk; the bank equals
 an uninterrupted build's. Changed settings or data refuse to resume; ``--restart``
 discards the checkpoints.
@@ -38,6 +38,7 @@ discards the checkpoints.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -49,13 +50,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from . import __version__
-from .build_config import BuildConfig
-from .build_parallel import (
+from bankd import __version__
+from bankd.build.config import BuildConfig, from_args
+from bankd.build.data import (
+    Sample,
+    entry_ids,
+    load_llava_json,
+    select_entries,
+    split_pairs,
+    with_images,
+)
+from bankd.build.distributed import DistEnv
+from bankd.build.encoding import BuildPipeline
+from bankd.build.parallel import (
+    COLLECTIVE_TIMEOUT,
     all_rows,
     check_ranks_agree,
     on_rank0,
@@ -64,25 +73,12 @@ from .build_parallel import (
     send_rows,
     shard_align,
 )
-from .build_train import train_stage
-from .data import (
-    ImageCaptionDataset,
-    Sample,
-    collate,
-    entry_ids,
-    load_llava_json,
-    select_entries,
-    split_pairs,
-    with_images,
-)
-from .distributed import DistEnv
-from .models.embedder import Embedder
-from .models.encoders import autocast_context, load_encoder, resolve_device
-from .models.keys import KeyConfig, KeyFunction
-from .models.perceiver import FeatureBatch, PerceiverSpec, ValueCompressor, compress
-from .models.probe import format_informativeness
-from .store import sha256_file
-from .workdir import BuildWorkDir, work_dir_of
+from bankd.build.train import train_stage
+from bankd.build.workdir import BuildWorkDir, work_dir_of
+from bankd.models.encoders import resolve_device
+from bankd.models.perceiver import ValueCompressor
+from bankd.models.probe import format_informativeness
+from bankd.store.paths import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -109,113 +105,13 @@ def build_environment(config: BuildConfig, processes: int = 1) -> Iterator[None]
         torch.set_num_threads(before[1])
 
 
-class _Pipeline:
-    """The frozen encoder, the embedder and data loading, shared by every pass."""
-
-    def __init__(
-        self,
-        config: BuildConfig,
-        samples: list[Sample],
-        device: torch.device | None = None,
-        progress: bool | None = None,
-    ) -> None:
-        self.config, self.samples = config, samples
-        self.device = device or resolve_device(config.device)
-        self.progress = config.progress if progress is None else progress
-        self.encoder = load_encoder(config.encoder, seed=config.seed, device=self.device)
-        key_config = KeyConfig(temperature=config.key_temperature, text_weight=config.text_weight)
-        key_function = KeyFunction(self.encoder.vision_dim, key_config, self.encoder.text_dim)
-        self.embedder = Embedder(self.encoder, key_function)
-        self.text_tokens = min(config.max_text_tokens, self.encoder.max_text_tokens)
-
-    def compressor(self, weights: bytes | None = None) -> ValueCompressor:
-        """The value compressor for this encoder, at its seeded initialisation or with
-        ``weights`` (safetensors bytes), on the device."""
-        spec = PerceiverSpec(max_text_tokens=self.text_tokens)
-        e = self.encoder
-        compressor = ValueCompressor(
-            spec, e.vision_dim, e.text_dim, e.num_patches, seed=self.config.seed
-        )
-        if weights is not None:
-            compressor.load_state_dict(load_safetensors(weights))
-            compressor.eval()
-        return compressor.to(self.device)
-
-    def load_trained(self, weights: dict[str, bytes]) -> ValueCompressor:
-        """The training stage's results: the key function's center (set here) and the
-        trained compressor, from {"keyfn": ..., "perceiver": ...} safetensors bytes."""
-        self.embedder.key_function.load_state_dict(load_safetensors(weights["keyfn"]))
-        return self.compressor(weights["perceiver"])
-
-    def feature_bytes(self, n: int) -> int:
-        e, t = self.encoder, self.text_tokens
-        return 4 * n * (e.num_patches * e.vision_dim + t * e.text_dim + 2 * t)
-
-    @torch.no_grad()
-    def encode(self, batch: dict) -> tuple[torch.Tensor, FeatureBatch]:
-        """A loader batch -> (keys (B, D), features for the compressor), on the device."""
-        q_ids, q_mask = batch.get("prompt_ids"), batch.get("prompt_mask")
-        keys, vision = self.embedder.keys_from_pixels(batch["pixel_values"], q_ids, q_mask)
-        with autocast_context(self.device):
-            text = self.encoder.text_features(batch["input_ids"], batch["attention_mask"])
-        mask, ids = (batch[k].to(self.device) for k in ("attention_mask", "input_ids"))
-        return keys, FeatureBatch(vision.float(), text.float(), mask, ids)
-
-    def loader(self, rows: np.ndarray, seed: int | None = None, size: int = 0) -> DataLoader:
-        """Batches of decoded, preprocessed pairs ``rows`` (DataLoader workers decode)."""
-        c, uses_text = self.config, self.embedder.uses_text
-        subset = [self.samples[i] for i in rows]
-        data = ImageCaptionDataset(
-            subset, c.image_folder, self.encoder, self.text_tokens, uses_text
-        )
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
-        kw = {"num_workers": c.workers, "collate_fn": collate, "generator": gen}
-        return DataLoader(data, size or c.batch_size, shuffle=gen is not None, **kw)
-
-    def batches(
-        self, rows: np.ndarray, desc: str, seed: int | None = None, size: int = 0, done: int = 0
-    ):
-        """Yield (loader batch, keys, features) over ``rows``; in order unless shuffled.
-
-        ``batch["index"]`` holds positions in ``rows``; ``done``: pairs the progress bar
-        counts as done before these (a resumed pass).
-        """
-        bar = tqdm(
-            total=done + len(rows),
-            initial=done,
-            desc=desc,
-            unit="pair",
-            disable=not self.progress,
-        )
-        for batch in self.loader(rows, seed, size):
-            yield batch, *self.encode(batch)
-            bar.update(len(batch["index"]))
-        bar.close()
-
-    def keys_and_values(self, compressor: ValueCompressor, rows: np.ndarray, done: int = 0):
-        """Pass 2: yield (positions in ``rows``, keys (B, D) float32, values (B, 32, 96)
-        float16), numpy, in order: vision tower, key function, text tower, compressor."""
-        for batch, keys, feats in self.batches(rows, "pass 2 (keys, values)", done=done):
-            values = compress(compressor, feats).half().cpu().numpy()
-            yield batch["index"].numpy(), keys.float().cpu().numpy(), values
-
-    def features(self, rows: np.ndarray, cache: tuple[np.ndarray, FeatureBatch] | None):
-        """Features of ``rows`` on the CPU: from the pass-1 cache, else encoded again."""
-        if cache is not None:
-            cached_rows, feats = cache
-            pos = torch.as_tensor(np.searchsorted(cached_rows, rows))
-            return FeatureBatch(*(t[pos] for t in feats))
-        parts = [f for _, _, f in self.batches(rows, "features")]
-        return FeatureBatch(*(torch.cat(ts).cpu() for ts in zip(*parts, strict=True)))
-
-
 # Fields that do not change the checkpoints: a build resumes across changes to them
 # (keep_shards decides only how the rows are written out).
 _NOT_IDENTITY = ("progress", "workers", "threads", "keep_shards")
 
 
 def _pass2(
-    pipe: _Pipeline,
+    pipe: BuildPipeline,
     compressor: ValueCompressor,
     work: BuildWorkDir,
     value_shape: tuple,
@@ -244,7 +140,7 @@ def _load_entries(config: BuildConfig) -> tuple[list[Sample], int]:
     return select_entries(samples, config.entries, config.seed), n_no_image
 
 
-def _rank_facts(config: BuildConfig, identity: dict, pipe: _Pipeline, ids: np.ndarray) -> dict:
+def _rank_facts(config: BuildConfig, identity: dict, pipe: BuildPipeline, ids: np.ndarray) -> dict:
     """What every rank of a build must agree on: settings, data, entries, encoder."""
     return {
         **identity,
@@ -265,13 +161,13 @@ def build_bank(
 ) -> Path:
     """Build the bank described by ``config``; return the index path.
 
-    Checkpoints go to ``<out stem>.partial/`` (``bankd.workdir``): run the same build
+    Checkpoints go to ``<out stem>.partial/`` (``bankd.build.workdir``): run the same build
     again after an interruption and it resumes; ``restart`` discards them first, and
     ``discard_other`` discards them only when they belong to other inputs.
 
-    ``env`` (``bankd.distributed.init_distributed``): this process's rank in a torchrun
+    ``env`` (``bankd.build.distributed.init_distributed``): this process's rank in a torchrun
     job whose every rank calls ``build_bank`` with the same config; each encodes its
-    part of pass 2 (``bankd.build_parallel``). None: one process. With
+    part of pass 2 (``bankd.build.parallel``). None: one process. With
     ``config.keep_shards`` each rank writes its part as a shard and returns its path.
     """
     env = env or DistEnv(device=resolve_device(config.device))
@@ -283,7 +179,7 @@ def build_bank(
     rows = bounds[env.rank], bounds[env.rank + 1]
 
     with build_environment(config, env.local_world_size):
-        pipe = _Pipeline(config, samples, env.device, config.progress and env.is_main)
+        pipe = BuildPipeline(config, samples, env.device, config.progress and env.is_main)
         identity = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
         identity["device"] = pipe.device.type
         if env.distributed:
@@ -353,7 +249,7 @@ class _Built:
 
     def __init__(
         self,
-        pipe: _Pipeline,
+        pipe: BuildPipeline,
         compressor: ValueCompressor,
         stage: dict,
         ids: np.ndarray,
@@ -374,8 +270,8 @@ class _Built:
     ) -> Path:
         """Commit entries ``rows`` at ``path``, their keys and values read from ``chunks``
         in order; ``shard``: the ``config.shard`` record of one shard."""
-        from .autoindex import AUTO, DEFAULT_RECALL_TARGET, choose_factory, parse_bytes
-        from .store import BankWriter  # the store (and faiss) only when building
+        from bankd.search.tuning import AUTO, DEFAULT_RECALL_TARGET, choose_factory, parse_bytes
+        from bankd.store.writer import BankWriter  # the store (and faiss) only when building
 
         config, enc, kf = self.pipe.config, self.pipe.encoder, self.pipe.embedder.key_function
         n, budget = len(self.pipe.samples), parse_bytes(config.memory_budget)
@@ -425,10 +321,44 @@ class _Built:
     def write_shard(self, env: DistEnv, bounds: list[int], chunks: Iterator[tuple]) -> Path:
         """This rank's entries as shard r of W next to ``--out``, as ``bankd shard``
         names and writes it."""
-        from .shard import shard_paths
+        from bankd.search.shard import shard_paths
 
         config, (lo, hi) = self.pipe.config, bounds[env.rank : env.rank + 2]
         shard = {"index": env.rank, "of": env.world_size, "rows": [lo, hi]}
         shard["align_rows"] = shard_align(bounds, config.batch_size)
         path = shard_paths(config.out, env.world_size, config.out.parent)[env.rank]
         return self.write(path, chunks, slice(lo, hi), shard)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``bankd build``; bad arguments raise ValueError.
+
+    Under torchrun every rank runs this; only rank 0 prints.
+    """
+    from bankd.build.distributed import init_distributed
+    from bankd.search.shard import shard_paths
+    from bankd.store.paths import BankPaths
+
+    config = from_args(args)
+    env = init_distributed(config.device, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        path = build_bank(config, restart=args.restart, env=env)
+    finally:
+        env.close()
+    if not env.is_main:
+        return 0
+    manifest = json.loads(BankPaths(path).manifest.read_text())
+    report, index = manifest.get("report") or {}, manifest.get("index") or {}
+    timings = report.get("timings", {})
+    where = path
+    if config.keep_shards:
+        shards = shard_paths(config.out, env.world_size, config.out.parent)
+        where = f"{env.world_size} shards, {', '.join(map(str, shards))}"
+    print(f"build: wrote {report.get('entries')} entries to {where} in {timings.get('total_s')} s")
+    recall, params = index.get("recall", {}), index.get("search_params") or "none"
+    print(
+        f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "
+        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {params}, "
+        f"recall@{recall.get('k')} {recall.get('value')}"
+    )
+    return 0  # the informativeness table is in the log and in the manifest's report
