@@ -75,6 +75,43 @@ class BuildConfig:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
+def add_index_arguments(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] = ("--index-type",)
+) -> None:
+    """The index flags ``bankd build`` and ``bankd import`` share (defaults: BuildConfig's):
+    --index-type (or ``names``), --memory-budget, --recall-target, --recall-k,
+    --ef-construction."""
+    add = parser.add_argument
+    add(
+        *names,
+        dest="index_type",
+        default=BuildConfig.index_factory,
+        help="FAISS factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64) or 'auto': "
+        "chosen by entries, key dim and --memory-budget",
+    )
+    add(
+        "--memory-budget",
+        default=BuildConfig.memory_budget,
+        help="index memory for auto (8GiB, 512MB)",
+    )
+    add(
+        "--recall-target",
+        type=float,
+        default=BuildConfig.recall_target,
+        help="tune efSearch / nprobe to this recall@k against exact search, for any "
+        "approximate index type (0: keep FAISS's defaults, e.g. HNSW efSearch 16)",
+    )
+    add("--recall-k", type=int, default=BuildConfig.recall_k, help="the k of the recall target")
+    add(
+        "--ef-construction",
+        type=int,
+        default=None,
+        help="HNSW build depth (candidates per insertion; FAISS's default 40): a deeper "
+        "build gives a better graph, so a lower efSearch reaches the recall target, at "
+        "a longer build; HNSW indexes only (also an IVF index's HNSW quantizer)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bankd build``."""
     d = {k: f.default for k, f in BuildConfig.__dataclass_fields__.items()}
@@ -85,29 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--encoder", default=d["encoder"], help="'tiny', a model directory or a SigLIP/CLIP hub id")
     add("--seed", type=int, default=d["seed"])
     add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
-    add(
-        "--index-type",
-        default=d["index_factory"],
-        help="FAISS factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64) or 'auto': "
-        "chosen by entries, key dim and --memory-budget",
-    )
-    add("--memory-budget", default=d["memory_budget"], help="index memory for auto (8GiB, 512MB)")
-    add(
-        "--recall-target",
-        type=float,
-        default=d["recall_target"],
-        help="tune efSearch / nprobe to this recall@k against exact search, for any "
-        "approximate --index-type (0: keep FAISS's defaults, e.g. HNSW efSearch 16)",
-    )
-    add("--recall-k", type=int, default=d["recall_k"], help="the k of the recall target")
-    add(
-        "--ef-construction",
-        type=int,
-        default=None,
-        help="HNSW build depth (candidates per insertion; FAISS's default 40): a deeper "
-        "build gives a better graph, so a lower efSearch reaches the recall target, at "
-        "a longer build; HNSW indexes only (also an IVF index's HNSW quantizer)",
-    )
+    add_index_arguments(parser)
     add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
     add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
     add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")

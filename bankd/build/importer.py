@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from bankd.build.config import BuildConfig, add_index_arguments
 from bankd_client.identity import sample_id_to_int
 
 CHUNK = 65_536  # rows checked and written at a time: memory stays bounded for any N
@@ -50,11 +51,11 @@ ROLES = ("keys", "values", "ids")
 class ImportConfig:
     """How the index is built; saved in the bank's manifest as its config."""
 
-    index_factory: str = "auto"  # FAISS factory string or "auto" (bankd.search.tuning)
+    index_factory: str = BuildConfig.index_factory  # factory string or "auto"
     metric: str = "ip"
-    memory_budget: str = "8GiB"  # what "auto" may give the index
-    recall_target: float | None = 0.95  # efSearch / nprobe tuned to it; None: FAISS's
-    recall_k: int = 5
+    memory_budget: str = BuildConfig.memory_budget  # what "auto" may give the index
+    recall_target: float | None = BuildConfig.recall_target  # None: FAISS's defaults
+    recall_k: int = BuildConfig.recall_k
     ef_construction: int | None = None  # HNSW build depth; None: FAISS's (40)
     seed: int = 0
     progress: bool = True
@@ -273,24 +274,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bankd_client.sample_id_to_int does and kept in the bank",
     )
     add("--out", type=Path, required=True, help="index path, e.g. bank/bank.faiss")
-    add(
-        "--index-type",
-        "--index",
-        dest="index_type",
-        default=d.index_factory,
-        help="FAISS factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64) or 'auto': "
-        "chosen by entries, key dim and --memory-budget",
-    )
+    add_index_arguments(parser, ("--index-type", "--index"))
     add("--metric", choices=("ip", "l2"), default=d.metric, help="inner product or L2")
-    add("--memory-budget", default=d.memory_budget, help="index memory for auto (8GiB, 512MB)")
-    add(
-        "--recall-target",
-        type=float,
-        default=d.recall_target,
-        help="tune efSearch / nprobe to this recall@k (0: keep FAISS's defaults)",
-    )
-    add("--recall-k", type=int, default=d.recall_k, help="the k of the recall target")
-    add("--ef-construction", type=int, default=None, help="HNSW build depth (FAISS: 40)")
     add("--seed", type=int, default=d.seed, help="index training sample and recall queries")
     add("--no-progress", action="store_true", help="no progress bars")
 
