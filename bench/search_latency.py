@@ -64,7 +64,8 @@ import numpy as np  # noqa: E402
 
 from bankd.search.flat_kernel import FLAT_SEARCH  # noqa: E402
 from bankd.search.params import search_parameters  # noqa: E402
-from bankd.search.tuning import exact_topk  # noqa: E402
+from bankd.search.tuning import build_tuned, exact_topk  # noqa: E402
+from bankd.store.manifest import IndexRecord, Manifest  # noqa: E402
 from bankd.store.paths import VALUE_SHAPE, BankPaths  # noqa: E402
 from bankd.store.writer import BankWriter  # noqa: E402
 
@@ -146,7 +147,10 @@ def write_synthetic_bank(cfg: BenchConfig, index_path: Path) -> Path:
             values = (bits & np.uint16(0xBFFF)).view(np.float16).reshape(n, *VALUE_SHAPE)
             w.add(keys, values, ID_OFFSET + np.arange(s, s + n, dtype=np.int64))
             progress(f"  generated {s + n}/{cfg.n} entries")
-        return w.finish(index_factory=cfg.index, config=cfg.bank_spec(), seed=cfg.seed)
+        w.check_complete()
+        index, described = build_tuned(w.keys, cfg.index, seed=cfg.seed)
+        manifest = Manifest(index=IndexRecord.from_dict(described, cfg.index))
+        return w.finish(index, manifest.with_config(**cfg.bank_spec()))
 
 
 def bank_for(cfg: BenchConfig, workdir: Path) -> Path:

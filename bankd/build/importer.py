@@ -235,29 +235,37 @@ def import_bank(
     ``config`` (factory or "auto", memory budget, recall target, HNSW build depth).
     ValueError names any problem before a file is written; returns the index path.
     """
-    from bankd.search.tuning import parse_bytes
+    from bankd.search.tuning import build_tuned, parse_bytes  # faiss only when writing
+    from bankd.store.manifest import IndexRecord, Manifest
     from bankd.store.writer import BankWriter
 
     check_keys_values(keys, values, config.progress)
     ids = entry_ids(len(keys), ids, sources)
+    source_ids = None if sources is None else [str(s) for s in sources]
     n, d = keys.shape
     budget = parse_bytes(config.memory_budget)
     with BankWriter(out, n_entries=n, key_dim=d, value_shape=tuple(values.shape[1:])) as w:
         for start in _rows(n, "writing", config.progress):
             end = start + CHUNK
             w.add(np.asarray(keys[start:end], np.float32), values[start:end], ids[start:end])
-        return w.finish(
-            index_factory=config.index_factory,
-            metric=config.metric,
-            config={**asdict(config), "imported_from": inputs or {}},
-            source_ids=None if sources is None else [str(s) for s in sources],
-            report={"entries": n, "imported": True},
-            seed=config.seed,
+        w.check_complete(source_ids)
+        index, described = build_tuned(
+            w.keys,
+            config.index_factory,
+            config.metric,
             memory_budget_bytes=budget,
             recall_target=config.recall_target,
             recall_k=config.recall_k,
+            seed=config.seed,
             ef_construction=config.ef_construction,
         )
+        manifest = Manifest(
+            index=IndexRecord.from_dict(described, config.index_factory),
+            metric=config.metric,
+            config={**asdict(config), "imported_from": inputs or {}},
+            report={"entries": n, "imported": True},
+        )
+        return w.finish(index, manifest, source_ids=source_ids)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,11 +307,10 @@ def run(args: argparse.Namespace) -> int:
     path = import_bank(args.out, keys, values, ids, sources=sources, config=config, inputs=inputs)
     from bankd.store.reader import Bank
 
-    index = Bank.load(path, verify=False, load_index=False).manifest["index"]
-    recall = index.get("recall", {})
+    index = Bank.load(path, verify=False, load_index=False).manifest.index
     print(
-        f"import: wrote {len(keys)} entries to {path}; index {index['factory']} "
-        f"({index.get('reason', 'as asked')}), search params {index['search_params'] or 'none'}, "
-        f"recall@{recall.get('k')} {recall.get('value')}"
+        f"import: wrote {len(keys)} entries to {path}; index {index.factory} "
+        f"({index.reason or 'as asked'}), search params {index.search_params or 'none'}, "
+        f"recall@{index.recall.get('k')} {index.recall.get('value')}"
     )
     return 0

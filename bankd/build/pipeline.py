@@ -270,8 +270,15 @@ class _Built:
     ) -> Path:
         """Commit entries ``rows`` at ``path``, their keys and values read from ``chunks``
         in order; ``shard``: the ``config.shard`` record of one shard."""
-        from bankd.search.tuning import AUTO, DEFAULT_RECALL_TARGET, choose_factory, parse_bytes
-        from bankd.store.writer import BankWriter  # the store (and faiss) only when building
+        from bankd.search.tuning import (  # faiss only when writing
+            AUTO,
+            DEFAULT_RECALL_TARGET,
+            build_tuned,
+            choose_factory,
+            parse_bytes,
+        )
+        from bankd.store.manifest import IndexRecord, KeyFunctionRecord, Manifest
+        from bankd.store.writer import BankWriter
 
         config, enc, kf = self.pipe.config, self.pipe.encoder, self.pipe.embedder.key_function
         n, budget = len(self.pipe.samples), parse_bytes(config.memory_budget)
@@ -284,6 +291,18 @@ class _Built:
         with BankWriter(path, n_entries=len(samples), **shape) as w:
             for keys, values in chunks:
                 w.add(keys, values, ids[w.count : w.count + len(keys)])
+            source_ids = [s.id for s in samples]
+            w.check_complete(source_ids)
+            index, described = build_tuned(
+                w.keys,
+                factory,
+                "ip",
+                memory_budget_bytes=budget,
+                recall_target=recall_target,
+                recall_k=config.recall_k,
+                seed=config.seed,
+                ef_construction=config.ef_construction,
+            )
             self.timings["total_s"] = time.perf_counter() - self.t_start
             report = {
                 "entries": n,
@@ -301,21 +320,21 @@ class _Built:
                 "world_size": self.world_size,
                 **({"shard": shard} if shard is not None else {}),
             }
-            return w.finish(
-                index_factory=factory,
+            manifest = Manifest(
+                index=IndexRecord.from_dict(described, factory),
                 metric="ip",
                 vision_encoder=enc.vision_fingerprint(),
                 text_encoder=enc.text_fingerprint(),
-                key_function={"config": kf.to_config(), "weights": kf.weights_bytes()},
-                weights={"perceiver": self.compressor.weights_bytes()},
+                key_function=KeyFunctionRecord(kf.to_config(), ""),
                 config=resolved,
-                source_ids=[s.id for s in samples],
                 report=report,
-                seed=config.seed,
-                memory_budget_bytes=budget,
-                recall_target=recall_target,
-                recall_k=config.recall_k,
-                ef_construction=config.ef_construction,
+            )
+            return w.finish(
+                index,
+                manifest,
+                weights={"perceiver": self.compressor.weights_bytes()},
+                key_function_weights=kf.weights_bytes(),
+                source_ids=source_ids,
             )
 
     def write_shard(self, env: DistEnv, bounds: list[int], chunks: Iterator[tuple]) -> Path:
@@ -337,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from bankd.build.distributed import init_distributed
     from bankd.search.shard import shard_paths
-    from bankd.store.paths import BankPaths
+    from bankd.store.reader import Bank
 
     config = from_args(args)
     env = init_distributed(config.device, timeout=COLLECTIVE_TIMEOUT)
@@ -347,18 +366,18 @@ def run(args: argparse.Namespace) -> int:
         env.close()
     if not env.is_main:
         return 0
-    manifest = json.loads(BankPaths(path).manifest.read_text())
-    report, index = manifest.get("report") or {}, manifest.get("index") or {}
+    manifest = Bank.load(path, verify=False, load_index=False).manifest
+    report, index = manifest.report, manifest.index
     timings = report.get("timings", {})
     where = path
     if config.keep_shards:
         shards = shard_paths(config.out, env.world_size, config.out.parent)
         where = f"{env.world_size} shards, {', '.join(map(str, shards))}"
     print(f"build: wrote {report.get('entries')} entries to {where} in {timings.get('total_s')} s")
-    recall, params = index.get("recall", {}), index.get("search_params") or "none"
+    recall, params = index.recall, index.search_params or "none"
     print(
-        f"index: {index.get('factory')} ({index.get('reason', 'as asked')}), "
-        f"{index.get('bytes', 0) / 1e6:.1f} MB, search params {params}, "
+        f"index: {index.factory} ({index.reason or 'as asked'}), "
+        f"{index.bytes / 1e6:.1f} MB, search params {params}, "
         f"recall@{recall.get('k')} {recall.get('value')}"
     )
     return 0  # the informativeness table is in the log and in the manifest's report

@@ -23,7 +23,7 @@ from bankd.search.topk import fetch_count, gather_values, select
 from bankd.store.reader import Bank
 from bankd_client import errors, tensors
 from bankd_client.identity import EncoderFingerprint, fingerprint_encoder
-from bankd_client.types import BankInfo, Hits, KeyFunctionSpec, SearchQuery, exclude_lists
+from bankd_client.types import BankInfo, Hits, SearchQuery, exclude_lists
 
 
 class LocalBank:
@@ -58,23 +58,14 @@ class LocalBank:
         self.close()
 
     def info(self, **_: Any) -> BankInfo:
-        b = self.bank
-        kf = b.key_function()
-        return BankInfo(
-            entries=b.entries,
-            key_dim=b.key_dim,
-            value_shape=b.value_shape,
-            value_dtype="float16",
+        return self.bank.info(
+            server_version=__version__,
             index_type="exact (in-process)",
-            metric=b.manifest.get("metric", "ip"),
-            vision_encoder=b.fingerprint("vision_encoder"),
-            text_encoder=b.fingerprint("text_encoder"),
-            key_function=KeyFunctionSpec(kf[0].get("name", ""), kf[0], kf[1]) if kf else None,
             max_k=self.max_k,
             max_batch=1 << 20,
-            bank_id=b.bank_id,
-            server_version=__version__,
             search_device=self.device,
+            recall=0.0,  # not measured: the search is exact whatever index the bank has
+            recall_k=0,
         )
 
     def _raw_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:

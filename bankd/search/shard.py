@@ -94,23 +94,23 @@ def split_bank(
     m = bank.manifest
     bounds = shard_bounds(bank.entries, shards, align_rows)
     sources = None
-    if bank.paths.file("sources.json").name in m["files"]:
+    if bank.paths.file("sources.json").name in m.files:
         sources = json.loads(bank.paths.file("sources.json").read_text())
     kf = bank.key_function()
     recall = bank.recall
     common = {
-        "index_factory": m.get("index_factory", "Flat"),
-        "metric": m.get("metric", "ip"),
+        "index_factory": m.index_factory or "Flat",
+        "metric": m.metric,
         "vision_encoder": bank.fingerprint("vision_encoder"),
         "text_encoder": bank.fingerprint("text_encoder"),
         "key_function": {"config": kf[0], "weights": kf[1]} if kf else None,
-        "weights": {name: bank.weights(name) for name in m.get("weights", {})},
-        "report": m.get("report", {}),
-        "seed": int(m.get("config", {}).get("seed", 0)),
+        "weights": {name: bank.weights(name) for name in m.weights},
+        "report": m.report,
+        "seed": m.seed,
         # Each shard's index is tuned again to the bank's recall target, on its own keys.
         "recall_target": recall.get("target"),
         "recall_k": int(recall.get("k", 5)),
-        "ef_construction": ((m.get("index") or {}).get("build_params") or {}).get("efConstruction"),
+        "ef_construction": (m.index.extra.get("build_params") or {}).get("efConstruction"),
     }
     paths = shard_paths(index, shards, Path(out))
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):
@@ -127,7 +127,7 @@ def split_bank(
             np.asarray(bank.keys[lo:hi]),
             np.asarray(bank.values[lo:hi]),
             bank.ids[lo:hi],
-            config={**m.get("config", {}), "shard": shard},
+            config={**m.config, "shard": shard},
             source_ids=sources[lo:hi] if sources is not None else None,
             **common,
         )

@@ -273,7 +273,8 @@ def build_tuned(
     nprobe is tuned to ``recall_target``, whichever factory string made it; None keeps
     FAISS's defaults and only measures (except for "auto", which always tunes).
     ``ef_construction``: HNSW's build depth (FAISS: 40; deeper builds a better graph,
-    more slowly); a ValueError for an index without an HNSW graph.
+    more slowly); a ValueError for a factory string without an HNSW graph, ignored
+    when "auto" chooses one without.
     """
 
     n, d = keys.shape
@@ -285,6 +286,10 @@ def build_tuned(
         desc |= {"reason": choice.reason, "memory_budget_bytes": budget}
         if recall_target is None:
             recall_target = DEFAULT_RECALL_TARGET
+        if ef_construction is not None and "HNSW" not in factory:
+            # asked for in case "auto" chose a graph; it chose none
+            log.info("ef_construction=%d unused: %s has no HNSW graph", ef_construction, factory)
+            ef_construction = None
     desc["factory"] = factory
     index = build_index(
         keys, factory, metric, train_sample=train_sample, seed=seed, ef_construction=ef_construction

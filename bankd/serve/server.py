@@ -576,7 +576,7 @@ def _load_embedder(bank: Bank, config: ServerConfig) -> Any:
     try:
         from bankd.models.embedder import Embedder
 
-        seed = int(bank.manifest.get("config", {}).get("seed", 0))
+        seed = bank.manifest.seed
         return Embedder.from_bank(
             name,
             seed=seed,

@@ -35,7 +35,7 @@ from bankd.serve.metrics import Metrics
 from bankd.serve.shm import MappedRegions
 from bankd.store.reader import Bank
 from bankd_client import errors, wire
-from bankd_client.types import BankInfo, KeyFunctionSpec
+from bankd_client.types import BankInfo
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +130,10 @@ class BankService:
     # -- info --------------------------------------------------------------------------
 
     def info(self) -> BankInfo:
-        m = self.bank.manifest
-        kf = self.bank.key_function()
-        return BankInfo(
-            entries=self.bank.entries,
-            key_dim=self.bank.key_dim,
-            value_shape=self.bank.value_shape,
-            value_dtype="float16",
-            index_type=m.get("index_factory", ""),
-            metric=m.get("metric", "ip"),
-            vision_encoder=self.bank.fingerprint("vision_encoder"),
-            text_encoder=self.bank.fingerprint("text_encoder"),
-            key_function=KeyFunctionSpec(kf[0].get("name", ""), kf[0], kf[1]) if kf else None,
+        return self.bank.info(
+            server_version=__version__,
             max_k=self.max_k,
             max_batch=self.limits.max_batch,
-            bank_id=self.bank.bank_id,
-            server_version=__version__,
             embed_available=self.embedder is not None,
             search_device=self.searcher.device,
             max_message_bytes=self.limits.max_message_bytes,
@@ -153,8 +141,6 @@ class BankService:
             ef_search=self.searcher.defaults.get("efSearch", 0),
             max_nprobe=self.max_params.get("nprobe", 0),
             max_ef_search=self.max_params.get("efSearch", 0),
-            recall=float(self.bank.recall.get("value", 0.0)),
-            recall_k=int(self.bank.recall.get("k", 0)),
         )
 
     # -- search ------------------------------------------------------------------------
@@ -176,7 +162,7 @@ class BankService:
                 continue
             param = OVERRIDES[field][0]
             if param not in self.max_params:
-                kind = self.bank.manifest.get("index_factory", "")
+                kind = self.bank.manifest.index_factory
                 has = (
                     ", ".join(f for f, (p, _) in OVERRIDES.items() if p in self.max_params)
                     or "no search parameter (exact or fixed search)"

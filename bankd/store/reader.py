@@ -9,7 +9,6 @@ message naming the file and the problem.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from bankd.store.paths import FORMAT, BankPaths, sha256_file
+from bankd.store.manifest import Manifest, bank_info
+from bankd.store.paths import BankPaths, sha256_file
 from bankd_client.errors import BankFileError
 from bankd_client.identity import EncoderFingerprint
+from bankd_client.types import BankInfo
 
 PAGE_BYTES = 4096
 
@@ -40,7 +41,7 @@ class Bank:
     """A loaded bank: manifest, FAISS index, memory-mapped keys and values, ids."""
 
     paths: BankPaths
-    manifest: dict[str, Any]
+    manifest: Manifest
     index: Any
     keys: np.ndarray  # (N, d) float32, memory-mapped
     values: np.ndarray  # (N, 32, 96) float16, memory-mapped
@@ -49,38 +50,52 @@ class Bank:
 
     @property
     def entries(self) -> int:
-        return int(self.manifest["entries"])
+        return self.manifest.entries
 
     @property
     def key_dim(self) -> int:
-        return int(self.manifest["key_dim"])
+        return self.manifest.key_dim
 
     @property
     def value_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["value_shape"])
+        return tuple(self.manifest.value_shape)
 
     def fingerprint(self, which: str = "vision_encoder") -> EncoderFingerprint | None:
-        d = self.manifest.get(which)
-        return EncoderFingerprint.from_dict(d) if d else None
+        return {"vision_encoder": self.manifest.vision_encoder}.get(
+            which, self.manifest.text_encoder
+        )
 
     def key_function(self) -> tuple[dict[str, Any], bytes] | None:
-        kf = self.manifest.get("key_function")
-        if not kf:
+        """(config, safetensors weights) of the key function, or None."""
+        kf = self.manifest.key_function
+        if kf is None:
             return None
-        return kf["config"], (self.paths.index.parent / kf["weights_file"]).read_bytes()
+        return kf.config, (self.paths.index.parent / kf.weights_file).read_bytes()
 
     def weights(self, name: str) -> bytes:
-        return (self.paths.index.parent / self.manifest["weights"][name]).read_bytes()
+        return (self.paths.index.parent / self.manifest.weights[name]).read_bytes()
 
     @property
     def search_params(self) -> dict[str, int]:
         """The FAISS search parameters the bank was tuned to ({} when none)."""
-        return dict((self.manifest.get("index") or {}).get("search_params") or {})
+        return dict(self.manifest.index.search_params)
 
     @property
     def recall(self) -> dict[str, Any]:
         """recall@k measured at build ({"k", "value", ...}; {} for older banks)."""
-        return dict((self.manifest.get("index") or {}).get("recall") or {})
+        return dict(self.manifest.index.recall)
+
+    def info(self, *, server_version: str, **serving: Any) -> BankInfo:
+        """This bank's BankInfo; ``serving``: what whoever serves it sets (index_type,
+        max_k, max_batch, search_device, ...; ``bankd.store.manifest.bank_info``)."""
+        kf = self.key_function()
+        return bank_info(
+            self.manifest,
+            bank_id=self.bank_id,
+            server_version=server_version,
+            key_function_weights=kf[1] if kf else b"",
+            **serving,
+        )
 
     def warm_values(self, *, max_fraction_of_available: float = 0.5) -> bool:
         """Map every page of the values file into this process now (reading one byte a
@@ -102,14 +117,14 @@ class Bank:
         """File sizes summed by a fixed set of parts: index, keys, values, ids, ..."""
         stem = self.paths.stem.name
         out: dict[str, int] = {}
-        for name, meta in self.manifest["files"].items():
+        for name, meta in self.manifest.files.items():
             if name == self.paths.index.name:
                 part = "index"
             elif name.endswith(".safetensors"):
                 part = "weights"
             else:
                 part = name[len(stem) + 1 :].split(".")[0]
-            out[part] = out.get(part, 0) + int(meta["bytes"])
+            out[part] = out.get(part, 0) + meta.bytes
         return out
 
     def rows_of(self, entry_ids: np.ndarray) -> np.ndarray:
@@ -165,29 +180,24 @@ class Bank:
                 "incomplete (an interrupted build?) and cannot be served"
             )
         raw = paths.manifest.read_bytes()
-        try:
-            manifest = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BankFileError(f"{paths.manifest}: not valid JSON ({e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise BankFileError(f"{paths.manifest}: not a {FORMAT} manifest")
-        try:
-            n, d = int(manifest["entries"]), int(manifest["key_dim"])
-            value_shape = tuple(int(s) for s in manifest["value_shape"])
-            files = dict(manifest["files"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise BankFileError(f"{paths.manifest}: missing or bad field {e}") from None
+        manifest = Manifest.from_json(raw, where=paths.manifest)
+        n, d, value_shape, files = (
+            manifest.entries,
+            manifest.key_dim,
+            manifest.value_shape,
+            manifest.files,
+        )
         parent = paths.index.parent
         for name, meta in sorted(files.items()):
             p = parent / name
             if not p.exists():
                 raise BankFileError(f"{p}: listed in {paths.manifest.name} but missing")
             size = p.stat().st_size
-            if size != meta["bytes"]:
+            if size != meta.bytes:
                 raise BankFileError(
-                    f"{p}: {size} bytes, the manifest says {meta['bytes']} (truncated or replaced)"
+                    f"{p}: {size} bytes, the manifest says {meta.bytes} (truncated or replaced)"
                 )
-            if verify and sha256_file(p) != meta["sha256"]:
+            if verify and sha256_file(p) != meta.sha256:
                 raise BankFileError(f"{p}: SHA-256 does not match the manifest (corrupt file)")
 
         def array(part: str, dtype: np.dtype, shape: tuple[int, ...], mmap: bool) -> np.ndarray:

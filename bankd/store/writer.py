@@ -14,12 +14,14 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bankd.store.paths import FORMAT, VALUE_SHAPE, BankPaths, fsync_path, sha256_file
+from bankd.store.manifest import FileRecord, IndexRecord, KeyFunctionRecord, Manifest
+from bankd.store.paths import VALUE_SHAPE, BankPaths, fsync_path, sha256_file
 from bankd_client.identity import EncoderFingerprint
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,15 @@ log = logging.getLogger(__name__)
 class BankWriter:
     """Streams keys, values and ids to temporary files, then commits the bank.
 
-        with BankWriter("bank/bank.faiss", n_entries=N, key_dim=d) as w:
-            w.add(keys, values, ids)          # chunks, in order
-            w.finish(index_factory="Flat", vision_encoder=fp, ...)
+            with BankWriter("bank/bank.faiss", n_entries=N, key_dim=d) as w:
+                w.add(keys, values, ids)          # chunks, in order
+                index, described = build_tuned(w.keys, "auto")     # bankd.search.tuning
+                w.finish(index, Manifest(index=IndexRecord.from_dict(described, "auto"), ...))
 
-    Leaving the ``with`` by an exception removes the temporary files; the previous
-    bank at that path (if any) is untouched until ``finish`` starts committing.
+    ``write_bank`` does all of it for arrays in memory.
+
+        Leaving the ``with`` by an exception removes the temporary files; the previous
+        bank at that path (if any) is untouched until ``finish`` starts committing.
     """
 
     def __init__(
@@ -97,57 +102,46 @@ class BankWriter:
         self.keys[s], self.values[s], self.ids[s] = keys, values.astype(np.float16), ids
         self.count += n
 
-    def finish(
-        self,
-        *,
-        index_factory: str = "Flat",
-        metric: str = "ip",
-        vision_encoder: EncoderFingerprint | None = None,
-        text_encoder: EncoderFingerprint | None = None,
-        key_function: dict[str, Any] | None = None,
-        weights: dict[str, bytes] | None = None,
-        config: dict[str, Any] | None = None,
-        source_ids: list[str] | None = None,
-        report: dict[str, Any] | None = None,
-        train_sample: int = 100_000,
-        seed: int = 0,
-        memory_budget_bytes: int | None = None,
-        recall_target: float | None = 0.95,  # tuning.DEFAULT_RECALL_TARGET
-        recall_k: int = 5,
-        ef_construction: int | None = None,
-    ) -> Path:
-        """Build the index, write the manifest, and move the bank into place.
-
-        index_factory is a FAISS factory string or "auto" (``bankd.search.tuning``: chosen
-        from N, d and memory_budget_bytes). efSearch / nprobe are tuned to reach
-        recall_target, whatever the factory string (None: FAISS's defaults, measured
-        only); ef_construction sets an HNSW graph's build depth. The manifest's
-        ``index`` records the choice, the search parameters the server applies by
-        default, recall@recall_k against exact search and the index's size.
-        """
-        from bankd.search.index import write_index
-        from bankd.search.tuning import build_tuned  # faiss only when writing
-
+    def check_complete(self, source_ids: list[str] | None = None) -> None:
+        """ValueError unless every declared entry was added, with unique ids (and one
+        source id each when given): checked before an index is built over the keys."""
         if self.count != self.n:
             raise ValueError(f"{self.count} entries added, {self.n} declared")
         if len(np.unique(self.ids)) != self.n:
             raise ValueError("entry ids are not unique")
         if source_ids is not None and len(source_ids) != self.n:
             raise ValueError(f"{len(source_ids)} source ids for {self.n} entries")
+
+    def finish(
+        self,
+        index: Any,
+        manifest: Manifest,
+        *,
+        weights: dict[str, bytes] | None = None,
+        key_function_weights: bytes | None = None,
+        source_ids: list[str] | None = None,
+    ) -> Path:
+        """Write the built ``index`` over the keys added, the manifest, and move the bank
+        into place.
+
+        ``manifest`` says what the bank is (index record, encoders, key function config,
+        build config and report); the writer completes it with the counts, shapes,
+        files and their checksums. ``weights``: safetensors bytes by name (e.g.
+        "perceiver"); ``key_function_weights``: the key function's, when the manifest
+        has one; ``source_ids``: the source samples' id strings, in row order.
+        """
+        from bankd.search.index import write_index  # faiss only when writing
+
+        self.check_complete(source_ids)
+        if index.ntotal != self.n or index.d != self.d:
+            raise ValueError(
+                f"the index holds {index.ntotal} vectors of dim {index.d}, "
+                f"the bank {self.n} of dim {self.d}"
+            )
+        if (manifest.key_function is None) != (key_function_weights is None):
+            raise ValueError("a key function needs both its manifest record and its weights")
         for arr in (self.keys, self.values, self.ids):
             arr.flush()
-        index, index_desc = build_tuned(
-            self.keys,
-            index_factory,
-            metric,
-            memory_budget_bytes=memory_budget_bytes,
-            recall_target=recall_target,
-            recall_k=recall_k,
-            train_sample=train_sample,
-            seed=seed,
-            ef_construction=ef_construction,
-        )
-        index_factory = index_desc["factory"]
         staged: dict[str, Path] = {"faiss": self.tmp / "index.faiss"}
         write_index(index, staged["faiss"])
         staged.update(
@@ -161,47 +155,33 @@ class BankWriter:
             staged["sources.json"] = self.tmp / "sources.json"
             staged["sources.json"].write_text(json.dumps(list(map(str, source_ids))))
         weight_files: dict[str, str] = {}
-        for name, blob in {**(weights or {})}.items():
+        for name, blob in (weights or {}).items():
             part = f"{name}.safetensors"
             (self.tmp / part).write_bytes(blob)
             staged[part] = self.tmp / part
             weight_files[name] = self.paths.file(part).name
-        kf = None
-        if key_function is not None:
-            (self.tmp / "keyfn.safetensors").write_bytes(key_function.get("weights", b""))
+        kf = manifest.key_function
+        if kf is not None and key_function_weights is not None:
+            (self.tmp / "keyfn.safetensors").write_bytes(key_function_weights)
             staged["keyfn.safetensors"] = self.tmp / "keyfn.safetensors"
-            kf = {
-                "config": key_function["config"],
-                "weights_file": self.paths.file("keyfn.safetensors").name,
-            }
+            kf = KeyFunctionRecord(kf.config, self.paths.file("keyfn.safetensors").name)
         self.keys = self.values = self.ids = None  # close memmaps before renames
 
         files = {}
         for part, p in staged.items():
             fsync_path(p)
-            files[self.paths.file(part).name] = {
-                "bytes": p.stat().st_size,
-                "sha256": sha256_file(p),
-            }
-        manifest = {
-            "format": FORMAT,
-            "entries": self.n,
-            "key_dim": self.d,
-            "value_shape": list(self.value_shape),
-            "value_dtype": "float16",
-            "index_factory": index_factory,
-            "index": index_desc,
-            "metric": metric,
-            "vision_encoder": vision_encoder.to_dict() if vision_encoder else None,
-            "text_encoder": text_encoder.to_dict() if text_encoder else None,
-            "key_function": kf,
-            "weights": weight_files,
-            "config": config or {},
-            "report": report or {},
-            "files": files,
-        }
+            files[self.paths.file(part).name] = FileRecord(p.stat().st_size, sha256_file(p))
+        manifest = replace(
+            manifest,
+            entries=self.n,
+            key_dim=self.d,
+            value_shape=self.value_shape,
+            key_function=kf,
+            weights=weight_files,
+            files=files,
+        )
         tmp_manifest = self.tmp / "manifest.json"
-        tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        tmp_manifest.write_text(manifest.to_json())
         fsync_path(tmp_manifest)
 
         # Commit: no manifest while files are being swapped, so a crash here leaves
@@ -223,7 +203,7 @@ class BankWriter:
             self.paths.index,
             self.n,
             self.d,
-            index_factory,
+            manifest.index.factory,
         )
         return self.paths.index
 
@@ -233,9 +213,34 @@ def write_bank(
     keys: np.ndarray,
     values: np.ndarray,
     ids: np.ndarray | None = None,
-    **finish_kwargs: Any,
+    *,
+    index_factory: str = "Flat",
+    metric: str = "ip",
+    memory_budget_bytes: int | None = None,
+    recall_target: float | None = 0.95,  # bankd.search.tuning.DEFAULT_RECALL_TARGET
+    recall_k: int = 5,
+    ef_construction: int | None = None,
+    train_sample: int = 100_000,
+    seed: int = 0,
+    vision_encoder: EncoderFingerprint | None = None,
+    text_encoder: EncoderFingerprint | None = None,
+    key_function: dict[str, Any] | None = None,
+    weights: dict[str, bytes] | None = None,
+    config: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+    source_ids: list[str] | None = None,
 ) -> Path:
-    """Write a bank from in-memory arrays (benchmarks, users with their own keys)."""
+    """Write a bank from in-memory arrays (benchmarks, users with their own keys).
+
+    The index is built and tuned by ``bankd.search.tuning.build_tuned`` (index_factory
+    a FAISS factory string or "auto"; efSearch / nprobe tuned to recall_target whatever
+    the factory, None: FAISS's defaults; ef_construction: HNSW's build depth) and the
+    bank committed by ``BankWriter``. ``key_function``: {"config": ..., "weights": ...}.
+    Users with arrays in files, or who want every input checked with its row named,
+    use ``bankd.build.importer.import_bank`` (``bankd import``).
+    """
+    from bankd.search.tuning import build_tuned  # faiss only when writing
+
     keys = np.ascontiguousarray(keys, dtype=np.float32)
     if keys.ndim != 2:
         raise ValueError(f"keys must be [N, d], got shape {keys.shape}")
@@ -246,4 +251,32 @@ def write_bank(
         chunk = 65_536
         for s in range(0, len(keys), chunk):
             w.add(keys[s : s + chunk], values[s : s + chunk], ids[s : s + chunk])
-        return w.finish(**finish_kwargs)
+        w.check_complete(source_ids)  # before the index costs anything
+        index, described = build_tuned(
+            w.keys,
+            index_factory,
+            metric,
+            memory_budget_bytes=memory_budget_bytes,
+            recall_target=recall_target,
+            recall_k=recall_k,
+            train_sample=train_sample,
+            seed=seed,
+            ef_construction=ef_construction,
+        )
+        kf = key_function
+        manifest = Manifest(
+            index=IndexRecord.from_dict(described, index_factory),
+            metric=metric,
+            vision_encoder=vision_encoder,
+            text_encoder=text_encoder,
+            key_function=KeyFunctionRecord(kf["config"], "") if kf else None,
+            config=config or {},
+            report=report or {},
+        )
+        return w.finish(
+            index,
+            manifest,
+            weights=weights,
+            key_function_weights=kf.get("weights", b"") if kf else None,
+            source_ids=source_ids,
+        )

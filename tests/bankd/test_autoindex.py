@@ -151,7 +151,7 @@ def test_searcher_per_call_params(ivf: Any, bank: Any, helpers: Any) -> None:
 
 def test_auto_on_a_small_bank_writes_flat_with_recall_one(make_bank: Any) -> None:
     b = make_bank(n=300, d=16, index_factory="auto")
-    m = Bank.load(b.path).manifest
+    m = Bank.load(b.path).manifest.to_dict()
     assert m["index_factory"] == "Flat" and m["index"]["requested"] == "auto"
     assert "exact" in m["index"]["reason"] and m["index"]["search_params"] == {}
     assert m["index"]["recall"]["value"] == 1.0 and m["index"]["bytes"] > 300 * 16 * 4
@@ -160,8 +160,8 @@ def test_auto_on_a_small_bank_writes_flat_with_recall_one(make_bank: Any) -> Non
 def test_manifest_round_trip_and_service_defaults(make_bank: Any) -> None:
     b = make_bank(n=3000, d=32, index_factory="IVF32,Flat", recall_target=0.9, recall_k=5)
     bank = Bank.load(b.path)
-    idx = bank.manifest["index"]
-    assert idx["factory"] == bank.manifest["index_factory"] == "IVF32,Flat"
+    idx = bank.manifest.to_dict()["index"]
+    assert idx["factory"] == bank.manifest.index_factory == "IVF32,Flat"
     assert bank.search_params == idx["search_params"] and "nprobe" in bank.search_params
     assert bank.recall["k"] == 5 and bank.recall["value"] >= 0.9 and bank.recall["target"] == 0.9
     assert idx["bytes"] == bank.bytes_by_part()["index"]  # the serialized size is the file
@@ -179,7 +179,7 @@ def test_manifest_round_trip_and_service_defaults(make_bank: Any) -> None:
 def test_auto_chooses_by_the_budget_for_arrays(make_bank: Any) -> None:
     # A budget below the raw vectors: the writer compresses and still tunes and measures.
     b = make_bank(n=3000, d=32, index_factory="auto", memory_budget_bytes=200_000)
-    idx = Bank.load(b.path).manifest["index"]
+    idx = Bank.load(b.path).manifest.to_dict()["index"]
     assert "PQ" in idx["factory"] and idx["memory_budget_bytes"] == 200_000
     assert idx["recall"]["target"] == tuning.DEFAULT_RECALL_TARGET
     assert idx["bytes"] < 3000 * 32 * 4 and "nprobe" in idx["search_params"]
@@ -187,6 +187,6 @@ def test_auto_chooses_by_the_budget_for_arrays(make_bank: Any) -> None:
 
 def test_explicit_factory_without_target_measures_at_faiss_defaults(make_bank: Any) -> None:
     b = make_bank(n=2000, d=16, index_factory="HNSW8", recall_target=None)
-    idx = Bank.load(b.path).manifest["index"]
+    idx = Bank.load(b.path).manifest.to_dict()["index"]
     assert idx["search_params"] == {"efSearch": 16} and idx["recall"]["target"] is None
     assert 0 < idx["recall"]["value"] <= 1

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd.build.config import BuildConfig, add_arguments, run
+from bankd.build.config import BuildConfig, add_arguments
 from bankd.build.data import ImageCaptionDataset, load_llava_json
 from bankd.build.demo_data import DemoDataConfig, generate
-from bankd.build.pipeline import build_bank, select_entries
+from bankd.build.pipeline import build_bank, run, select_entries
 from bankd.models.embedder import Embedder
 from bankd.models.encoders import load_encoder
 from bankd.store.reader import Bank
@@ -57,7 +57,7 @@ def test_build_writes_a_complete_bank(bank, demo):
     assert b.values.dtype == np.float16
     np.testing.assert_allclose(np.linalg.norm(b.keys, axis=1), 1.0, atol=1e-5)
     assert b.ids.tolist() == [sample_id_to_int(s.id) for s in samples]
-    manifest = b.manifest
+    manifest = b.manifest.to_dict()
     assert manifest["key_function"]["config"]["name"] == "attnpool-v1"
     assert manifest["config"]["perceiver"]["num_latents"] == 32
     assert manifest["config"]["perceiver"]["init_seed"] == 0
@@ -158,7 +158,7 @@ def test_text_only_samples_are_skipped_and_missing_images_named(demo, tmp_path):
     data = _write(tmp_path / "mixed.json", raw[1:] + [text_only])
     path = build_bank(_config(demo, tmp_path / "bank.faiss", data=data))
     b = Bank.load(path)
-    assert b.entries == 23 and b.manifest["report"]["skipped_without_image"] == 1
+    assert b.entries == 23 and b.manifest.report["skipped_without_image"] == 1
     missing = raw[:4] + [dict(raw[4], image="images/does-not-exist.png")]
     samples = load_llava_json(_write(tmp_path / "missing.json", missing))
     ds = ImageCaptionDataset(samples, demo, load_encoder("tiny"))
@@ -210,7 +210,7 @@ def test_trained_values_are_far_more_informative_than_untrained(tmp_path):
         workers=0,
         progress=False,
     )
-    info = Bank.load(build_bank(config)).manifest["report"]["informativeness"]
+    info = Bank.load(build_bank(config)).manifest.report["informativeness"]
     trained, untrained = info["trained"], info["random_init"]
     assert info["test_pairs"] == 200 and trained["attribute_ridge"] > 3 * info["attribute_chance"]
     # Far better where values are read as the VLM reads them, one latent token at a time:
@@ -251,7 +251,7 @@ def _interrupt_after(monkeypatch, chunks: int) -> None:
 
 
 def _same_files(a: Path, b: Path) -> None:
-    files = [Bank.load(p).manifest["files"] for p in (a, b)]
+    files = [Bank.load(p).manifest.files for p in (a, b)]
     rename = {k.replace(b.stem, a.stem): v for k, v in files[1].items()}
     assert files[0] == rename
 
@@ -277,8 +277,8 @@ def test_interrupted_build_resumes_to_an_identical_bank(bank, demo, tmp_path, mo
     assert not work.exists()
     _same_files(bank, resumed)
     a, b = Bank.load(bank), Bank.load(resumed)
-    assert b.manifest["report"]["perceiver"]["steps"] == 3
-    assert b.manifest["report"]["informativeness"] == a.manifest["report"]["informativeness"]
+    assert b.manifest.report["perceiver"]["steps"] == 3
+    assert b.manifest.report["informativeness"] == a.manifest.report["informativeness"]
 
 
 def test_a_changed_build_refuses_to_resume_until_restart(bank, demo, tmp_path, monkeypatch):
@@ -297,7 +297,7 @@ def test_a_changed_build_refuses_to_resume_until_restart(bank, demo, tmp_path, m
         build_bank(_config(demo, out, seed=1))
     monkeypatch.undo()
     restarted = build_bank(_config(demo, out, batch_size=16), restart=True)
-    assert Bank.load(restarted).manifest["config"]["batch_size"] == 16
+    assert Bank.load(restarted).manifest.config["batch_size"] == 16
 
 
 def test_discard_other_starts_over_only_for_other_inputs(bank, demo, tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ def _torchrun(demo: Path, out: Path, *flags: str) -> subprocess.CompletedProcess
 
 def _files(path: Path) -> dict[str, dict]:
     """Size and SHA-256 of every file of a bank but its manifest."""
-    return Bank.load(path).manifest["files"]
+    return Bank.load(path).manifest.files
 
 
 def test_pass2_bounds() -> None:
@@ -103,8 +103,8 @@ def test_torchrun_build_equals_one_process_build(demo: Path, single: Path, tmp_p
     assert np.asarray(a.keys).tobytes() == np.asarray(b.keys).tobytes()
     assert np.asarray(a.values).tobytes() == np.asarray(b.values).tobytes()
     np.testing.assert_array_equal(a.ids, b.ids)
-    assert b.manifest["config"]["world_size"] == 2
-    assert b.manifest["report"]["perceiver"] == a.manifest["report"]["perceiver"]
+    assert b.manifest.config["world_size"] == 2
+    assert b.manifest.report["perceiver"] == a.manifest.report["perceiver"]
     assert not (tmp_path / "bank.partial").exists()
 
 
@@ -120,7 +120,7 @@ def test_keep_shards_writes_what_bankd_shard_writes(
     assert not (tmp_path / "bank.faiss").exists() and not (tmp_path / "bank.partial").exists()
     full = Bank.load(single)
     for i, path in enumerate(paths):
-        shard = Bank.load(path).manifest["config"]["shard"]
+        shard = Bank.load(path).manifest.config["shard"]
         lo, hi = shard["rows"]
         assert (shard["index"], shard["of"], shard["align_rows"]) == (i, 2, 32)
         np.testing.assert_array_equal(Bank.load(path).keys, full.keys[lo:hi])
@@ -223,7 +223,7 @@ def test_interrupted_torchrun_build_resumes(demo: Path, single: Path, tmp_path: 
     np.testing.assert_array_equal(b.keys, want)
     np.testing.assert_array_equal(b.values, a.values)
     np.testing.assert_array_equal(b.ids, a.ids)
-    assert b.manifest["report"]["perceiver"] == a.manifest["report"]["perceiver"]
+    assert b.manifest.report["perceiver"] == a.manifest.report["perceiver"]
     assert not (tmp_path / "bank.partial").exists()
 
 

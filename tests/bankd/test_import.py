@@ -82,7 +82,7 @@ def test_import_safetensors_with_sources(
     expected = np.array([sample_id_to_int(s) for s in sources])
     np.testing.assert_array_equal(bank.ids, expected)
     assert json.loads(bank.paths.file("sources.json").read_text())[:6] == [*sources[:5], "123"]
-    assert bank.manifest["index"]["requested"] == "auto"
+    assert bank.manifest.index.requested == "auto"
     client = client_factory(server_factory(out).port)
     got = client.fetch([expected[7], expected[5]])
     np.testing.assert_array_equal(got, values[[7, 5]].astype(np.float16))
@@ -96,11 +96,11 @@ def test_import_bank_from_arrays_tunes_any_factory(tmp_path: Path, make_bank: An
     path = import_bank(tmp_path / "h.faiss", np.load(memmap, mmap_mode="r"), values, ids,
                        config=config)  # fmt: skip
     bank = Bank.load(path)
-    idx = bank.manifest["index"]
-    assert idx["factory"] == "HNSW16" and idx["build_params"] == {"efConstruction": 60}
-    assert idx["recall"]["value"] >= 0.95 and "efSearch" in idx["search_params"]
+    idx = bank.manifest.index
+    assert idx.factory == "HNSW16" and idx.extra["build_params"] == {"efConstruction": 60}
+    assert idx.recall["value"] >= 0.95 and "efSearch" in idx.search_params
     assert bank.values.dtype == np.float16 and bank.value_shape == (4, 6)
-    assert bank.manifest["config"]["index_factory"] == "HNSW16"
+    assert bank.manifest.config["index_factory"] == "HNSW16"
 
 
 def test_bfloat16_safetensors_are_widened(tmp_path: Path) -> None:

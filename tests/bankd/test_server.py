@@ -123,7 +123,7 @@ def test_info_describes_the_bank(client: BankClient, bank: Any, server: Any) -> 
     assert info.key_dim == bank.keys.shape[1]
     assert info.value_shape == bank.values.shape[1:]
     assert info.value_dtype == "float16"
-    assert info.index_type == manifest["index_factory"] == "Flat"
+    assert info.index_type == manifest.index_factory == "Flat"
     assert info.metric == "ip"
     assert info.max_k == 1024 and info.max_batch == ServiceLimits().max_batch
     assert info.max_message_bytes == ServiceLimits().max_message_bytes

@@ -160,9 +160,9 @@ def test_shards_are_contiguous_complete_banks(setup: SimpleNamespace) -> None:
     sizes = []
     for i, path in enumerate(setup.shards):
         bank = Bank.load(path)
-        lo, hi = bank.manifest["config"]["shard"]["rows"]
-        assert bank.manifest["config"]["shard"]["index"] == i
-        assert bank.manifest["index_factory"] == "Flat" and bank.index.ntotal == hi - lo
+        lo, hi = bank.manifest.config["shard"]["rows"]
+        assert bank.manifest.config["shard"]["index"] == i
+        assert bank.manifest.index_factory == "Flat" and bank.index.ntotal == hi - lo
         np.testing.assert_array_equal(bank.ids, setup.ids[lo:hi])  # entry ids kept
         np.testing.assert_array_equal(bank.keys, setup.keys[lo:hi])
         np.testing.assert_array_equal(bank.values, setup.values[lo:hi])
@@ -201,11 +201,11 @@ def test_split_keeps_factory_metadata_and_sources(tmp_path: Path) -> None:
     for i, p in enumerate(paths):
         bank = Bank.load(p)
         lo, hi = 200 * i, 200 * (i + 1)  # too small to align: an even split
-        assert bank.manifest["index_factory"] == "HNSW16"
+        assert bank.manifest.index_factory == "HNSW16"
         assert bank.fingerprint("vision_encoder") == fp
         assert bank.key_function() == ({"name": "attnpool"}, b"kf")
         assert bank.weights("perceiver") == b"pc"
-        assert bank.manifest["config"]["shard"]["align_rows"] == 1
+        assert bank.manifest.config["shard"]["align_rows"] == 1
         sources = (p.parent / f"b-{i}-of-3.sources.json").read_text()
         assert sources == str([f"s{j}" for j in range(lo, hi)]).replace("'", '"')
         np.testing.assert_array_equal(bank.ids, ids[lo:hi])

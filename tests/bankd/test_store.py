@@ -57,7 +57,7 @@ def test_write_then_load_round_trip(make_bank: Any) -> None:
     assert isinstance(bank.values, np.memmap)  # served memory-mapped
     assert bank.index.ntotal == 120 and bank.index.d == 12
     assert (bank.entries, bank.key_dim, bank.value_shape) == (120, 12, (32, 96))
-    m = bank.manifest
+    m = bank.manifest.to_dict()
     assert m["format"] == FORMAT and m["index_factory"] == "Flat" and m["metric"] == "ip"
     assert m["value_dtype"] == "float16" and m["config"] == {"seed": 3}
     assert m["report"] == {"probe": 0.5}
@@ -240,7 +240,7 @@ def test_writer_exception_leaves_no_temp_folder_and_no_manifest(tmp_path: Path) 
         (lambda w: w.add(np.ones((2, 4)), np.zeros((2, 2, 3)), np.arange(3)), "ids chunk"),
         (lambda w: w.add(np.full((2, 4), np.nan), np.zeros((2, 2, 3)), np.arange(2)), "NaN"),
         (lambda w: w.add(np.ones((5, 4)), np.zeros((5, 2, 3)), np.arange(5)), "more than"),
-        (lambda w: w.finish(), "3 entries added, 4 declared"),
+        (lambda w: w.check_complete(), "3 entries added, 4 declared"),
     ],
 )
 def test_writer_refuses_bad_chunks(tmp_path: Path, mistake: Any, message: str) -> None:
