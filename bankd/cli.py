@@ -28,156 +28,20 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from bankd import __version__
-from bankd.search.flat_kernel import FLAT_SEARCH
+from bankd.serve import flags
 from bankd_client import BankClient, BankError, tune_allocator
 from bankd_client.credentials import add_connection_flags, connection_options
 
 
-def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", required=True, help="bank index file written by `bankd build`")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
-    p.add_argument(
-        "--metrics-port", type=int, default=9100, help="Prometheus /metrics port; -1 disables"
-    )
-    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics")
-    p.add_argument(
-        "--health-port",
-        type=int,
-        default=None,
-        help="also serve grpc.health.v1 alone, in plaintext, on this port of --host "
-        "(for probes that cannot speak TLS; default off)",
-    )
-    p.add_argument("--device", default="auto", help="search device: auto, cpu, cuda, cuda:N")
-    p.add_argument(
-        "--flat-search",
-        choices=FLAT_SEARCH,
-        default="auto",
-        help="exact search of a Flat index on the CPU: bankd's own kernel (x86-64 with AVX2 "
-        "and FMA, k <= 64; about 1.25x FAISS's speed), FAISS, or auto (the kernel where it "
-        "runs)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads one search may use (FAISS's OpenMP threads and bankd's flat "
-        "kernel's; default: one per core). Fewer leave cores to other work on the host, "
-        "e.g. a trainer, or to concurrent Embed calls",
-    )
-    p.add_argument(
-        "--max-embed-pixels",
-        type=int,
-        default=None,
-        help="pixels the images of one Embed request may declare together (default 2^25, "
-        "33.5 Mpx), read from their headers before anything is decoded; over it the request "
-        "is INVALID_ARGUMENT. Decoded images take about 4 bytes a pixel, so this bounds "
-        "what one Embed call holds",
-    )
-    p.add_argument(
-        "--max-concurrent-rpcs",
-        type=int,
-        default=64,
-        help="RPCs answered at once; more get RESOURCE_EXHAUSTED",
-    )
-    p.add_argument("--max-batch", type=int, default=8192, help="query rows per request")
-    p.add_argument("--max-k", type=int, default=1024, help="largest k a request may ask for")
-    p.add_argument("--max-message-mb", type=int, default=256, help="gRPC message size limit")
-    p.add_argument(
-        "--max-nprobe",
-        type=int,
-        default=1024,
-        help="largest nprobe a request may ask for (IVF; also capped at the index's nlist)",
-    )
-    p.add_argument(
-        "--max-ef-search", type=int, default=1024, help="largest ef_search a request may ask for"
-    )
-    p.add_argument(
-        "--merge-wait-us",
-        type=float,
-        default=500,
-        help="how long to wait for concurrent requests to merge into one search",
-    )
-    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on SIGTERM")
-    p.add_argument(
-        "--no-verify", action="store_true", help="skip checksums at load (sizes still checked)"
-    )
-    p.add_argument("--encoder", default=None, help="encoder for Embed (default: the bank's own)")
-    p.add_argument("--no-embed", action="store_true", help="do not load an encoder; Embed is off")
-    p.add_argument(
-        "--mmap-index",
-        action="store_true",
-        help="map the index's vectors (flat codes, IVF lists) from its file instead of reading "
-        "them into memory: banks larger than RAM; the values are always mapped",
-    )
-    p.add_argument(
-        "--no-shared-memory",
-        action="store_true",
-        help="always send values in the response, even to a client on this host that "
-        "offers a /dev/shm region for them",
-    )
-    g = p.add_argument_group("security (README: Security)")
-    g.add_argument("--tls-cert", help="PEM certificate chain of the server: serve TLS")
-    g.add_argument("--tls-key", help="PEM private key of --tls-cert (unencrypted)")
-    g.add_argument(
-        "--tls-client-ca",
-        help="PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
-    )
-    g.add_argument(
-        "--auth-token-file",
-        help="file holding the bearer token every MemoryBank call must carry "
-        "(health and reflection stay open)",
-    )
-
-
 def _serve(args: argparse.Namespace) -> int:
-    from bankd.serve.server import BankServer, ServerConfig
-    from bankd.serve.service import ServiceLimits
+    from bankd.serve.server import BankServer
 
-    for flag in ("threads", "max_embed_pixels"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    limits = replace(
-        ServiceLimits(),
-        max_batch=args.max_batch,
-        max_k=args.max_k,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        merge_wait_s=args.merge_wait_us / 1e6,
-        max_nprobe=args.max_nprobe,
-        max_ef_search=args.max_ef_search,
-    )
-    if args.max_embed_pixels is not None:
-        limits = replace(limits, max_embed_pixels=args.max_embed_pixels)
-    config = ServerConfig(
-        index=args.index,
-        host=args.host,
-        port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        metrics_host=args.metrics_host,
-        device=args.device,
-        flat_search=args.flat_search,
-        threads=args.threads,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        grace_s=args.grace,
-        verify=not args.no_verify,
-        encoder=args.encoder,
-        no_embed=args.no_embed,
-        mmap_index=args.mmap_index,
-        limits=limits,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        auth_token_file=args.auth_token_file,
-        health_port=args.health_port,
-        shared_memory=not args.no_shared_memory,
-    )
+    config = flags.from_args(args)
     tune_allocator()
     server = BankServer(config)  # ValueError (exit 2) for bad security flags or files
     stopping = threading.Event()
@@ -203,6 +67,18 @@ def _serve(args: argparse.Namespace) -> int:
         + (f", health on {args.host}:{server.health_port}" if server.health_port else ""),
         flush=True,
     )
+    if config.ready_file:
+        from bankd.serve.process import write_ready_file
+
+        write_ready_file(
+            config.ready_file,
+            host=config.host,
+            port=server.port,
+            metrics_port=server.metrics_port,
+            health_port=server.health_port,
+            pid=os.getpid(),
+            index=str(Path(config.index).resolve()),
+        )
     server.wait()
     return 0
 
@@ -300,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=shard.run)
 
     p = sub.add_parser("serve", help="serve a bank over gRPC")
-    _add_serve(p)
+    flags.add_arguments(p)
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("info", help="describe a running bank")

@@ -17,12 +17,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
 import functools
-import queue
-import re
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -285,101 +279,27 @@ def helpers() -> SimpleNamespace:
 
 # -- `bankd serve` as a child process ----------------------------------------------------
 
-# The first "on HOST:PORT" is the gRPC port; ", metrics on HOST:PORT" may follow.
-SERVING = re.compile(r"bankd serving .*? on (\S+):(\d+)")
-METRICS = re.compile(r", metrics on (\S+):(\d+)")
 START_TIMEOUT_S = 120.0  # generous: a busy 2-core machine; with --encoder, torch loads
 
 
-class ServeProcess:
-    """`python -m bankd serve` in a child process: its address, output and exit."""
-
-    def __init__(self, index: Path, *args: str, port: int = 0) -> None:
-        self.argv = [
-            sys.executable,
-            "-m",
-            "bankd",
-            "serve",
-            "--index",
-            str(index),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "-1",
-            "--device",
-            "cpu",
-            "--no-embed",
-            *args,
-        ]
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # no spinning on shared cores
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        self.stdout: queue.Queue[str | None] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump_stdout, daemon=True).start()
-        threading.Thread(target=self._pump_stderr, daemon=True).start()
-        self.port: int | None = None
-        self.metrics_port: int | None = None  # with "--metrics-port", "0" among the flags
-
-    def _pump_stdout(self) -> None:
-        for line in self.proc.stdout:
-            self.stdout.put(line)
-        self.stdout.put(None)
-
-    def _pump_stderr(self) -> None:
-        for line in self.proc.stderr:  # keep draining: the child never blocks on it
-            self.stderr.append(line)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_serving(self, timeout: float = START_TIMEOUT_S) -> ServeProcess:
-        """Until the 'bankd serving' line is printed and health says SERVING."""
-        deadline = time.monotonic() + timeout
-        while self.port is None:
-            try:
-                line = self.stdout.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"bankd serve not up in {timeout:.0f} s") from None
-            if line is None:
-                self.proc.wait(10)
-                raise RuntimeError(f"bankd serve exited early:\n{self.output()}")
-            if m := SERVING.search(line):
-                self.port = int(m.group(2))
-                if metrics := METRICS.search(line):
-                    self.metrics_port = int(metrics.group(2))
-        from bankd_client import BankClient
-
-        with BankClient(self.address) as client:
-            client.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
-        return self
-
-    def exit_code(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def output(self) -> str:
-        return "".join(self.stderr)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-
 @pytest.fixture
-def serve() -> Iterator[Callable[..., ServeProcess]]:
-    """serve(index, *flags, port=0): a started `bankd serve` child, killed at the end."""
+def serve() -> Iterator[Callable[..., Any]]:
+    """serve(index, *flags, port=0): a started `bankd serve` child on loopback (CPU search,
+    no /metrics, no Embed, then the flags), killed at the end; ``.wait_ready()`` waits
+    until it serves (``bankd.serve.process.ServeProcess``)."""
+    from bankd.serve.flags import ServerConfig
+    from bankd.serve.process import ServeProcess
+
     started: list[ServeProcess] = []
 
     def start(index: Path, *args: str, port: int = 0) -> ServeProcess:
-        p = ServeProcess(index, *args, port=port)
-        started.append(p)
+        config = ServerConfig(
+            index=str(index), port=port, metrics_port=None, device="cpu", no_embed=True
+        )
+        p = ServeProcess(config, serve_args=args, wait_ready=False, start_timeout=START_TIMEOUT_S)
+        started.append(p.start())
         return p
 
     yield start
     for p in started:
-        p.stop()
+        p.kill()

@@ -8,10 +8,10 @@ once decoded), and a request may carry ``ServiceLimits.max_embed`` of them. So:
 
 1. every image's header is read first: ``Image.open`` reads the size without
    decoding, and the request is refused when its images declare more pixels together
-   than the budget (``max_pixels``, ``bankd serve --max-embed-pixels``) -- before
-   anything is decoded. Decoded memory is about 3-4 bytes a pixel (RGB or RGBA) plus
-   the RGB copy of one image at a time, so the budget bounds what one Embed call
-   holds;
+   than the budget (``max_pixels``: ``ServiceLimits.max_embed_pixels``, ``bankd serve
+   --max-embed-pixels``) -- before anything is decoded. Decoded memory is about 3-4
+   bytes a pixel (RGB or RGBA) plus the RGB copy of one image at a time, so the
+   budget bounds what one Embed call holds;
 2. only raster formats are opened (``FORMATS``): never EPS or PDF, which Pillow hands
    to Ghostscript;
 3. anything that goes wrong opening or decoding one image is INVALID_ARGUMENT naming
@@ -29,7 +29,6 @@ from PIL import Image, UnidentifiedImageError
 from bankd_client import errors
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = 1 << 25  # 33.5 Mpx a request: e.g. 128 images of 512 x 512
 
 
 def _problem(e: Exception) -> str:
@@ -37,7 +36,7 @@ def _problem(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def decode_images(blobs: Sequence[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> list:
+def decode_images(blobs: Sequence[bytes], max_pixels: int) -> list:
     """Encoded images -> RGB PIL images, or InvalidArgument naming the first bad image.
 
     The headers of all images are read and their declared pixels summed against

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import wraps
 from typing import Any
 
@@ -30,10 +30,11 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bankd.serve.flags import ServerConfig
 from bankd.serve.malformed import UndecodableRequests
 from bankd.serve.metrics import Metrics
 from bankd.serve.security import ServerSecurity
-from bankd.serve.service import BankService, ServiceLimits
+from bankd.serve.service import BankService
 from bankd.serve.shm import MappedRegions, Sweeper
 from bankd.store.reader import Bank
 from bankd_client import errors, tensors, wire
@@ -45,34 +46,6 @@ from bankd_client.shm import available as shm_available
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name
 STREAM_WINDOW = 64  # requests one stream may have in flight
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything `bankd serve` takes; logged at start."""
-
-    index: str
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int | None = 9100
-    metrics_host: str = "127.0.0.1"
-    device: str = "auto"
-    flat_search: str = "auto"  # CPU flat indexes: "auto" (bankd's kernel if built), "faiss"
-    threads: int | None = None  # CPU search threads (FAISS OpenMP, flat kernel); None: cores
-    max_concurrent_rpcs: int = 64
-    workers: int = 0  # gRPC handler threads; 0 = max_concurrent_rpcs + 8
-    grace_s: float = 10.0
-    verify: bool = True
-    encoder: str | None = None  # load this encoder for Embed instead of the bank's
-    no_embed: bool = False
-    mmap_index: bool = False  # map the index's vectors from the file (larger-than-RAM banks)
-    limits: ServiceLimits = ServiceLimits()
-    tls_cert: str | None = None  # PEM certificate chain; with tls_key: serve TLS
-    tls_key: str | None = None  # PEM private key (unencrypted)
-    tls_client_ca: str | None = None  # PEM CA bundle: clients need a cert it signed (mTLS)
-    auth_token_file: str | None = None  # bearer token every MemoryBank call must carry
-    health_port: int | None = None  # plaintext port serving grpc.health.v1 alone; 0 = free
-    shared_memory: bool = True  # write values into same-host clients' /dev/shm regions
 
 
 def _rpc(method: str) -> Callable:

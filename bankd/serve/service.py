@@ -30,7 +30,8 @@ import numpy as np
 
 from bankd import __version__
 from bankd.search.index import Searcher, SearchResult, gather_values
-from bankd.serve.images import DEFAULT_MAX_PIXELS, decode_images
+from bankd.serve.flags import ServiceLimits
+from bankd.serve.images import decode_images
 from bankd.serve.metrics import Metrics
 from bankd.serve.shm import MappedRegions
 from bankd.store.reader import Bank
@@ -40,22 +41,7 @@ from bankd_client.types import BankInfo
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What one request may ask for."""
-
-    max_batch: int = 8192
-    max_k: int = 1024
-    max_exclude_per_query: int = 1024
-    max_fetch: int = 65_536
-    max_embed: int = 256
-    max_embed_pixels: int = DEFAULT_MAX_PIXELS  # declared pixels of one Embed's images
-    merge_wait_s: float = 0.0005
-    merge_max_rows: int = 8192
-    max_message_bytes: int = 256 * 1024 * 1024
-    max_nprobe: int = 1024  # per-request nprobe (IVF), also capped at the index's nlist
-    max_ef_search: int = 1024  # per-request efSearch (HNSW)
-
+DEFAULT_LIMITS = ServiceLimits()
 
 # Request field -> FAISS parameter name, and the ServiceLimits field that caps it.
 OVERRIDES = {"nprobe": ("nprobe", "max_nprobe"), "ef_search": ("efSearch", "max_ef_search")}
@@ -82,7 +68,7 @@ class BankService:
         device: str = "auto",
         flat_search: str = "auto",
         threads: int | None = None,
-        limits: ServiceLimits = ServiceLimits(),
+        limits: ServiceLimits = DEFAULT_LIMITS,
         metrics: Metrics | None = None,
         embedder: Any = None,
         search_params: dict[str, Any] | None = None,

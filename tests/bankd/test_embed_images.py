@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd.serve.images import DEFAULT_MAX_PIXELS, decode_images
-from bankd.serve.service import ServiceLimits
+from bankd.serve.flags import ServiceLimits
+from bankd.serve.images import decode_images
 from bankd_client import errors
+
+BUDGET = ServiceLimits().max_embed_pixels  # the server's default
 
 
 def png(width: int = 64, height: int = 64, seed: int = 0) -> bytes:
@@ -63,7 +65,7 @@ BAD = {
 def test_good_images_decode_to_rgb() -> None:
     gray = io.BytesIO()
     Image.new("L", (10, 20), 128).save(gray, "PNG")
-    out = decode_images([png(32, 16), gray.getvalue()])
+    out = decode_images([png(32, 16), gray.getvalue()], BUDGET)
     assert [(im.mode, im.size) for im in out] == [("RGB", (32, 16)), ("RGB", (10, 20))]
 
 
@@ -71,7 +73,7 @@ def test_good_images_decode_to_rgb() -> None:
 def test_bad_image_is_invalid_argument_naming_its_index(case: str) -> None:
     blob, why = BAD[case]
     with pytest.raises(errors.InvalidArgument) as e:
-        decode_images([png(), png(seed=1), blob, png()])
+        decode_images([png(), png(seed=1), blob, png()], BUDGET)
     assert "image 2" in e.value.message and why in e.value.message
 
 
@@ -80,7 +82,7 @@ def test_a_bomb_is_refused_before_decoding() -> None:
     with pytest.raises(errors.InvalidArgument, match=r"image 0 .*DecompressionBombError"):
         decode_images([declaring(20_000, 20_000)], max_pixels=1 << 30)
     with pytest.raises(errors.InvalidArgument, match=r"image 0 \(9000 x 9000\): 81000000"):
-        decode_images([declaring(9000, 9000)])
+        decode_images([declaring(9000, 9000)], BUDGET)
 
 
 def test_budget_is_summed_over_the_request_before_decoding() -> None:
@@ -92,18 +94,20 @@ def test_budget_is_summed_over_the_request_before_decoding() -> None:
     # A header declaring too much is refused even though its data would not decode:
     # nothing is decoded before the sizes are summed.
     with pytest.raises(errors.InvalidArgument, match="budget"):
-        decode_images([png(), broken_png(), declaring(8192, 8192)])
+        decode_images([png(), broken_png(), declaring(8192, 8192)], BUDGET)
 
 
 def test_formats_that_run_external_programs_are_not_opened() -> None:
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     with pytest.raises(errors.InvalidArgument, match="image 0 is not a PNG/JPEG"):
-        decode_images([eps])
+        decode_images([eps], BUDGET)
 
 
 def test_default_budget_fits_a_full_request_of_typical_images() -> None:
-    assert ServiceLimits().max_embed_pixels == DEFAULT_MAX_PIXELS
-    assert ServiceLimits().max_embed * 336 * 336 <= DEFAULT_MAX_PIXELS < 8192 * 8192
+    limits = ServiceLimits()
+    assert limits.max_embed * 336 * 336 <= limits.max_embed_pixels < 8192 * 8192
+    with pytest.raises(ValueError, match="--max-embed-pixels must be >= 1"):
+        ServiceLimits(max_embed_pixels=0)
 
 
 # -- through a server ------------------------------------------------------------------
@@ -111,7 +115,8 @@ def test_default_budget_fits_a_full_request_of_typical_images() -> None:
 
 @pytest.fixture(scope="module")
 def embed_port(encoder_bank: Any) -> Any:
-    from bankd.serve.server import BankServer, ServerConfig
+    from bankd.serve.flags import ServerConfig
+    from bankd.serve.server import BankServer
 
     limits = dataclasses.replace(ServiceLimits(), max_embed_pixels=3 * 64 * 64)
     config = ServerConfig(

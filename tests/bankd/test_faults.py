@@ -52,7 +52,7 @@ def test_sigterm_drains_the_inflight_stream_then_exits_0(
     bank: Any, helpers: Any, serve: Callable[..., Any]
 ) -> None:
     grace = 20.0
-    server = serve(bank.path, "--grace", str(grace)).wait_serving()
+    server = serve(bank.path, "--grace", str(grace)).wait_ready()
     batches = [bank.queries(3, seed=300 + i) for i in range(16)]
     sent = [0]
     got: list[Any] = []
@@ -127,7 +127,7 @@ def test_kill_9_and_restart_on_the_same_port(
     from bankd.models.keys import KeyFunction
     from tinyalign.retrieval import RetrievalUnavailable, Retriever
 
-    first = serve(bank.path).wait_serving()
+    first = serve(bank.path).wait_ready()
     port = first.port
 
     # A client stream (no resume: it must fail clearly) ...
@@ -172,7 +172,7 @@ def test_kill_9_and_restart_on_the_same_port(
     # the Retriever's retrying is what bridges the outage: `bankd serve` restarts in
     # well under a second now that it does not import torch.
     time.sleep(3.0)
-    second = serve(bank.path, port=port).wait_serving()
+    second = serve(bank.path, port=port).wait_ready()
     assert second.port == port
     for t in threads:
         t.join(120)

@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bankd.serve.server import BankServer, ServerConfig
-from bankd.serve.service import ServiceLimits
+from bankd.serve.flags import ServerConfig, ServiceLimits
+from bankd.serve.server import BankServer
 from bankd_client import BankClient, errors, tensors
 from bankd_client.proto import bankd_pb2 as pb
 

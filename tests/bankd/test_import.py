@@ -53,7 +53,7 @@ def test_import_npy_then_serve_finds_the_expected_ids(
     argv += [str(tmp_path / "values.npy"), "--ids", str(tmp_path / "ids.npy")]
     assert main([*argv, "--index", "Flat", "--out", str(out), "--no-progress"]) == 0
     assert f"wrote 500 entries to {out}" in capsys.readouterr().out
-    child = serve(out).wait_serving()
+    child = serve(out).wait_ready()
     with BankClient(child.address, timeout=30) as client:
         rows = np.array([0, 17, 499])
         hits = client.search(keys[rows], k=1)

@@ -44,7 +44,7 @@ def searches_answered(srv: Any) -> float:
 def test_63_mb_of_values_with_default_flags(
     big_bank: Any, serve: Any, helpers: Any, shared_memory: bool
 ) -> None:
-    proc = serve(big_bank.path).wait_serving()  # `bankd serve` as deployed: default flags
+    proc = serve(big_bank.path).wait_ready()  # `bankd serve` as deployed: default flags
     queries = big_bank.queries(B, seed=1)
     with BankClient(proc.address, timeout=120, shared_memory=shared_memory) as client:
         assert client.info().max_message_bytes == 256 * MIB

@@ -54,7 +54,7 @@ def replicas(make_bank: Any, serve: Callable[..., Any]) -> tuple[Any, list[Any]]
     bank = make_bank(n=300, d=16, seed=11)
     procs = [serve(bank.path, "--metrics-port", "0", "--grace", "2") for _ in range(3)]
     for p in procs:  # started together above, so they load at the same time
-        p.wait_serving()
+        p.wait_ready()
         assert p.metrics_port, "no metrics port in the serving line"
     return bank, procs
 
@@ -94,7 +94,7 @@ def test_round_robin_over_replicas_and_failover(
         client.wait_ready(timeout=10)  # health: answered by a replica that is up
 
         # A replica back on its old address rejoins the rotation (gRPC reconnects it).
-        back = serve(bank.path, "--metrics-port", "0", port=procs[0].port).wait_serving()
+        back = serve(bank.path, "--metrics-port", "0", port=procs[0].port).wait_ready()
         deadline = time.monotonic() + 60
         while searches_answered(back) == 0:
             assert time.monotonic() < deadline, "the restarted replica got no call in 60 s"

@@ -43,7 +43,7 @@ def test_faiss_search_on_the_set_threads(
 
 
 def test_bankd_serve_threads_flag(bank: Any, serve: Any, helpers: Any) -> None:
-    child = serve(bank.path, "--threads", "1").wait_serving()
+    child = serve(bank.path, "--threads", "1").wait_ready()
     with BankClient(child.address, timeout=30) as client:
         q = bank.queries(8, seed=12)
         hits = client.search(q, k=4)

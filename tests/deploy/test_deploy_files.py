@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bankd.cli import _add_serve
+from bankd.serve.flags import add_arguments as add_serve_arguments
 from bankd.serve.metrics import Metrics
 from bankd_client.proto import bankd_pb2
 
@@ -67,7 +67,7 @@ def parse_serve(argv: list[str]) -> argparse.Namespace:
     """Parse `bankd serve` arguments exactly as the CLI does; SystemExit if it would not."""
     assert argv[0] == "serve", argv
     parser = argparse.ArgumentParser(prog="bankd serve", exit_on_error=False)
-    _add_serve(parser)
+    add_serve_arguments(parser)
     return parser.parse_args(argv[1:])
 
 

@@ -100,14 +100,14 @@ def test_run_survives_a_killed_and_restarted_bank(
     demo: Any, make_config: Any, serve: Callable[..., Any], tmp_path: Path, caplog: Any
 ) -> None:
     caplog.set_level("WARNING", logger="tinyalign.retrieval")
-    first = serve(demo.bank).wait_serving()
+    first = serve(demo.bank).wait_ready()
     restarted: list[Any] = []
 
     def restart() -> None:
         # Down for longer than gRPC's own reconnect attempts (about 1.5 s; `bankd serve`
         # restarts in under a second), so the Retriever's retrying is what bridges it.
         time.sleep(3.0)
-        restarted.append(serve(demo.bank, port=first.port).wait_serving())
+        restarted.append(serve(demo.bank, port=first.port).wait_ready())
 
     steps, out = 12, tmp_path / "run"
     watcher = kill_after_step(first, out, 3, then=restart)
@@ -129,7 +129,7 @@ def test_run_survives_a_killed_and_restarted_bank(
 def test_run_stops_clearly_when_the_bank_stays_down(
     demo: Any, make_config: Any, serve: Callable[..., Any], tmp_path: Path
 ) -> None:
-    server = serve(demo.bank).wait_serving()
+    server = serve(demo.bank).wait_ready()
     out = tmp_path / "run"
     kill_after_step(server, out, 2)
     t0 = time.monotonic()
