@@ -11,11 +11,11 @@ From Python, with arrays in memory or memory-mapped::
     import_bank("bank/bank.faiss", keys, values, ids=ids)   # keys [N, d], values [N, ...]
 
 Inputs: keys [N, d] and values [N, ...] (for the TinyAlign trainer [N, 32, 96]) as
-``.npy`` or ``.safetensors`` files (a file of several tensors: the tensor named like
-the role, "keys" / "values" / "ids", or ``FILE:NAME`` to choose one); entry ids as
-int64 [N] (``--ids``), or as the samples' own ids (``--sources``: a JSON list of N
-strings or integers, mapped by ``bankd_client.sample_id_to_int`` and kept in the bank
-as its source ids), or 0..N-1 when neither is given.
+``.npy`` or ``.safetensors`` files (of a file of several tensors, the one named like
+the role, "keys" / "values" / "ids", or ``FILE.safetensors:NAME`` to choose one);
+entry ids as int64 [N] (``--ids``), or as the samples' own ids (``--sources``: a JSON
+list of N strings or integers, mapped by ``bankd_client.sample_id_to_int`` and kept
+in the bank as its source ids), or 0..N-1 when neither is given.
 
 Checked before anything is written, each with the file and row named: shapes and
 counts, dtypes (floating keys and values; integer ids), NaN and inf (and values too
