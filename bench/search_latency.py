@@ -376,10 +376,12 @@ def _tie_explained(ref_scores: np.ndarray, got_scores: np.ndarray) -> bool:
 
 
 def wire_cost(ref: dict[str, np.ndarray], reps: int = 5) -> dict[str, float]:
-    """In-process cost of one response: bankd's way (``bankd_client.wire``: values
-    gathered into the message, read back as views) against the protobuf runtime's
+    """In-process cost of one response: bankd's way (``bankd.serve.wire`` writes, values
+    gathered then joined into the message; ``bankd_client.wire`` reads them back as
+    views) against the protobuf runtime's
     (arrays -> Tensor messages -> serialization, parse -> decode), gather included."""
     from bankd.search.topk import gather_values
+    from bankd.serve import wire as server_wire
     from bankd_client import wire
     from bankd_client.proto import bankd_pb2 as pb
     from bankd_client.types import Hits
@@ -389,10 +391,12 @@ def wire_cost(ref: dict[str, np.ndarray], reps: int = 5) -> dict[str, float]:
     times: dict[str, list[float]] = {"encode": [], "decode": [], "pb_encode": [], "pb_decode": []}
     size = 0
     for _ in range(reps):
-        fill = wire.Fill(
+        fill = server_wire.Fill(
             ref["values"].shape, values.dtype, lambda o: gather_values(values, rows, o)
         )
-        blob, t = _timed(lambda f=fill: wire.search_response(ref["ids"], ref["scores"], "", f))
+        blob, t = _timed(
+            lambda f=fill: server_wire.search_response(ref["ids"], ref["scores"], "", f)
+        )
         times["encode"].append(t)
         size = len(blob)
         _, t = _timed(lambda b=blob: wire.read_search_response(b))

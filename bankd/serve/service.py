@@ -34,9 +34,11 @@ from bankd.serve.flags import ServiceLimits
 from bankd.serve.images import decode_images
 from bankd.serve.metrics import Metrics
 from bankd.serve.shm import MappedRegions
+from bankd.serve.wire import Fill
 from bankd.store.reader import Bank
-from bankd_client import errors, wire
+from bankd_client import errors
 from bankd_client.types import BankInfo
+from bankd_client.wire import InRegion
 
 log = logging.getLogger(__name__)
 
@@ -317,15 +319,15 @@ class BankService:
         raw = regions.target(region.name, region.offset, region.size, nbytes)
         return None if raw is None else raw.view(values.dtype).reshape(shape)
 
-    def values_into(self, result: SearchResult, out: np.ndarray) -> wire.InRegion:
+    def values_into(self, result: SearchResult, out: np.ndarray) -> InRegion:
         """Gather the result's values into ``out`` (from ``values_region``)."""
         gather_values(self.bank.values, result.rows, out)
-        return wire.InRegion(out.shape, out.dtype)
+        return InRegion(out.shape, out.dtype)
 
-    def values_fill(self, result: SearchResult) -> wire.Fill:
+    def values_fill(self, result: SearchResult) -> Fill:
         """The result's values, gathered from the bank straight into a response."""
         values = self.bank.values
-        return wire.Fill(
+        return Fill(
             (*result.rows.shape, *values.shape[1:]),
             values.dtype,
             lambda out: gather_values(values, result.rows, out),
