@@ -178,9 +178,8 @@ def start_server(index: Path, limit: int, cfg: LoadConfig, log_path: Path) -> Se
         serve_args=args,
         log_level="WARNING",
         start_timeout=START_TIMEOUT_S,
-        wait_ready=False,
     )
-    return server.start()
+    return server.start()  # returns once it serves
 
 
 def read_memory_mb(pid: int) -> dict[str, float] | None:

@@ -110,6 +110,7 @@ def ensure_bank(config: ExperimentConfig, folder: Path, directory: Path) -> tupl
     manifest has the same build settings and the data file the same SHA-256."""
     from bankd.build.config import BuildConfig
     from bankd.build.pipeline import build_bank
+    from bankd.store.manifest import Manifest
     from bankd.store.paths import BankPaths
 
     index = directory / "bank.faiss"
@@ -129,7 +130,7 @@ def ensure_bank(config: ExperimentConfig, folder: Path, directory: Path) -> tupl
     want["data_sha256"] = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()
     stamp, manifest = directory / "experiment_bank.json", BankPaths(index).manifest
     if stamp.is_file() and manifest.is_file():
-        built = json.loads(manifest.read_text())["config"]
+        built = Manifest.from_json(manifest.read_bytes(), where=manifest).config
         if json.loads(stamp.read_text()) == want and all(built.get(k) == want[k] for k in keys):
             log.info("experiment: reusing the bank %s (same data and build settings)", index)
             return index, False
