@@ -121,6 +121,9 @@ class Bf16Search:
         self.keys, self.kernel = keys, kernel
         self.n, self.d = keys.shape
         self.threads = max(1, int(threads))
+        # torch's (oneDNN's) threads are a setting of the process: the searcher's count
+        # (`bankd serve --threads`) holds for its products too.
+        torch.set_num_threads(self.threads)
         amax, norm_max = 0.0, 0.0
         chunks = range(0, self.n, 65_536)
         for s in chunks:
