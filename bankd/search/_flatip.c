@@ -22,15 +22,22 @@
 #define MR 6  /* keys per tile */
 #define NR 16 /* queries per tile: two 8-float AVX2 registers */
 
-/* Replace the root of a min-heap of k (score, row) pairs and sift it down. */
+/* Whether hit (sa, ra) ranks below (sb, rb): a lower score, or an equal one at a higher
+ * row (ties go to the lower row, so the higher one is evicted first). */
+static inline int worse(float sa, int64_t ra, float sb, int64_t rb)
+{
+    return sa < sb || (sa == sb && ra > rb);
+}
+
+/* Replace the root (the worst hit) of a heap of k (score, row) pairs and sift down. */
 static void heap_replace_top(float *hs, int64_t *hr, int64_t k, float s, int64_t r)
 {
     int64_t i = 0;
     for (;;) {
         int64_t l = 2 * i + 1, c;
         if (l >= k) break;
-        c = (l + 1 < k && hs[l + 1] < hs[l]) ? l + 1 : l;
-        if (hs[c] >= s) break;
+        c = (l + 1 < k && worse(hs[l + 1], hr[l + 1], hs[l], hr[l])) ? l + 1 : l;
+        if (!worse(hs[c], hr[c], s, r)) break;
         hs[i] = hs[c];
         hr[i] = hr[c];
         i = c;

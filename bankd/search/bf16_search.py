@@ -27,14 +27,23 @@ most t per step). The result is rounded to bf16 once more: |s~ - a| <= u |a| + t
     C_d = ((2u + u^2) + g_d (1 + u)^2)(1 + u) + u,     eta = 8 (d + 1) 2^-126,
 
 eta bounding the at most 5d + 2 flush terms of size <= 2^-126 each (operands <= 1).
-This engine uses E_q = C_d |q| max_j |k_j| + eta for all keys of query q.
 
-The candidates. Let T be the k-th best low-precision score of q. k keys have true
-scores >= their s~ - E_q >= T - E_q, so the true k-th best score, and with it every
-key of the true top k (ties included, whatever their order), is >= T - E_q; such a key
-has s~ >= its true score - E_q >= T - 2 E_q. So every key with s~ >= T - 2 E_q is
-taken; the scan keeps the running k-th best (it only rises) and collects every score at
-or above it minus 2 E_q, then drops those below the final T - 2 E_q. A query whose
+The answer to match is not q.k but the fp32 score r the kernel computes (on the
+unscaled vectors), itself off by |r - q.k| <= g_d |q| |k| + d 2^-149 s_q s_k (the
+relative bound of d roundings, and what gradual underflow can lose, s_q and s_k being
+the scales). So this engine uses, for all keys of query q,
+
+    E_q = (C_d + g_d) |q| max_j |k_j| + eta + d 2^-149 s_q s_k     (scaled units),
+
+and sends to the fp32 kernel any query whose unscaled |q| max_j |k_j| reaches 2^126,
+where fp32 scores could overflow.
+
+The candidates. Let T be the k-th best low-precision score of q. k keys have fp32
+scores r >= their s~ - E_q >= T - E_q, so the k-th best fp32 score, and with it every
+key of the fp32 top k (ties included, whatever their order), is >= T - E_q; such a key
+has s~ >= its r - E_q >= T - 2 E_q. So every key with s~ >= T - 2 E_q is taken:
+the scan keeps the running k-th best (it only rises), collects every score at or
+above it minus 2 E_q, then drops those below the final T - 2 E_q. A query whose
 candidates exceed ``CANDIDATES_CAP`` (adversarial ties, a few huge-norm keys) is
 searched by the fp32 kernel instead: never wrong, at worst as slow as it.
 """
@@ -58,9 +67,14 @@ CALL_QUERIES = 256  # queries per pass over the keys
 CANDIDATES_CAP = 1024  # candidates kept per query beyond k; more: the fp32 kernel
 
 
+def gamma(d: int) -> float:
+    """g_d: relative error bound of d fp32 roundings (in any order)."""
+    return d * U32 / (1.0 - d * U32)
+
+
 def error_coefficient(d: int) -> float:
     """C_d of the module docstring: |s~ - q.k| <= C_d |q| |k| + eta."""
-    g = d * U32 / (1.0 - d * U32)
+    g = gamma(d)
     return ((2 * U + U * U) + g * (1 + U) ** 2) * (1 + U) + U
 
 
@@ -138,18 +152,25 @@ class Bf16Search:
             norm_max = max(norm_max, float(scaled.double().norm(dim=1).max()))
             self.keys_bf16[s : s + len(scaled)] = scaled.to(torch.bfloat16)
         self.key_norm_max = norm_max * NORM_SLACK  # of the scaled keys
-        self.coef = error_coefficient(self.d) * NORM_SLACK
+        self.coef = (error_coefficient(self.d) + gamma(self.d)) * NORM_SLACK
         self.eta = absolute_error(self.d)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bankd-bf16")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 
-    def margins(self, scaled_queries: np.ndarray) -> np.ndarray:
-        """2 E_q per query [B] float32 (rounded up) for scaled queries [B, d]."""
+    def margins(self, scaled_queries: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """2 E_q per query [B] float32 (rounded up) for scaled queries [B, d] and their
+        scales [B]."""
         qn = np.linalg.norm(scaled_queries.astype(np.float64), axis=1) * NORM_SLACK
-        m = 2.0 * (self.coef * qn * self.key_norm_max + self.eta)
+        underflow = self.d * 2.0**-149 * scales * self.key_scale
+        m = 2.0 * (self.coef * qn * self.key_norm_max + self.eta + underflow)
         return np.nextafter(m.astype(np.float32), np.float32(np.inf))
+
+    def may_overflow(self, scaled_queries: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """[B] bool: fp32 scores of the unscaled query could overflow."""
+        qn = np.linalg.norm(scaled_queries.astype(np.float64), axis=1) * NORM_SLACK
+        return qn * self.key_norm_max / (scales * self.key_scale) >= 2.0**126
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Best k (scores [B, k] float32, rows [B, k] int64) of queries [B, d], by score
@@ -175,7 +196,7 @@ class Bf16Search:
         finite = np.isfinite(queries).all(1)
         scale = pow2_scales(np.abs(np.where(finite[:, None], queries, 0)).max(1))
         scaled = (queries * scale[:, None].astype(np.float32)).astype(np.float32)
-        margin = self.margins(scaled)
+        margin = self.margins(scaled, scale)
         cap = k + CANDIDATES_CAP
         heap = np.full((b, k), -np.inf, dtype=np.float32)
         cand_s = np.full((b, cap), -np.inf, dtype=np.float32)
@@ -199,7 +220,7 @@ class Bf16Search:
         thr = heap.min(1).astype(np.float64) - margin.astype(np.float64)
         held = np.arange(cap)[None, :] < np.minimum(count, cap)[:, None]
         keep = held & (cand_s.astype(np.float64) >= thr[:, None])
-        fallback = ~finite | (count > cap)
+        fallback = ~finite | (count > cap) | self.may_overflow(scaled, scale)
         keep[fallback] = False
         width = max(int(keep.sum(1).max(initial=0)), k)
         order = np.argsort(~keep, axis=1, kind="stable")[:, :width]  # kept columns first
