@@ -38,7 +38,11 @@ def workdir_for(kept: str | None, prefix: str) -> Iterator[Path]:
 
 
 def publish(text: str, cfg: Any, results: dict[str, Any]) -> None:
-    """Print the report; write the config and figures to cfg.json when given."""
+    """Print the report, with the machine (CPU model and flags) unless it names it
+    already; write the config and figures to cfg.json when given."""
+    if "machine" not in results:
+        results = {"machine": describe_machine(), **results}
+        text = f"machine: {results['machine']}\n{text}"
     print(text, flush=True)
     if cfg.json:
         Path(cfg.json).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1))
@@ -71,11 +75,28 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+# The CPU flags that decide which search engine is fastest (named with every figure).
+SEARCH_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+    "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
 def describe_machine() -> str:
-    """Cores, CPU model, system and load average: named with every figure."""
-    cpu = platform.processor() or platform.machine()
+    """Cores, CPU model and its vector/matrix flags, system and load average: named with
+    every figure."""
+    cpu, flags = platform.processor() or platform.machine(), "flags unknown"
     with contextlib.suppress(OSError):
-        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        info = Path("/proc/cpuinfo").read_text()
+        names = re.findall(r"^model name\s*:\s*(.+)$", info, re.M)
         cpu = names[0] if names else cpu
+        found = re.findall(r"^flags\s*:\s*(.+)$", info, re.M)
+        have = set(found[0].split()) if found else set()
+        flags = " ".join(f for f in SEARCH_FLAGS if f in have) or "none of " + "/".join(
+            SEARCH_FLAGS
+        )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}, load average {load} at start"
+    return (
+        f"{os.cpu_count()} cores ({cpu}; {flags}), {platform.system()}, "
+        f"load average {load} at start"
+    )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bankd.serve.flags import ServerConfig, ServiceLimits
 from bankd.serve.process import ServeProcess
+from bankd_client import BankClient
 
 from .bank import BenchConfig
 
@@ -33,18 +34,12 @@ SERVER_START_S = 300.0
 # Run in a fresh interpreter with the server's environment: the FAISS settings a
 # `bankd serve` process searches with (bankd's search module sets them on import; the
 # OpenMP thread count comes from the environment), and who searches a Flat index.
-_SETTINGS_PROBE = """import sys
-import faiss
+_SETTINGS_PROBE = """import faiss
 import bankd.search.index
-from bankd.search import flat_kernel
-if sys.argv[1] == "faiss" or not flat_kernel.available():
-    engine = "FAISS"
-else:
-    engine = f"bankd's kernel (k <= {flat_kernel.MAX_K})"
 print(
     f"faiss distance_compute_blas_threshold={faiss.cvar.distance_compute_blas_threshold}, "
     f"database block {faiss.cvar.distance_compute_blas_database_bs}, "
-    f"{faiss.omp_get_max_threads()} OpenMP threads, Flat searched by {engine}"
+    f"{faiss.omp_get_max_threads()} OpenMP threads"
 )"""
 
 
@@ -128,16 +123,20 @@ class BenchServer:
         self.metrics_port = self._process.metrics_port
 
     def search_settings(self) -> str:
-        """FAISS's BLAS threshold and database block, OpenMP threads, the Flat engine."""
+        """FAISS's BLAS threshold and database block, OpenMP threads, and the engine the
+        server chose (its GetInfo's search_engine)."""
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **_server_env(self.threads)}
         out = subprocess.run(
-            [sys.executable, "-c", _SETTINGS_PROBE, self.config.flat_search],
+            [sys.executable, "-c", _SETTINGS_PROBE],
             env=env,
             capture_output=True,
             text=True,
             check=True,
         )
-        return out.stdout.strip()
+        with BankClient(self.address, shared_memory=False) as client:
+            engine = client.info().search_engine or "FAISS"
+        chosen = f"search engine {engine} (--flat-search {self.config.flat_search})"
+        return f"{out.stdout.strip()}, {chosen}"
 
     @property
     def address(self) -> str:
