@@ -204,7 +204,7 @@ class BankClient:
         request_id: str = "",
         nprobe: int | None = None,
         ef_search: int | None = None,
-        region: shm.Region | None = None,
+        region: shm.Lease | None = None,
     ) -> pb.SearchRequest:
         arr = tensors.as_numpy(keys, name="keys")
         if arr.dtype not in (np.float32, np.float16):
@@ -225,12 +225,12 @@ class BankClient:
             ef_search=int(ef_search or 0),
             values_region=None
             if region is None
-            else pb.SharedMemoryRegion(name=region.name, offset=0, size=region.size),
+            else pb.SharedMemoryRegion(name=region.name, offset=region.offset, size=region.size),
         )
 
     # -- shared memory -----------------------------------------------------------------
 
-    def _lease(self, keys: Any, k: int, with_values: bool) -> shm.Region | None:
+    def _lease(self, keys: Any, k: int, with_values: bool) -> shm.Lease | None:
         """A region for one call's values, while the server may write into it."""
         if not with_values or self._shm_in_use is False or k < 1:
             return None
@@ -246,7 +246,7 @@ class BankClient:
             self._shm_in_use = False
             return None
 
-    def _placed(self, hits: Hits, region: shm.Region | None) -> Hits:
+    def _placed(self, hits: Hits, region: shm.Lease | None) -> Hits:
         """Hits with their values read from the call's region when the server wrote
         them there; the region goes back to the pool when it was not used."""
         if not isinstance(hits.values, wire.InRegion):
@@ -266,7 +266,7 @@ class BankClient:
         self._shm_in_use = True
         return replace(hits, values=values)
 
-    def _give_back(self, region: shm.Region | None) -> None:
+    def _give_back(self, region: shm.Lease | None) -> None:
         if region is not None:
             self._shm_pool.give_back(region)
 
@@ -347,7 +347,7 @@ class BankClient:
         """
         torch_out: list[bool] = []
         parts: list[int] = []  # messages of each batch: 1, or its row chunks
-        regions: dict[str, shm.Region | None] = {}  # by request id, until answered
+        regions: dict[str, shm.Lease | None] = {}  # by request id, until answered
         if with_values:
             self.info()  # limits and value shape, fetched before the stream starts
 
@@ -407,7 +407,7 @@ class BankClient:
         self,
         responses: list[wire.StreamAnswer],
         as_torch: bool,
-        regions: dict[str, shm.Region | None],
+        regions: dict[str, shm.Lease | None],
     ) -> Hits:
         """One batch's hits from the answers to its messages, in order."""
         for response in responses:
