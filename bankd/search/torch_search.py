@@ -22,11 +22,28 @@ H100, B=1024, N=1M, k=5: 17 ms with a plain top-k per block, 7 ms with groups).
 Blocks run one after the other: a second CUDA stream that ran block i's top-k while
 block i + 1 was multiplied gained 1-1.6% on an H100 (the matrix product fills the GPU).
 
-Scores are exact inner products of the fp16-rounded keys and queries (fp32 accumulation
-and output). fp16 covers magnitudes up to 65504: keys and queries are scaled by powers
-of two (exact) into [-1, 1] before rounding and the scores scaled back, so no input
-overflows. The metric is inner product ("ip"), or squared L2 distance ("l2", ranked by
-2 q.k - |k|^2 and returned as distances, ascending, as FAISS does).
+Exact re-rank (``rerank``, on for fp16 keys and "ip"): the fp16 scores only choose
+candidates. With u = 2^-11 (fp16), g_d the bound of d fp32 roundings and t = 2^-24
+(what fp16's gradual underflow can lose per element), a low-precision score is within
+
+    E_q = ((2u + u^2) + 2 g_d (1 + u)^2) |q| max|k| + t (|q|_1 + (1 + u) max|k|_1)
+          + d 2^-126 + d 2^-149 s_q s_k
+
+of the fp32 score the CPU kernel computes (the proof of ``bankd.search.bf16_search``,
+with fp32 output instead of a rounded one; scaled units). ``fetch + RERANK_EXTRA`` hits
+are taken; every key whose fp16 score is within 2 E_q of the fetch-th best is among
+them unless the last one still is (then the query is searched exactly on the host),
+and the candidates are scored again on the host with ``flat_kernel.rescore``: ids and
+scores are the CPU kernel's, bit for bit. cuBLAS may reduce fp16 products in reduced
+precision unless told not to (``allow_fp16_reduced_precision_reduction``), which the
+index turns off for the process when it re-ranks.
+
+Without the re-rank, scores are exact inner products of the fp16-rounded keys and
+queries (fp32 accumulation and output). fp16 covers magnitudes up to 65504: keys and
+queries are scaled by powers of two (exact) into [-1, 1] before rounding and the scores
+scaled back, so no input overflows. The metric is inner product ("ip"), or squared L2
+distance ("l2", ranked by 2 q.k - |k|^2 and returned as distances, ascending, as FAISS
+does; not re-ranked).
 """
 
 from __future__ import annotations
@@ -41,6 +58,9 @@ LOAD_ROWS = 65_536  # keys converted and copied to the device at a time
 GROUP_MAX = 256  # largest column group of the group-maximum pre-selection
 GROUP_SPARSITY = 8  # groups are used only when fetch * g <= block columns / this
 MERGE_EVERY = 8  # blocks' candidates merged into one (B, fetch) set this often
+RERANK_EXTRA = 32  # candidates beyond fetch taken for the exact re-rank
+U16 = 2.0**-11  # fp16 unit roundoff
+T16 = 2.0**-24  # fp16's subnormal spacing: what rounding near zero can lose
 
 
 def pow2_scale(amax: float) -> float:
@@ -96,6 +116,8 @@ class TorchFlatIndex:
         metric: "ip" (inner product) or "l2" (squared distance).
         dtype: storage and matmul dtype; default fp16 on CUDA, fp32 elsewhere.
         block_bytes: the largest fp32 score block of one step.
+        rerank: re-score candidates exactly in fp32 on the host (see the module
+            docstring); default on for fp16 keys and "ip".
     """
 
     def __init__(
@@ -106,6 +128,7 @@ class TorchFlatIndex:
         metric: str = "ip",
         dtype: torch.dtype | None = None,
         block_bytes: int = SCORE_BLOCK_BYTES,
+        rerank: bool | None = None,
     ) -> None:
         if metric not in ("ip", "l2"):
             raise ValueError(f"unknown metric {metric!r} (choose from ['ip', 'l2'])")
@@ -140,6 +163,78 @@ class TorchFlatIndex:
         half = self.dtype != torch.float32
         self._mm_fp32_out = half and _fp32_out_works(self.device, self.dtype, "mm")
         self._addmm_fp32_out = half and _fp32_out_works(self.device, self.dtype, "addmm")
+        fp16_ip = self.dtype == torch.float16 and metric == "ip"
+        self.rerank = fp16_ip if rerank is None else rerank
+        if self.rerank:
+            if not fp16_ip:
+                raise ValueError("the exact re-rank is for fp16 keys and metric 'ip'")
+            self._prepare_rerank(keys)
+
+    def _prepare_rerank(self, keys: np.ndarray) -> None:
+        from bankd.search import bf16_search, flat_kernel
+
+        self.host_keys = np.ascontiguousarray(keys, dtype=np.float32)  # a memmap stays one
+        u, g = U16, bf16_search.gamma(self.d)
+        self._coef = ((2 * u + u * u) + 2 * g * (1 + u) ** 2) * bf16_search.NORM_SLACK
+        norm2, norm1 = 0.0, 0.0
+        for s in range(0, self.n, LOAD_ROWS):
+            x = self.host_keys[s : s + LOAD_ROWS].astype(np.float64) * self.key_scale
+            norm2 = max(norm2, float(np.linalg.norm(x, axis=1).max()))
+            norm1 = max(norm1, float(np.abs(x).sum(1).max()))
+        self._key_norms = (norm2 * bf16_search.NORM_SLACK, norm1 * bf16_search.NORM_SLACK)
+        self._kernel = flat_kernel.FlatKernel(self.host_keys) if flat_kernel.available() else None
+        if self.device.type == "cuda":  # the bound assumes fp32 reductions
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+    def _margins(self, q: np.ndarray, q_scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """(2 E_q per query [B] float64, whether fp32 scores could overflow [B])."""
+        qs = q.astype(np.float64) * q_scale
+        n2 = np.linalg.norm(qs, axis=1) * (1 + 2.0**-20)
+        n1 = np.abs(qs).sum(1) * (1 + 2.0**-20)
+        k2, k1 = self._key_norms
+        e = self._coef * n2 * k2 + T16 * (n1 + (1 + U16) * k1)
+        e += self.d * (2.0**-126 + 2.0**-149 * q_scale * self.key_scale)
+        return 2.0 * e, n2 * k2 / (q_scale * self.key_scale) >= 2.0**126
+
+    def _exact(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """fp32 scores of rows [B, m] (-1: -inf), the CPU kernel's where it runs."""
+        from bankd.search import flat_kernel
+
+        if self._kernel is not None:
+            return flat_kernel.rescore(self.host_keys, q, rows)
+        got = np.einsum("bd,bmd->bm", q, self.host_keys[np.maximum(rows, 0)])
+        return np.where(rows >= 0, got, -np.inf).astype(np.float32)
+
+    def _host_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._kernel is not None:
+            return self._kernel.search(q, fetch)
+        rows = np.broadcast_to(np.arange(self.n), (len(q), self.n))
+        s = self._exact(q, np.ascontiguousarray(rows))
+        order = np.lexsort((rows, -s), axis=-1)[:, :fetch]
+        return np.take_along_axis(s, order, 1), np.take_along_axis(rows, order, 1)
+
+    def search_reranked(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``fetch`` (fp32 scores, rows) per query (B, d) numpy, best first (ties to
+        the lower row): the CPU kernel's answer, candidates found on the device."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if not 1 <= fetch <= self.n:
+            raise ValueError(f"fetch={fetch} is out of range 1..{self.n}")
+        wide = min(self.n, fetch + RERANK_EXTRA)
+        v, r, q_scale = self._search_scaled(torch.from_numpy(q), wide)
+        v, r = to_host(v, r, device=self.device)
+        # A batch holding NaN or inf was scaled by 1: every query is searched on the host.
+        finite = np.isfinite(q).all(1) & bool(np.isfinite(q).all())
+        margin, overflow = self._margins(np.where(finite[:, None], q, 0), q_scale)
+        thr = v[:, fetch - 1].astype(np.float64) - margin  # scaled units, as v
+        keep = v.astype(np.float64) >= thr[:, None]
+        host = ~finite | overflow | (keep[:, -1] & (wide < self.n))  # maybe incomplete
+        cand = np.where(keep, r, -1)
+        exact = self._exact(q, cand)
+        best = np.lexsort((np.where(cand < 0, self.n, cand), -exact), axis=-1)[:, :fetch]
+        scores, rows = np.take_along_axis(exact, best, 1), np.take_along_axis(cand, best, 1)
+        if host.any():
+            scores[host], rows[host] = self._host_search(q[host], fetch)
+        return scores, rows
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()
@@ -175,6 +270,16 @@ class TorchFlatIndex:
 
         Scores are float32 inner products (or squared distances for "l2"); rows int64.
         """
+        v, r, q_scale = self._search_scaled(queries, fetch)
+        if self.neg_sq_norms is not None:
+            return v, r
+        return v * (1.0 / (q_scale * self.key_scale)), r
+
+    def _search_scaled(
+        self, queries: torch.Tensor, fetch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """search's (scores, rows) and the queries' scale; "ip" scores still scaled by
+        it and the keys' scale (the unscaled ones may be past fp32's range)."""
         if queries.ndim != 2 or queries.shape[1] != self.d or len(queries) == 0:
             raise ValueError(f"queries must be [B, {self.d}], got {list(queries.shape)}")
         b = queries.shape[0]
@@ -189,8 +294,8 @@ class TorchFlatIndex:
         v, r = self._select(q, self._pieces(fetch, block), fetch, 2.0 * unscale)
         if self.neg_sq_norms is not None:  # |q|^2 - (2 q.k - |k|^2), ascending
             q_norms = (q.float() / q_scale).square().sum(1, keepdim=True)  # rounded, like keys
-            return q_norms - v, r
-        return v * unscale, r
+            return q_norms - v, r, q_scale
+        return v, r, q_scale
 
     def _select(
         self, q: torch.Tensor, pieces: list[tuple[int, int, int]], fetch: int, alpha: float
@@ -212,6 +317,8 @@ class TorchFlatIndex:
 
     def search_numpy(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """``search`` for numpy queries (B, d): (scores (B, fetch) float32, rows int64)."""
+        if self.rerank:
+            return self.search_reranked(queries, fetch)
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         scores, rows = self.search(q, fetch)
         return to_host(scores, rows, device=self.device)

@@ -186,3 +186,38 @@ def test_measure_picks_the_faster_engine() -> None:
     assert set(choice.seconds["slow"]) == {2, 8}
     with pytest.raises(ValueError, match="no engine"):
         measure({}, keys)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("k", [1, 5, 37])
+def test_torch_fp16_rerank_matches_brute_force(case: str, k: int) -> None:
+    """The CUDA path's code on CPU tensors: fp16 keys choose candidates (small blocks,
+    so many), the re-rank gives the fp32 answer."""
+    torch = pytest.importorskip("torch")
+    from bankd.search.torch_search import TorchFlatIndex
+
+    keys, queries = CASES[case](np.random.default_rng(3))
+    index = TorchFlatIndex(keys, "cpu", dtype=torch.float16, block_bytes=4 * 16 * 256)
+    assert index.rerank
+    got_s, got_r = index.search_numpy(queries, k)
+    want_s, want_r = reference(keys, queries, k)
+    np.testing.assert_array_equal(got_r, want_r)
+    np.testing.assert_array_equal(got_s, want_s)
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("k", [5, 100])
+def test_cuda_rerank_matches_brute_force(case: str, k: int) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from bankd.search.torch_search import TorchFlatIndex
+
+    keys, queries = CASES[case](np.random.default_rng(4))
+    got_s, got_r = TorchFlatIndex(keys, "cuda").search_numpy(queries, k)
+    want_s, want_r = reference(keys, queries, k)
+    np.testing.assert_array_equal(got_r, want_r)
+    np.testing.assert_array_equal(got_s, want_s)

@@ -270,7 +270,8 @@ def test_cuda_torch_search_is_exact_over_fp16_keys(
 
     keys, q = _clustered(50_000, 200, 64, seed=fetch)
     block_bytes = block_bytes or SCORE_BLOCK_BYTES
-    index = TorchFlatIndex(keys, "cuda", metric=metric, block_bytes=block_bytes)
+    # The fp16 ranking itself (the exact re-rank off): test_exact_engines checks that.
+    index = TorchFlatIndex(keys, "cuda", metric=metric, block_bytes=block_bytes, rerank=False)
     assert index.keys.dtype == torch.float16 and index.nbytes() == 50_000 * 200 * 2
     scores, rows = index.search_numpy(q, fetch)
     rounded = (keys.astype(np.float16), q.astype(np.float16))
@@ -290,7 +291,7 @@ def test_cuda_torch_search_scales_keys_past_the_fp16_range() -> None:
     keys[:LOAD_ROWS] *= 1e6  # two load chunks with different scales
     keys[LOAD_ROWS:] *= 3e5
     q *= 1e-6
-    index = TorchFlatIndex(keys, "cuda")
+    index = TorchFlatIndex(keys, "cuda", rerank=False)
     assert torch.isfinite(index.keys).all() and index.keys.abs().max() <= 1
     scores, rows = index.search_numpy(q, 10)
     # The reference rounds the same power-of-two-scaled inputs to fp16.
