@@ -201,6 +201,7 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
     times: dict[str, list[float]] = {name: [] for name in TIMINGS}
     agree = Agreement()
     found: dict[str, list[np.ndarray]] = {"ref": [], "bankd": []}
+    kept: list[Any] = []  # every answer, with --keep-results
     try:
         settings = server.search_settings()
         with (
@@ -217,6 +218,8 @@ def measure(cfg: BenchConfig, index_path: Path, workdir: Path) -> dict[str, Any]
                     ref, (client, by_msg), server, queries, cfg, flip=i % 2 == 1
                 )
                 agree.add(want, hits, message)
+                if cfg.keep_results:
+                    kept.append((want, hits, message))
                 found["ref"].append(want["ids"])
                 found["bankd"].append(np.asarray(hits.ids))
                 if i >= cfg.warmup:
@@ -290,7 +293,8 @@ def report(cfg: BenchConfig, r: dict[str, Any]) -> str:
         f"search latency: N={cfg.n} d={cfg.d} B={cfg.batch} k={cfg.k} index={cfg.index}"
         f"{chosen}, search params {params or 'FAISS defaults'} "
         f"(clusters={cfg.clusters}, seed={cfg.seed}, {cfg.repeats} batches measured after "
-        f"{cfg.warmup} warm-up)",
+        f"{cfg.warmup} warm-up)"
+        + ("; the caller keeps every answer to the end" if cfg.keep_results else ""),
         f"reference (this process): {r['reference_settings']}",
         f"bankd server (own process): {r['server_settings']}",
         f"  {'':<56s} {'median ms':>9s} {'p90 ms':>9s}",
@@ -362,6 +366,12 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         action="store_true",
         help="call bankd_client.tune_allocator() in the client process (responses over 32 MB)",
     )
+    p.add_argument(
+        "--keep-results",
+        action="store_true",
+        help="keep every answer (its values) to the end, in both processes, as a "
+        "prefetching trainer does: no region of an earlier call can be reused",
+    )
     p.add_argument("--workdir", default=None, help="keep the bank here (reused if it matches)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument(
@@ -380,7 +390,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
         "--flat-search",
         choices=FLAT_SEARCH,
         default=d.flat_search,
-        help="`bankd serve --flat-search`: bankd's flat kernel where it runs (auto), or FAISS",
+        help="`bankd serve --flat-search`: the fastest engine measured at load (auto), or one",
     )
     a = p.parse_args(argv)
     positive = (a.n, a.d, a.batch, a.k, a.repeats, a.clusters)

@@ -54,7 +54,8 @@ class BenchConfig:
     tune_allocator: bool = False  # bankd_client.tune_allocator() in this (the client) process
     mmap_index: bool = False  # `bankd serve --mmap-index`: the index's vectors mapped
     reference_block: int = 0  # the reference's FAISS flat-search database block; 0: FAISS's
-    flat_search: str = "auto"  # `bankd serve --flat-search`: its own kernel or FAISS
+    flat_search: str = "auto"  # `bankd serve --flat-search`: measured choice or one engine
+    keep_results: bool = False  # the caller keeps every answer (values) to the end
     workdir: str | None = None
     json: str | None = None
 
