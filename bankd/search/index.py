@@ -258,7 +258,11 @@ class Searcher:
             self.bf16 = _bf16_engine(self.kernel, required=flat_search == "bf16")
         if flat_search == "bf16":
             self.kernel = None  # pinned: the kernel stays only as bf16's re-rank
+        self.kernel512 = None  # the kernel's AVX-512 variant, measured against the rest
         if flat_search == "auto" and self.kernel is not None:  # more than one engine here
+            if flat_kernel.avx512_available():
+                keys = self.kernel.keys
+                self.kernel512 = flat_kernel.FlatKernel(keys, self.kernel.threads, avx512=True)
             self.choice = measure(self._flat_engines(), self.kernel.keys)
         self.tunable = tunable(index) if self._index is index else {}
         self.defaults = current_params(index)
@@ -268,6 +272,8 @@ class Searcher:
         engines = {"faiss": lambda q, k: self._index.search(np.ascontiguousarray(q, "f4"), k)}
         if self.kernel is not None:
             engines["kernel"] = self.kernel.search
+        if self.kernel512 is not None:
+            engines["kernel512"] = self.kernel512.search
         if self.bf16 is not None:
             engines["bf16"] = self.bf16.search
         return engines

@@ -90,6 +90,8 @@ CASES = {
 def engines(keys: np.ndarray) -> dict:
     kernel = flat_kernel.FlatKernel(keys, threads=2)
     found = {"kernel": kernel.search}
+    if flat_kernel.avx512_available():
+        found["kernel512"] = flat_kernel.FlatKernel(keys, threads=2, avx512=True).search
     if bf16_search.available():
         found["bf16"] = bf16_search.Bf16Search(keys, kernel, threads=2).search
     return found
@@ -147,7 +149,9 @@ def test_searcher_exclusion_matches_brute_force(flat_search: str) -> None:
     got = searcher.search(queries, 5, exclude)
     s, r = reference(keys, queries, 5 + 41)
     want = select(ids, s, r, 5, exclude)
-    if flat_search == "faiss":  # its own summation order and tie order: scores to fp32
+    # FAISS (pinned, or measured fastest on this tiny bank) sums in its own order and
+    # orders ties its own way: scores to fp32 accuracy.
+    if "faiss" in searcher.engine_label():
         np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5)
         return
     np.testing.assert_array_equal(got.ids, want.ids)
