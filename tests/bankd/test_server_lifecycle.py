@@ -99,7 +99,10 @@ def test_not_serving_and_unavailable_until_loaded(
     srv.wait_loaded(timeout=30)
     assert _health(srv.port, "") == serving
     assert _health(srv.port, SERVICE) == serving
-    assert samples(scrape(srv.metrics_port))[("bankd_ready", ())] == 1
+    page = samples(scrape(srv.metrics_port))
+    assert page[("bankd_ready", ())] == 1
+    engine = srv.servicer.service.searcher.engine_label()
+    assert page[("bankd_search_engine_info", (("engine", engine),))] == 1
     client.wait_ready(timeout=5)
     assert_serving(client, bank)
 

@@ -48,6 +48,9 @@ def test_info_describes_the_bank(client: BankClient, bank: Any, server: Any) -> 
     assert info.max_message_bytes == ServiceLimits().max_message_bytes
     assert info.embed_available is False
     assert info.search_device == "cpu"
+    # The exact engine(s) the server measured or was given, as the searcher names them.
+    assert info.search_engine == server.servicer.service.searcher.engine_label()
+    assert re.fullmatch(r"((B<=\d+:)?(faiss|kernel|kernel512|bf16),?)+", info.search_engine)
     assert info.bank_id == server.servicer.service.bank.bank_id
     assert re.fullmatch(r"[0-9a-f]{64}", info.bank_id)
     assert info.server_version == bankd.__version__
