@@ -65,6 +65,10 @@ NORM_SLACK = 1.0 + 2.0**-20
 BLOCK_ROWS = 16_384  # keys per bf16 product: (128 x 16384) bf16 scores = 4 MB
 CALL_QUERIES = 256  # queries per pass over the keys
 CANDIDATES_CAP = 1024  # candidates kept per query beyond k; more: the fp32 kernel
+# "auto" considers this engine only for banks of at least this many key elements (16 MB
+# of fp32 keys): below, the fp32 kernel answers in a few milliseconds anyway, and torch
+# (seconds to import, ~300 MB) stays out of the server.
+AUTO_MIN_ELEMENTS = 1 << 22
 
 
 def gamma(d: int) -> float:

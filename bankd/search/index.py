@@ -254,7 +254,8 @@ class Searcher:
         if self.device == "cpu" and flat_search != "faiss":
             required = flat_search in ("kernel", "bf16")
             self.kernel = _flat_kernel(index, required, self.threads)
-        if self.kernel is not None and flat_search in ("auto", "bf16"):
+        big = self.n * self.d >= bf16_search.AUTO_MIN_ELEMENTS
+        if self.kernel is not None and (flat_search == "bf16" or flat_search == "auto" and big):
             self.bf16 = _bf16_engine(self.kernel, required=flat_search == "bf16")
         if flat_search == "bf16":
             self.kernel = None  # pinned: the kernel stays only as bf16's re-rank

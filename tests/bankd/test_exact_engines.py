@@ -225,3 +225,18 @@ def test_cuda_rerank_matches_brute_force(case: str, k: int) -> None:
     want_s, want_r = reference(keys, queries, k)
     np.testing.assert_array_equal(got_r, want_r)
     np.testing.assert_array_equal(got_s, want_s)
+
+
+@needs_bf16
+def test_auto_measures_every_engine_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flat_search="auto" times FAISS, the kernel(s) and bf16 (on a bank this small only
+    when told to consider bf16) and names its choice."""
+    monkeypatch.setattr(bf16_search, "AUTO_MIN_ELEMENTS", 0)
+    keys = unit(np.random.default_rng(2).standard_normal((3000, 32)))
+    ids = np.arange(len(keys), dtype=np.int64)
+    searcher = Searcher(build_index(keys, "Flat"), keys, ids, device="cpu")
+    assert searcher.choice is not None
+    assert {"faiss", "kernel", "bf16"} <= set(searcher.choice.seconds)
+    assert searcher.engine_label() == searcher.choice.label()
+    got = searcher.search(keys[:4], 5)
+    assert (got.ids[:, 0] == ids[:4]).all()
