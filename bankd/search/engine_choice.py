@@ -6,7 +6,8 @@ BLAS large ones on some, the bf16 matrix units (``bankd.search.bf16_search``) mo
 batches where the CPU has AMX. So with ``flat_search="auto"`` the searcher times every
 engine it has on the bank's own keys, a few batch sizes of rows drawn from the bank,
 and answers each batch with the engine that was fastest for the nearest measured size.
-The measurement is bounded (``MEASURE_BUDGET_S``, checked between batch sizes) so that
+The measurement is bounded (``MEASURE_BUDGET_S``): a larger batch size is measured only
+when its cost, estimated from the last one's in proportion to the batch, still fits, so
 a server starts quickly; a large bank is measured at fewer sizes.
 """
 
@@ -99,7 +100,9 @@ def measure(
     start = time.perf_counter()
     seconds: dict[str, dict[int, float]] = {name: {} for name in engines}
     fastest: list[tuple[int, str]] = []
-    for b in sorted(set(batches)):
+    sizes = sorted(set(batches))
+    for i, b in enumerate(sizes):
+        size_start = time.perf_counter()
         rows = np.sort(rng.choice(len(keys), size=b, replace=b > len(keys)))
         queries = np.ascontiguousarray(keys[rows], dtype=np.float32)
         for name, search in engines.items():
@@ -111,7 +114,9 @@ def measure(
                 best = min(best, time.perf_counter() - t0)
             seconds[name][b] = best
         fastest.append((b, min(engines, key=lambda n: seconds[n][b])))
-        if time.perf_counter() - start > budget_s:
+        now = time.perf_counter()
+        following = (now - size_start) * sizes[i + 1] / b if i + 1 < len(sizes) else 0.0
+        if following and now - start + following > budget_s:
             log.info("engine measurement stopped after B=%d (%.1f s budget)", b, budget_s)
             break
     choice = EngineChoice(merge_ranges(fastest), seconds)
