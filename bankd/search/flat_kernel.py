@@ -12,7 +12,10 @@ Results are exact and do not depend on how the rows are split: each score is one
 sum of the d products in order, and ties go to the lower row. The kernel needs an
 x86-64 CPU with AVX2 and FMA and a build that compiled it (setup.py; optional);
 ``available()`` says whether this process has one, and ``bankd.search.index.Searcher`` falls
-back to FAISS where not.
+back to FAISS where not. An AVX-512 variant (``FlatKernel(avx512=True)``) gives the same
+scores bit for bit; ``rescore`` scores chosen rows with the same arithmetic (the exact
+re-rank of ``bankd.search.bf16_search`` and of the torch CUDA path), and
+``collect_candidates`` is that engine's AVX-512 candidate scan.
 """
 
 from __future__ import annotations
