@@ -190,6 +190,9 @@ class Searcher:
         flat_search: for a flat inner-product index on the CPU: "auto" (the engines
             this machine has, timed on the bank's keys; the fastest per batch size),
             or one pinned: "kernel", "bf16" (an error where they do not run), "faiss".
+        key_copies: whether "auto" may consider engines that keep a copy of the keys
+            in memory (bf16: half the fp32 keys' bytes, and torch); off for a bank
+            served memory-mapped (`bankd serve --mmap-index`).
         threads: CPU threads one search may use: FAISS's OpenMP threads (a setting of
             the whole process), bankd's flat kernel's and the bf16 engine's scan and
             re-rank; None leaves FAISS's default (one per core).
@@ -209,6 +212,7 @@ class Searcher:
         params: dict[str, Any] | None = None,
         flat_search: str = "auto",
         threads: int | None = None,
+        key_copies: bool = True,
     ) -> None:
         if flat_search not in flat_kernel.FLAT_SEARCH:
             raise ValueError(
@@ -254,7 +258,7 @@ class Searcher:
         if self.device == "cpu" and flat_search != "faiss":
             required = flat_search in ("kernel", "bf16")
             self.kernel = _flat_kernel(index, required, self.threads)
-        big = self.n * self.d >= bf16_search.AUTO_MIN_ELEMENTS
+        big = key_copies and self.n * self.d >= bf16_search.AUTO_MIN_ELEMENTS
         if self.kernel is not None and (flat_search == "bf16" or flat_search == "auto" and big):
             self.bf16 = _bf16_engine(self.kernel, required=flat_search == "bf16")
         if flat_search == "bf16":

@@ -155,7 +155,8 @@ class ServerConfig:
         False,
         switch=True,
         help="map the index's vectors (flat codes, IVF lists) from its file instead of reading "
-        "them into memory: banks larger than RAM; the values are always mapped",
+        "them into memory: banks larger than RAM; the values are always mapped (and "
+        "--flat-search auto keeps no bf16 copy of the keys)",
     )
     limits: ServiceLimits = ServiceLimits()
     tls_cert: str | None = flag(

@@ -164,6 +164,8 @@ class BankServer:
                 device=self.config.device,
                 flat_search=self.config.flat_search,
                 threads=self.config.threads,
+                # A bank mapped to stay within memory gets no in-memory key copy.
+                key_copies=not self.config.mmap_index,
                 limits=self.config.limits,
                 metrics=self.metrics,
                 embedder=embedder,

@@ -70,6 +70,7 @@ class BankService:
         device: str = "auto",
         flat_search: str = "auto",
         threads: int | None = None,
+        key_copies: bool = True,
         limits: ServiceLimits = DEFAULT_LIMITS,
         metrics: Metrics | None = None,
         embedder: Any = None,
@@ -89,6 +90,7 @@ class BankService:
             params=search_params,
             flat_search=flat_search,
             threads=threads,
+            key_copies=key_copies,
         )
         self.max_k = min(limits.max_k, self.searcher.max_k)
         # The largest value a request may give each overridable parameter.
