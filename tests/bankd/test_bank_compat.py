@@ -53,6 +53,7 @@ def hits_answer(hits: Any) -> dict[str, Any]:
 
 def info_answer(info: Any) -> dict[str, Any]:
     d = info.summary()
+    d.pop("search_engine", None)  # measured on the machine that serves, not the bank's
     d["key_function_weights_sha256"] = hashlib.sha256(info.key_function.weights).hexdigest()
     return d
 
