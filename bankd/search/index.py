@@ -299,7 +299,8 @@ class Searcher:
         threads (k <= 64)", "cuda:0, torch exact", "cpu, FAISS IndexHNSWFlat"."""
         if self.choice is not None:
             return (
-                f"cpu, exact engines by batch size {self.choice.label()} (measured: "
+                f"cpu, exact engines by batch size {self.choice.label()} on "
+                f"{self.threads} threads (measured: "
                 f"{self.choice.table()}; FAISS for k > {flat_kernel.MAX_K})"
             )
         if self.bf16 is not None:
