@@ -6,9 +6,10 @@ BLAS large ones on some, the bf16 matrix units (``bankd.search.bf16_search``) mo
 batches where the CPU has AMX. So with ``flat_search="auto"`` the searcher times every
 engine it has on the bank's own keys, a few batch sizes of rows drawn from the bank,
 and answers each batch with the engine that was fastest for the nearest measured size.
-The measurement is bounded (``MEASURE_BUDGET_S``): a larger batch size is measured only
-when its cost, estimated from the last one's in proportion to the batch, still fits, so
-a server starts quickly; a large bank is measured at fewer sizes.
+The measurement is bounded (``MEASURE_BUDGET_S``): sizes are measured largest first
+(the merged batches a busy server searches) and no further size once the budget is
+spent, so a server starts quickly; a large bank is measured at fewer sizes, the
+smallest taking the choice of the nearest measured one.
 """
 
 from __future__ import annotations
@@ -100,9 +101,7 @@ def measure(
     start = time.perf_counter()
     seconds: dict[str, dict[int, float]] = {name: {} for name in engines}
     fastest: list[tuple[int, str]] = []
-    sizes = sorted(set(batches))
-    for i, b in enumerate(sizes):
-        size_start = time.perf_counter()
+    for b in sorted(set(batches), reverse=True):
         rows = np.sort(rng.choice(len(keys), size=b, replace=b > len(keys)))
         queries = np.ascontiguousarray(keys[rows], dtype=np.float32)
         for name, search in engines.items():
@@ -114,12 +113,10 @@ def measure(
                 best = min(best, time.perf_counter() - t0)
             seconds[name][b] = best
         fastest.append((b, min(engines, key=lambda n: seconds[n][b])))
-        now = time.perf_counter()
-        following = (now - size_start) * sizes[i + 1] / b if i + 1 < len(sizes) else 0.0
-        if following and now - start + following > budget_s:
+        if time.perf_counter() - start > budget_s:
             log.info("engine measurement stopped after B=%d (%.1f s budget)", b, budget_s)
             break
-    choice = EngineChoice(merge_ranges(fastest), seconds)
+    choice = EngineChoice(merge_ranges(sorted(fastest)), seconds)
     log.info(
         "flat search engines measured in %.1f s: %s -> %s",
         time.perf_counter() - start,
