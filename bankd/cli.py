@@ -230,7 +230,7 @@ def _captions(path: str) -> dict[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import build_config, demo_data, shard  # none imports torch: serve starts light
+    from . import build_config, demo_instruct, shard  # none imports torch: serve starts light
 
     parser = argparse.ArgumentParser(
         prog="bankd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,9 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo-data", help="generate the synthetic image-caption dataset")
-    demo_data.add_arguments(p)
-    p.set_defaults(func=demo_data.run)
+    p = sub.add_parser(
+        "demo-data", help="generate the synthetic pretraining, instruction and eval data"
+    )
+    demo_instruct.add_arguments(p)
+    p.set_defaults(func=demo_instruct.run)
 
     p = sub.add_parser(
         "build",

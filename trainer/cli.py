@@ -58,6 +58,11 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         p.add_argument("--from", dest="init_from", required=True, help="stage-1 run directory")
     p.add_argument("--top-k", type=int, help="retrieved values per image (default 5, or --from's)")
     p.add_argument(
+        "--retrieval-mode",
+        choices=["topk", "shuffled"],
+        help="shuffled: random non-top-k entries, a control (default topk, or --from's)",
+    )
+    p.add_argument(
         "--allow-encoder-mismatch",
         action="store_true",
         help="train even if the bank was built with another vision encoder",
@@ -100,6 +105,12 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         default=DEFAULT_PRETRAIN_STEPS,
         help="pretraining steps of the tiny LLM (cached)",
     )
+    if stage == 1:
+        p.add_argument(
+            "--tiny-llm-corpus",
+            help="JSON list of more texts to build the tiny LLM from "
+            "(default: lm_corpus.json next to --data, when present)",
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -140,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank",
             "out",
             "top_k",
+            "retrieval_mode",
             "allow_encoder_mismatch",
             "template",
             "batch_size",
@@ -185,6 +197,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             connector=args.connector,
             rag_connector=args.rag_connector,
             feature_layer=args.feature_layer,
+            tiny_llm_corpus=args.tiny_llm_corpus,
             progress=not args.no_progress,
             **shared,
         )

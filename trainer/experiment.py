@@ -186,6 +186,7 @@ def heldout_loss(
             model.vision,
             model.config.top_k,
             feature_layer=model.config.feature_layer,
+            mode=model.config.retrieval_mode,
         )
     try:
         return evaluate(

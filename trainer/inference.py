@@ -75,6 +75,7 @@ def _retriever(
             feature_layer=vlm.model.config.feature_layer,
             allow_encoder_mismatch=allow_mismatch,
             retry_for_s=patience,
+            mode=vlm.model.config.retrieval_mode,  # the shuffled control answers shuffled
         )
     except Exception:
         handle.close()

@@ -37,6 +37,7 @@ class TinyAlignConfig:
     rag_connector: str = "mlp2x_gelu"
     retrieval: bool = True
     top_k: int = 5
+    retrieval_mode: str = "topk"  # "shuffled": the study's control (retrieval.Retriever)
     feature_layer: int = -2
     value_shape: tuple[int, int] = (32, 96)
     template: str = "plain"
