@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("experiment", help="baseline vs TinyAlign stage 1 on the same data")
     experiment.add_arguments(e)
+    from . import study
+
+    st = sub.add_parser("study", help="the paper's protocol: arms x fractions x seeds, a report")
+    study.add_arguments(st)
     g = sub.add_parser("generate", help="answer prompts about images")
     g.add_argument("--model", required=True, help="a pretrain/finetune --out directory")
     g.add_argument("--bank", help='"host:port" or a bank .faiss path (retrieval models)')
@@ -250,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "study":
+            from . import study
+
+            return study.run(args)
         if args.command == "experiment":
             from . import experiment
 

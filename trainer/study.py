@@ -44,8 +44,19 @@ import torch
 
 from bankd_client import errors, sample_id_to_int
 
-from .study_config import ARMS, MAIN, MISMATCHED, OOD, UNTRAINED, StudyConfig
-from .study_config import demo_preset, llm_width, load_config, wider_connector
+from .study_config import (
+    ARMS,
+    MAIN,
+    MISMATCHED,
+    OOD,
+    UNTRAINED,
+    StudyConfig,
+    demo_preset,
+    llm_width,
+    load_config,
+    wider_connector,
+)
+from .study_eval import eval_conversations, evaluate_answers, heldout_loss
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +123,7 @@ def build_banks(config: StudyConfig, out: Path, progress: bool) -> dict[str, str
     kinds = {
         MAIN: dict(data=config.pretrain_data),
         UNTRAINED: dict(data=config.pretrain_data, perceiver_steps=0),
-        OOD: dict(
-            data=config.ood_data, image_folder=Path(config.ood_image_folder or folder)
-        ),
+        OOD: dict(data=config.ood_data, image_folder=Path(config.ood_image_folder or folder)),
         MISMATCHED: dict(data=config.pretrain_data, seed=config.bank_seed + 1)
         if config.mismatched_encoder is None
         else dict(data=config.pretrain_data, encoder=config.mismatched_encoder),
@@ -169,172 +178,88 @@ def _train_config(config: StudyConfig, **kw: Any):
     )
 
 
-def stage1_unit(config: StudyConfig, arm_name: str, seed: int, plan: dict, progress: bool) -> dict:
+def run_dir(plan: dict, arm: str, seed: int) -> Path:
+    return Path(plan["out"]) / "runs" / arm / f"seed{seed}"
+
+
+def stage1_config(config: StudyConfig, arm_name: str, seed: int, plan: dict, out: Path):
+    """The stage-1 ``TrainConfig`` of an arm: only the arm's own settings differ."""
+    arm = ARMS[arm_name]
+    return _train_config(
+        config,
+        stage=1,
+        data=config.pretrain_data,
+        out=str(out),
+        bank=plan["banks"].get(arm.bank) if arm.retrieval else None,
+        retrieval=arm.retrieval,
+        vision=config.vision,
+        llm=config.llm,
+        connector=plan["wider_spec"] if arm.wider else "mlp2x_gelu",
+        top_k=config.k_of(arm),
+        retrieval_mode=arm.mode,
+        allow_encoder_mismatch=arm.bank == MISMATCHED,
+        tiny_llm_corpus=config.tiny_llm_corpus,
+        steps=config.stage1_steps,
+        lr=config.stage1_lr,
+        seed=seed,
+    )
+
+
+def stage2_config(
+    config: StudyConfig, arm_name: str, seed: int, fraction: float, plan: dict, out: Path
+):
+    """The stage-2 ``TrainConfig``: the arm's stage-1 model, a seeded fraction of the
+    instructions (the same subset and order for every arm with this seed)."""
+    arm = ARMS[arm_name]
+    return _train_config(
+        config,
+        stage=2,
+        data=config.instruct_data,
+        out=str(out),
+        init_from=str(run_dir(plan, arm_name, seed) / "stage1"),
+        bank=plan["banks"].get(arm.bank) if arm.retrieval else None,
+        allow_encoder_mismatch=arm.bank == MISMATCHED,
+        data_fraction=fraction,
+        epochs=config.stage2_epochs,
+        lr=config.stage2_lr,
+        seed=seed,
+    )
+
+
+def stage1_unit(config: StudyConfig, arm: str, seed: int, plan: dict, progress: bool) -> dict:
     from .train import train
 
-    arm = ARMS[arm_name]
-    directory = Path(plan["out"]) / "runs" / arm_name / f"seed{seed}" / "stage1"
-
     def work(d: Path) -> dict:
-        result = train(
-            _train_config(
-                config,
-                stage=1,
-                data=config.pretrain_data,
-                out=str(d),
-                bank=plan["banks"].get(arm.bank) if arm.retrieval else None,
-                retrieval=arm.retrieval,
-                vision=config.vision,
-                llm=config.llm,
-                connector=plan["wider_spec"] if arm.wider else "mlp2x_gelu",
-                top_k=config.k_of(arm),
-                retrieval_mode=arm.mode,
-                allow_encoder_mismatch=arm.bank == MISMATCHED,
-                tiny_llm_corpus=config.tiny_llm_corpus,
-                steps=config.stage1_steps,
-                lr=config.stage1_lr,
-                seed=seed,
-                progress=progress,
-            )
-        )
+        result = train(replace(stage1_config(config, arm, seed, plan, d), progress=progress))
         return {"losses": result.losses, "trainable": result.trainable, "seconds": result.seconds}
 
-    return unit(directory, work)
+    return unit(run_dir(plan, arm, seed) / "stage1", work)
 
 
 def stage2_unit(
-    config: StudyConfig, arm_name: str, seed: int, fraction: float, plan: dict, progress: bool
+    config: StudyConfig, arm: str, seed: int, fraction: float, plan: dict, progress: bool
 ) -> dict:
+    """Stage 2, then the eval answers and the held-out loss."""
     from .train import train
 
-    arm = ARMS[arm_name]
-    base = Path(plan["out"]) / "runs" / arm_name / f"seed{seed}"
-    bank = plan["banks"].get(arm.bank) if arm.retrieval else None
+    bank = plan["banks"].get(ARMS[arm].bank) if ARMS[arm].retrieval else None
 
     def work(d: Path) -> dict:
-        result = train(
-            _train_config(
-                config,
-                stage=2,
-                data=config.instruct_data,
-                out=str(d / "model"),
-                init_from=str(base / "stage1"),
-                bank=bank,
-                allow_encoder_mismatch=arm.bank == MISMATCHED,
-                data_fraction=fraction,
-                epochs=config.stage2_epochs,
-                lr=config.stage2_lr,
-                seed=seed,
-                progress=progress,
-            )
-        )
-        model_dir = d / "model"
-        scores = evaluate_answers(config, model_dir, bank, d / "eval", progress)
-        loss = heldout_loss(config, model_dir, bank, plan["eval_conversations"], seed)
+        train_config = stage2_config(config, arm, seed, fraction, plan, d / "model")
+        result = train(replace(train_config, progress=progress))
+        t0 = time.perf_counter()
+        scores = evaluate_answers(config, d / "model", bank, d / "eval", progress)
+        loss = heldout_loss(config, d / "model", bank, plan["eval_conversations"], seed)
         return {
             "losses": result.losses,
             "steps": result.steps,
             "heldout_loss": loss,
             "scores": scores,
             "seconds": result.seconds,
+            "eval_seconds": time.perf_counter() - t0,
         }
 
-    return unit(base / f"frac{fraction:g}", work)
-
-
-def _jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-
-
-def evaluate_answers(
-    config: StudyConfig, model_dir: Path, bank: str | None, out: Path, progress: bool
-) -> dict:
-    """Greedy answers to the eval questions (LLaVA answers file) and their scores."""
-    from .evaluate import EvalConfig, run_eval
-
-    summary = run_eval(
-        EvalConfig(
-            model=str(model_dir),
-            questions=config.questions,
-            image_folder=config.image_folder,
-            answers_file=str(out / "answers.jsonl"),
-            bank=bank,
-            gold=config.answers,
-            batch_size=config.eval_batch_size,
-            max_new_tokens=config.max_new_tokens,
-        ),
-        progress=progress,
-    )
-    return summary
-
-
-def eval_conversations(config: StudyConfig, path: Path) -> str:
-    """The eval questions with their gold answers as one-turn LLaVA conversations (the
-    held-out loss set); ids are the images' own, so no question retrieves its image."""
-    gold = {g["question_id"]: g["answer"] for g in _jsonl(config.answers)}
-    items = []
-    for q in _jsonl(config.questions):
-        answer = gold[q["question_id"]]
-        answer = answer[0] if isinstance(answer, list) else answer
-        items.append(
-            {
-                "id": Path(q["image"]).stem,
-                "image": q["image"],
-                "conversations": [
-                    {"from": "human", "value": "<image>\n" + q["text"]},
-                    {"from": "gpt", "value": str(answer)},
-                ],
-            }
-        )
-    _write_json(path, items)
-    return str(path)
-
-
-def heldout_loss(
-    config: StudyConfig, model_dir: Path, bank: str | None, data: str, seed: int
-) -> float:
-    """Token-weighted loss of the gold answers to the eval questions."""
-    from bankd.models.encoders import preprocess_images, resolve_device
-
-    from .components import load_vlm
-    from .config import open_checked_bank
-    from .data import VLMDataset
-    from .pipeline import evaluate, resolve_precision
-    from .retrieval import Retriever
-
-    device = resolve_device(config.device)
-    model, tokenizer, template = load_vlm(model_dir, device, progress=False)
-    dataset = VLMDataset(
-        data,
-        config.image_folder,
-        tokenizer,
-        template,
-        partial(preprocess_images, model.vision.image_processor),
-        max_length=config.max_length,
-    )
-    retriever = None
-    if model.config.retrieval:
-        retriever = Retriever.from_bank(
-            open_checked_bank(bank, 30.0),
-            model.vision,
-            model.config.top_k,
-            feature_layer=model.config.feature_layer,
-            allow_encoder_mismatch=True,  # the mismatched arm trained so; others match
-            mode=model.config.retrieval_mode,
-            seed=seed,
-        )
-    try:
-        return evaluate(
-            model,
-            dataset,
-            retriever,
-            batch_size=config.eval_batch_size,
-            device=device,
-            precision=resolve_precision(config.precision, device),
-        )
-    finally:
-        if retriever is not None:
-            retriever.close()
+    return unit(run_dir(plan, arm, seed) / f"frac{fraction:g}", work)
 
 
 # -- the whole study -----------------------------------------------------------------------
@@ -375,7 +300,9 @@ def prepare(config: StudyConfig, out: Path, progress: bool) -> dict:
             "mlp2x_gelu", "mlp2x_gelu", vision.vision_dim, llm_width(config.llm), 96
         )
         plan.update(wider_spec=spec, wider_added_params=added, rag_connector_params=rag)
-        log.info("study: wider connector %s adds %d parameters (RAG connector: %d)", spec, added, rag)
+        log.info(
+            "study: wider connector %s adds %d parameters (RAG connector: %d)", spec, added, rag
+        )
     plan["eval_conversations"] = eval_conversations(config, out / EVAL_CONVERSATIONS)
     _write_json(out / "plan.json", plan)
     return plan

@@ -19,10 +19,11 @@ Arms (``ARMS``), each a name in ``arms``:
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .llm import DEFAULT_PRETRAIN_STEPS, TINY_NAME, TinyLMConfig
 from .model import WIDE_PREFIX, build_connector
@@ -187,7 +188,7 @@ def llm_width(llm: str) -> int:
     import transformers
 
     cfg = transformers.AutoConfig.from_pretrained(llm)
-    return int(getattr(cfg.get_text_config(), "hidden_size"))
+    return int(cfg.get_text_config().hidden_size)
 
 
 def param_count(spec: str, d_in: int, d_out: int) -> int:
