@@ -212,8 +212,16 @@ def eval_items(
     return questions, gold, image
 
 
+# The system line of LLaVA-v1.5's chat layout (vicuna_v1), which every stage-2 prompt opens with.
+CHAT_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
 def corpus_texts(config: DemoDataConfig, n: int) -> list[str]:
-    """``n`` chat texts (``USER: q ASSISTANT: a``) about random attributes and general facts."""
+    """``n`` chats (``[system] USER: q ASSISTANT: a ...``, the layout of LLaVA-v1.5's
+    prompts, half of them with its system line) about random attributes and general facts."""
     texts = []
     for i in range(n):
         rng = np.random.default_rng([config.seed, SPLITS["corpus"], i])
@@ -222,7 +230,8 @@ def corpus_texts(config: DemoDataConfig, n: int) -> list[str]:
         else:
             attrs = demo_data.sample_attributes(rng)
             pairs = [ask(attrs, str(pick(rng, CATEGORIES)), rng)[:2] for _ in range(2)]
-        texts.append(" ".join(f"USER: {q} ASSISTANT: {a}" for q, a in pairs))
+        chat = " ".join(f"USER: {q} ASSISTANT: {a}" for q, a in pairs)
+        texts.append(f"{CHAT_SYSTEM} {chat}" if rng.random() < 0.5 else chat)
     return texts
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from bankd.demo_data import ATTRIBUTES, BACKGROUNDS_RGB, COLORS_RGB, DemoDataConfig, generate
 from bankd.demo_instruct import (
     CATEGORIES,
+    CHAT_SYSTEM,
     CHOICE_SUFFIX,
     SHORT_SUFFIX,
     InstructConfig,
@@ -132,7 +133,8 @@ def test_every_short_answer_is_an_attribute_value() -> None:
 def test_corpus_is_chat_text_and_config_is_checked(made: tuple[Path, dict]) -> None:
     out, _ = made
     corpus = json.loads((out / "lm_corpus.json").read_text())
-    assert len(corpus) == SPEC.corpus and all(t.startswith("USER: ") for t in corpus)
+    assert len(corpus) == SPEC.corpus
+    assert all(t.startswith(("USER: ", CHAT_SYSTEM + " USER: ")) for t in corpus)
     assert all(" ASSISTANT: " in t for t in corpus)
     with pytest.raises(ValueError, match="text_only"):
         InstructConfig(text_only=1.0)
