@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bankd import __version__
+from bankd.search.flat_kernel import FLAT_SEARCH
 from bankd_client import BankClient, BankError, tune_allocator
 from bankd_client.credentials import add_connection_flags, connection_options
-
-from . import __version__
-from .flat_kernel import FLAT_SEARCH
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
@@ -120,8 +119,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import BankServer, ServerConfig
-    from .service import ServiceLimits
+    from bankd.serve.server import BankServer, ServerConfig
+    from bankd.serve.service import ServiceLimits
 
     limits = replace(
         ServiceLimits(),
@@ -230,7 +229,10 @@ def _captions(path: str) -> dict[int, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import build_config, demo_instruct, shard  # none imports torch: serve starts light
+    # none of these imports torch: serve starts light
+    from bankd.build import config as build_config
+    from bankd.build import demo_instruct
+    from bankd.search import shard
 
     parser = argparse.ArgumentParser(
         prog="bankd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

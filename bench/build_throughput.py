@@ -4,7 +4,7 @@
     python bench/build_throughput.py --encoders tiny --n 2048 --workers 2
     python bench/build_throughput.py --encoders base --batch-size 128 --json build.json
 
-Made for CUDA (it runs on a CPU too, slowly). Demo pairs (``bankd.demo_data``, PNGs of
+Made for CUDA (it runs on a CPU too, slowly). Demo pairs (``bankd.build.demo_data``, PNGs of
 ``--image-size`` px) are generated in a temporary folder. Each encoder is built in code
 with random weights (throughput does not depend on them), saved with
 ``DualEncoder.save_pretrained`` and loaded by path, as a real checkpoint is:
@@ -14,9 +14,9 @@ with random weights (throughput does not depend on them), saved with
 * ``base``: SigLIP-base-sized (224 px, 16 px patches, width 768, 12 layers per tower,
   as google/siglip-base-patch16-224), with the tiny byte-level tokenizer.
 
-For each encoder, all at ``--batch-size`` and inside ``bankd.build.build_environment``:
+For each encoder, all at ``--batch-size`` and inside ``bankd.build.pipeline.build_environment``:
 
-1. build pass: ``bankd.build._Pipeline.keys_and_values``, pass 2 of ``bankd build``
+1. build pass: ``bankd.build.pipeline._Pipeline.keys_and_values``, pass 2 of ``bankd build``
    (DataLoader workers decode, preprocess and tokenize; vision and text towers under
    bf16 autocast; key function; Perceiver value compressor; keys and values copied to
    the host) over all pairs, wall clock including the workers' start, per ``--workers``;
@@ -45,9 +45,10 @@ import numpy as np
 import torch
 import transformers
 
-from bankd.build import BuildConfig, _Pipeline, build_environment
-from bankd.data import load_llava_json
-from bankd.demo_data import DemoDataConfig, generate
+from bankd.build.config import BuildConfig
+from bankd.build.data import load_llava_json
+from bankd.build.demo_data import DemoDataConfig, generate
+from bankd.build.pipeline import _Pipeline, build_environment
 from bankd.models.encoders import (
     DualEncoder,
     autocast_context,
@@ -204,7 +205,8 @@ def report(cfg: Config, results: dict[str, dict[str, Any]], gpu: str) -> str:
     for w in cfg.workers:
         lines.append(
             row(
-                f"build pass (bankd.build pass 2), {w} DataLoader workers", f"build_pass_workers{w}"
+                f"build pass (bankd.build.pipeline pass 2), {w} DataLoader workers",
+                f"build_pass_workers{w}",
             )
         )
         lines.append(

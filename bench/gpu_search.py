@@ -12,7 +12,7 @@ a Flat index) to a temporary folder, and then, in one run:
    copy of it (memory bandwidth, bytes read + written) and a read of it (a sum), and the
    fp16 matrix product of the search's shape, (B x d) @ (d x N), plus a square 8192^3 one
    (matrix-multiply throughput, TFLOP/s);
-2. ``bankd.index.Searcher`` on CUDA (the torch path when FAISS has no GPU build), each
+2. ``bankd.search.index.Searcher`` on CUDA (the torch path when FAISS has no GPU build), each
    query excluding its own entry (k + 1 fetched): the GPU work alone (queries already on
    the device, CUDA-synchronised), ``raw_search`` (with the copies to and from the host)
    and ``search`` (with the exclusion filter), checked against a float64 brute force;
@@ -48,9 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_latency import BenchConfig as BankSpec  # noqa: E402  (the bank generator)
 from search_latency import write_synthetic_bank  # noqa: E402
 
-from bankd import torch_search  # noqa: E402
-from bankd.index import Searcher  # noqa: E402
-from bankd.store import VALUE_SHAPE, Bank  # noqa: E402
+from bankd.search import torch_search  # noqa: E402
+from bankd.search.index import Searcher  # noqa: E402
+from bankd.store.paths import VALUE_SHAPE  # noqa: E402
+from bankd.store.reader import Bank  # noqa: E402
 from bankd_client import tune_allocator  # noqa: E402
 
 SERVER_START_S = 600.0
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             searcher.torch_index = torch_search.TorchFlatIndex(bank.keys, "cpu")
         progress(f"Searcher on {searcher.device} in {time.perf_counter() - t0:.1f} s")
         index = searcher.torch_index
-        path_name = "torch (bankd.torch_search)" if index is not None else "FAISS GPU"
+        path_name = "torch (bankd.search.torch_search)" if index is not None else "FAISS GPU"
         gpu = torch.cuda.get_device_name() if cfg.device != "cpu" else "none (CPU smoke test)"
         res = Results(gpu, path_name)
         progress("measuring the GPU's limits")

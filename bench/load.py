@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from bankd.serve_process import ServeProcess
+from bankd.serve.process import ServeProcess
 from bankd_client import BankClient, BankError
 
 ID_OFFSET = 1_000_000  # entry ids differ from row numbers
@@ -130,7 +130,8 @@ def _noise(rng: np.random.Generator, shape: tuple[int, ...], norm: float) -> np.
 
 def bank_for(cfg: LoadConfig, workdir: Path) -> Path:
     """workdir/bank.faiss: clustered unit keys, random finite fp16 values (reused if kept)."""
-    from bankd.store import BankPaths, write_bank
+    from bankd.store.paths import BankPaths
+    from bankd.store.writer import write_bank
 
     index_path = workdir / "bank.faiss"
     manifest = BankPaths(index_path).manifest
@@ -156,7 +157,7 @@ def make_queries(cfg: LoadConfig, d: int, index_path: Path | None) -> list[np.nd
     if index_path is None:
         queries = _unit(rng.standard_normal((total, d), dtype=np.float32))
     else:
-        from bankd.store import BankPaths
+        from bankd.store.paths import BankPaths
 
         keys = np.load(BankPaths(index_path).file("keys.npy"), mmap_mode="r")
         rows = np.sort(rng.integers(len(keys), size=total))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bankd.store import VALUE_SHAPE
+from bankd.store.paths import VALUE_SHAPE
 
 HNSW_M = 32
 EF_CONSTRUCTION = 40

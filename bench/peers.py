@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_backends as pb  # noqa: E402  (the peers)
 import search_latency as sl  # noqa: E402  (the bank, queries and server child)
 
-from bankd.store import Bank, BankPaths  # noqa: E402
+from bankd.store.paths import BankPaths  # noqa: E402
+from bankd.store.reader import Bank  # noqa: E402
 
 HNSW_FACTORY = "HNSW32"
 EF_LADDER = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 160, 192, 256, 384, 512)

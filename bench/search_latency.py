@@ -4,7 +4,7 @@
     python bench/search_latency.py                       # N=100000, d=768, B=128, k=5, Flat
     python bench/search_latency.py --n 20000 --d 256     # quick check, well under a minute
     python bench/search_latency.py --index HNSW32 --json search_latency.json
-    python bench/search_latency.py --index auto          # bankd.autoindex's choice, tuned
+    python bench/search_latency.py --index auto          # bankd.search.tuning's choice, tuned
     python bench/search_latency.py --index HNSW32 --ef-search 64   # per-request override
     python bench/search_latency.py --workdir /tmp/bench-bank   # keep the bank, reuse it next run
 
@@ -25,7 +25,7 @@ interleaves:
   B * k * 32 * 96 fp16 values (3.9 MB at the defaults).
 
 Both processes set ``faiss.cvar.distance_compute_blas_threshold = 16`` (the server
-does it in ``bankd.index``), so a batch search takes the BLAS path in each. The
+does it in ``bankd.search.index``), so a batch search takes the BLAS path in each. The
 server's own histograms (scraped from its /metrics after every call) split each
 RPC into the server's handler time and its index search. The last line printed is
 ``ratio(bankd/in-process) = X.XX``, the ratio of the median latencies; the project's
@@ -62,11 +62,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bankd.autoindex import exact_topk, search_parameters  # noqa: E402
-from bankd.flat_kernel import FLAT_SEARCH  # noqa: E402
-from bankd.store import VALUE_SHAPE, BankPaths, BankWriter  # noqa: E402
+from bankd.search.flat_kernel import FLAT_SEARCH  # noqa: E402
+from bankd.search.tuning import exact_topk, search_parameters  # noqa: E402
+from bankd.store.paths import VALUE_SHAPE, BankPaths  # noqa: E402
+from bankd.store.writer import BankWriter  # noqa: E402
 
-BLAS_THRESHOLD = 16  # the value bankd.index sets; faiss 1.15's default is far higher
+BLAS_THRESHOLD = 16  # the value bankd.search.index sets; faiss 1.15's default is far higher
 CHUNK = 16_384  # entries generated and written at a time
 ID_OFFSET = 1_000_000  # entry ids differ from row numbers, so id mapping is checked
 KEY_NOISE = 0.7  # norm of the noise around a key's cluster centre
@@ -276,7 +277,7 @@ class ServerProcess:
 
 def _flat_engine(flat_search: str) -> str:
     """Who searches a Flat IP index in a `bankd serve --flat-search flat_search`."""
-    from bankd import flat_kernel
+    from bankd.search import flat_kernel
 
     if flat_search == "faiss" or not flat_kernel.available():
         return "FAISS"
@@ -286,7 +287,7 @@ def _flat_engine(flat_search: str) -> str:
 def serve_child(index: str, cfg: BenchConfig) -> int:
     """Child process: `bankd serve` (the CLI's own code) on free ports, after one line
     saying which FAISS settings the server's process searches with."""
-    import bankd.index  # noqa: F401  (sets the BLAS threshold, as `bankd serve` does)
+    import bankd.search.index  # noqa: F401  (sets the BLAS threshold, as `bankd serve` does)
     from bankd.cli import main as bankd_main
 
     print(
@@ -373,7 +374,7 @@ def wire_cost(ref: dict[str, np.ndarray], reps: int = 5) -> dict[str, float]:
     """In-process cost of one response: bankd's way (``bankd_client.wire``: values
     gathered into the message, read back as views) against the protobuf runtime's
     (arrays -> Tensor messages -> serialization, parse -> decode), gather included."""
-    from bankd.topk import gather_values
+    from bankd.search.topk import gather_values
     from bankd_client import wire
     from bankd_client.proto import bankd_pb2 as pb
     from bankd_client.types import Hits

@@ -8,7 +8,7 @@
 
 It writes the synthetic bank of ``bench/search_latency.py`` (same generator, same
 flags, so a ``--workdir`` bank is shared between the two), splits it with
-``bankd.shard.split_bank`` (what ``bankd shard`` runs), and starts S + 1 ``bankd
+``bankd.search.shard.split_bank`` (what ``bankd shard`` runs), and starts S + 1 ``bankd
 serve`` processes on this machine: one on the whole bank, one per shard. Then, batch
 by batch and in alternating order:
 
@@ -44,8 +44,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_latency as sl  # noqa: E402  (the bank, queries and server child)
 
-from bankd.shard import shard_paths, split_bank  # noqa: E402
-from bankd.store import Bank, BankPaths  # noqa: E402
+from bankd.search.shard import shard_paths, split_bank  # noqa: E402
+from bankd.store.paths import BankPaths  # noqa: E402
+from bankd.store.reader import Bank  # noqa: E402
 
 
 @dataclass(frozen=True)

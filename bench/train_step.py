@@ -10,7 +10,7 @@ One run, one model, one data set, both configurations (k, batch size and seed al
 
 * remote: the bank served by ``bankd serve`` in a child process, searched over gRPC on
   loopback with values returned (``--bank 127.0.0.1:PORT``, what a user runs);
-* in-process: ``bankd.local.LocalBank`` on the same bank files (``--bank bank.faiss``).
+* in-process: ``bankd.search.local.LocalBank`` on the same bank files (``--bank bank.faiss``).
 
 Each measurement is a short stage-1 run of the trainer itself (``tinyalign.train.train``:
 the Prefetcher searching one batch ahead, vision tower, LLM forward/backward, AdamW),
@@ -46,10 +46,11 @@ from typing import Any
 
 import torch
 
-from bankd.build import BuildConfig, build_bank
-from bankd.demo_data import DemoDataConfig, generate
-from bankd.serve_process import ServeProcess
-from bankd.store import BankPaths
+from bankd.build.config import BuildConfig
+from bankd.build.demo_data import DemoDataConfig, generate
+from bankd.build.pipeline import build_bank
+from bankd.serve.process import ServeProcess
+from bankd.store.paths import BankPaths
 from tinyalign.config import TrainConfig
 from tinyalign.train import train
 

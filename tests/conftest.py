@@ -83,7 +83,7 @@ BankFactory = Callable[..., SyntheticBank]
 @pytest.fixture
 def make_bank(tmp_path: Path) -> BankFactory:
     """Write a fresh synthetic bank under tmp_path: make_bank(n=..., d=..., name=..., **finish)."""
-    from bankd.store import write_bank
+    from bankd.store.writer import write_bank
 
     def factory(
         n: int = 200,
@@ -106,7 +106,7 @@ def make_bank(tmp_path: Path) -> BankFactory:
 @pytest.fixture(scope="session")
 def bank(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBank:
     """The shared read-only bank: N=3000 entries, d=32, values (32, 96) fp16, Flat index."""
-    from bankd.store import write_bank
+    from bankd.store.writer import write_bank
 
     keys, values, ids = make_arrays()
     path = write_bank(tmp_path_factory.mktemp("bank") / "bank.faiss", keys, values, ids)
@@ -119,7 +119,7 @@ def _server(index: Path, **config: Any) -> Any:
     Search runs on the CPU so scores are exact float32 (the torch CUDA path computes
     in fp16 and would need looser tolerances).
     """
-    from bankd.server import BankServer, ServerConfig
+    from bankd.serve.server import BankServer, ServerConfig
 
     config.setdefault("device", "cpu")
     config.setdefault("metrics_port", 0)

@@ -56,16 +56,16 @@ def test_wheel_install_gives_imports_and_command(tmp_path: Path) -> None:
     code = (
         "import bankd, bankd_client, tinyalign, bankd.store, bankd_client.proto.bankd_pb2;"
         "import bankd.models.keys, tinyalign.model;"
-        "import bankd.flat_kernel;"
+        "import bankd.search.flat_kernel;"
         "print(bankd.__file__, bankd_client.__file__, tinyalign.__file__,"
-        "      'kernel', bankd.flat_kernel.available())"
+        "      'kernel', bankd.search.flat_kernel.available())"
     )
     out = subprocess.run(
         [str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, env=env
     ).stdout
     assert str(ROOT) not in out and "site-packages" in out, out
     # The wheel carries the flat-search kernel wherever this checkout built one.
-    from bankd import flat_kernel
+    from bankd.search import flat_kernel
 
     assert out.split()[-1] == str(flat_kernel.available()), out
     help_text = subprocess.run(

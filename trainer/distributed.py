@@ -1,7 +1,7 @@
-"""Data-parallel plumbing for training: DDP over the process group of ``bankd.distributed``.
+"""Data-parallel plumbing for training: DDP over the process group of ``bankd.build.distributed``.
 
 ``DistEnv`` and ``init_distributed`` (torchrun's environment -> process group, NCCL on
-CUDA, Gloo on the CPU, ``cuda:LOCAL_RANK``) live in ``bankd.distributed``, which
+CUDA, Gloo on the CPU, ``cuda:LOCAL_RANK``) live in ``bankd.build.distributed``, which
 ``bankd build`` uses too; this module adds what only training needs.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from bankd.distributed import DistEnv, init_distributed
+from bankd.build.distributed import DistEnv, init_distributed
 
 __all__ = ["DistEnv", "init_distributed", "no_sync_unless", "wrap_ddp"]
 

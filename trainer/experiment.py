@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from bankd.models.encoders import preprocess_images, resolve_device
-from bankd.serve_process import ServeProcess as BankServerProcess
+from bankd.serve.process import ServeProcess as BankServerProcess
 from bankd_client import errors
 
 from .components import load_vlm
@@ -108,8 +108,9 @@ def _phase(times: dict[str, float], name: str) -> Iterator[None]:
 def ensure_bank(config: ExperimentConfig, folder: Path, directory: Path) -> tuple[Path, bool]:
     """(index, built now): the bank of ``config.data`` in ``directory``; reused when its
     manifest has the same build settings and the data file the same SHA-256."""
-    from bankd.build import BuildConfig, build_bank
-    from bankd.store import BankPaths
+    from bankd.build.config import BuildConfig
+    from bankd.build.pipeline import build_bank
+    from bankd.store.paths import BankPaths
 
     index = directory / "bank.faiss"
     steps = {} if config.perceiver_steps is None else {"perceiver_steps": config.perceiver_steps}

@@ -44,7 +44,7 @@ def open_bank(target: str, **client_options: Any) -> Any:
     ``bankd_client.credentials.connection_options``); an in-process bank needs none.
     """
     if target.endswith(".faiss") or Path(target).exists():
-        from bankd.local import LocalBank  # in-process: no server, no grpc round trip
+        from bankd.search.local import LocalBank  # in-process: no server, no grpc round trip
 
         return LocalBank(target)
     return BankClient(target, **client_options)

@@ -101,7 +101,7 @@ def _held_out_images(config: StudyConfig) -> tuple[set[str], set[int]]:
 
 def check_bank_is_clean(index: Path, data: str, config: StudyConfig) -> int:
     """Entries of the bank at ``index``; ValueError if one is an instruction or eval image."""
-    from bankd.store import Bank
+    from bankd.store.reader import Bank
 
     bank = Bank.load(index, verify=False, load_index=False)
     entry_ids = {int(i) for i in bank.ids}
@@ -117,7 +117,8 @@ def check_bank_is_clean(index: Path, data: str, config: StudyConfig) -> int:
 
 def build_banks(config: StudyConfig, out: Path, progress: bool) -> dict[str, str]:
     """Build (or reuse) each bank the arms need; {kind: index path}."""
-    from bankd.build import BuildConfig, build_bank
+    from bankd.build.config import BuildConfig
+    from bankd.build.pipeline import build_bank
 
     folder = Path(config.image_folder)
     kinds = {
@@ -348,8 +349,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_data(out: Path, progress: bool) -> Path:
-    from bankd.demo_data import DemoDataConfig, generate
-    from bankd.demo_instruct import InstructConfig, generate_instruct
+    from bankd.build.demo_data import DemoDataConfig, generate
+    from bankd.build.demo_instruct import InstructConfig, generate_instruct
 
     data = out / "data"
     if not (data / "eval" / "answers_gt.jsonl").is_file():

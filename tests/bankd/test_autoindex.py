@@ -1,4 +1,4 @@
-"""Tests of bankd.autoindex: the factory choice by N, d and memory budget, recall
+"""Tests of bankd.search.tuning: the factory choice by N, d and memory budget, recall
 measured against exact search, tuning to a target, per-call search parameters, and
 the manifest round trip of what the build chose and measured."""
 
@@ -10,11 +10,11 @@ import faiss
 import numpy as np
 import pytest
 
-from bankd import autoindex
-from bankd.autoindex import RecallSample, choose_factory, parse_bytes, tune
-from bankd.index import Searcher, build_index
-from bankd.service import BankService
-from bankd.store import Bank
+from bankd.search import tuning
+from bankd.search.index import Searcher, build_index
+from bankd.search.tuning import RecallSample, choose_factory, parse_bytes, tune
+from bankd.serve.service import BankService
+from bankd.store.reader import Bank
 
 IP = faiss.METRIC_INNER_PRODUCT
 GIB = 2**30
@@ -35,14 +35,14 @@ def sample(bank: Any) -> RecallSample:
 
 def test_small_banks_are_flat() -> None:
     assert choose_factory(3000, 32, GIB).factory == "Flat"
-    assert choose_factory(autoindex.FLAT_MAX, 768, 8 * GIB).factory == "Flat"
+    assert choose_factory(tuning.FLAT_MAX, 768, 8 * GIB).factory == "Flat"
 
 
 def test_larger_banks_get_hnsw_when_the_graph_fits() -> None:
     choice = choose_factory(100_000, 768, 8 * GIB)
     assert choice.factory == "HNSW32"
     assert 100_000 * 768 * 4 < choice.estimated_bytes < 8 * GIB
-    assert "HNSW" in choose_factory(autoindex.FLAT_MAX + 1, 64, 8 * GIB).factory
+    assert "HNSW" in choose_factory(tuning.FLAT_MAX + 1, 64, 8 * GIB).factory
 
 
 def test_tighter_budgets_step_down_to_ivf_then_pq() -> None:
@@ -71,7 +71,7 @@ def test_an_impossible_budget_is_a_value_error() -> None:
 
 def test_ivf_lists_have_enough_training_points() -> None:
     for n in (1, 100, 5000, 100_000, 10**7):
-        nlist = autoindex.ivf_nlist(n)
+        nlist = tuning.ivf_nlist(n)
         assert nlist >= 1 and (nlist == 1 or n >= 39 * nlist)
         assert nlist & (nlist - 1) == 0
 
@@ -131,11 +131,11 @@ def test_an_unreachable_target_is_reported_not_hidden(bank: Any, sample: RecallS
 def test_per_call_parameters_leave_the_index_alone(ivf: Any, bank: Any) -> None:
     q = bank.queries(64, seed=3)
     lone = ivf.search(q, 5)[1]
-    wide = ivf.search(q, 5, params=autoindex.search_parameters(ivf, {"nprobe": 32}))[1]
+    wide = ivf.search(q, 5, params=tuning.search_parameters(ivf, {"nprobe": 32}))[1]
     assert ivf.nprobe == 1 and (lone != wide).any()
     np.testing.assert_array_equal(ivf.search(q, 5)[1], lone)
     with pytest.raises(ValueError, match="no search parameter"):
-        autoindex.search_parameters(ivf, {"efSearch": 8})
+        tuning.search_parameters(ivf, {"efSearch": 8})
 
 
 def test_searcher_per_call_params(ivf: Any, bank: Any, helpers: Any) -> None:
@@ -181,7 +181,7 @@ def test_auto_chooses_by_the_budget_for_arrays(make_bank: Any) -> None:
     b = make_bank(n=3000, d=32, index_factory="auto", memory_budget_bytes=200_000)
     idx = Bank.load(b.path).manifest["index"]
     assert "PQ" in idx["factory"] and idx["memory_budget_bytes"] == 200_000
-    assert idx["recall"]["target"] == autoindex.DEFAULT_RECALL_TARGET
+    assert idx["recall"]["target"] == tuning.DEFAULT_RECALL_TARGET
     assert idx["bytes"] < 3000 * 32 * 4 and "nprobe" in idx["search_params"]
 
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd.build import BuildConfig, build_bank, select_entries
-from bankd.build_config import add_arguments, run
-from bankd.data import ImageCaptionDataset, load_llava_json
-from bankd.demo_data import DemoDataConfig, generate
+from bankd.build.config import BuildConfig, add_arguments, run
+from bankd.build.data import ImageCaptionDataset, load_llava_json
+from bankd.build.demo_data import DemoDataConfig, generate
+from bankd.build.pipeline import build_bank, select_entries
 from bankd.models.embedder import Embedder
 from bankd.models.encoders import load_encoder
-from bankd.store import Bank
+from bankd.store.reader import Bank
 from bankd_client.identity import EncoderFingerprint, sample_id_to_int
 
 
@@ -238,7 +238,7 @@ class Interrupted(BaseException):
 
 def _interrupt_after(monkeypatch, chunks: int) -> None:
     """Make the next build stop right after its pass 2 counted ``chunks`` chunks."""
-    from bankd.workdir import RowAppender
+    from bankd.build.workdir import RowAppender
 
     append = RowAppender.append
 

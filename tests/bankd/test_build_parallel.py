@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from bankd.build import BuildConfig, build_bank
-from bankd.build_parallel import pass2_bounds
-from bankd.demo_data import DemoDataConfig, generate
-from bankd.shard import split_bank
-from bankd.store import Bank
+from bankd.build.config import BuildConfig
+from bankd.build.demo_data import DemoDataConfig, generate
+from bankd.build.parallel import pass2_bounds
+from bankd.build.pipeline import build_bank
+from bankd.search.shard import split_bank
+from bankd.store.reader import Bank
 
 N = 200
 FLAGS = ("--workers", "0", "--batch-size", "32", "--perceiver-steps", "3", "--threads", "1")
@@ -110,7 +111,7 @@ def test_torchrun_build_equals_one_process_build(demo: Path, single: Path, tmp_p
 def test_keep_shards_writes_what_bankd_shard_writes(
     demo: Path, single: Path, tmp_path: Path, helpers: Any
 ) -> None:
-    from bankd.server import BankServer, ServerConfig
+    from bankd.serve.server import BankServer, ServerConfig
     from bankd_client import BankClient, ShardedBankClient
 
     run = _torchrun(demo, tmp_path / "bank.faiss", "--keep-shards")
@@ -164,8 +165,8 @@ class Interrupted(RuntimeError):
 
 def _rank_main(rank: int, port: int, configs: list[BuildConfig], stop_rank: int | None) -> None:
     """One rank of a Gloo job: ``build_bank(configs[rank])``."""
-    from bankd.distributed import init_distributed
-    from bankd.workdir import RowAppender
+    from bankd.build.distributed import init_distributed
+    from bankd.build.workdir import RowAppender
 
     world = str(len(configs))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=world)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bankd.build import BuildConfig, build_bank
-from bankd.demo_data import DemoDataConfig, generate
-from bankd.server import BankServer, ServerConfig
+from bankd.build.config import BuildConfig
+from bankd.build.demo_data import DemoDataConfig, generate
+from bankd.build.pipeline import build_bank
+from bankd.serve.server import BankServer, ServerConfig
 from bankd_client import BankClient, EncoderMismatch, sample_id_to_int
 
 

@@ -1,4 +1,5 @@
-"""Tests for bankd.demo_data: determinism, LLaVA-Pretrain schema, pixels that match captions."""
+"""Tests for bankd.build.demo_data: determinism, LLaVA-Pretrain schema, pixels that match
+captions."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd import demo_data
-from bankd.demo_data import (
+from bankd.build import demo_data
+from bankd.build.demo_data import (
     ATTRIBUTES,
     BACKGROUNDS_RGB,
     COLORS_RGB,

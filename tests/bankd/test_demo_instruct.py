@@ -1,4 +1,4 @@
-"""Tests for bankd.demo_instruct: the instruction set, the eval set and the tiny LM corpus."""
+"""Tests for bankd.build.demo_instruct: the instruction set, the eval set and the tiny LM corpus."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bankd.demo_data import ATTRIBUTES, BACKGROUNDS_RGB, COLORS_RGB, DemoDataConfig, generate
-from bankd.demo_instruct import (
+from bankd.build.demo_data import ATTRIBUTES, BACKGROUNDS_RGB, COLORS_RGB, DemoDataConfig, generate
+from bankd.build.demo_instruct import (
     CATEGORIES,
     CHAT_SYSTEM,
     CHOICE_SUFFIX,

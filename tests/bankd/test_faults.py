@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bankd.store import BankPaths, write_bank
+from bankd.store.paths import BankPaths
+from bankd.store.writer import write_bank
 from bankd_client import BankClient, BankError, Unavailable
 
 pytestmark = pytest.mark.slow  # child processes that import torch: seconds each

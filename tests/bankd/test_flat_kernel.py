@@ -1,4 +1,4 @@
-"""Tests of bankd.flat_kernel (the CPU flat-search kernel, bankd/_flatip.c) and of the
+"""Tests of bankd.search.flat_kernel (the CPU flat-search kernel, bankd/search/_flatip.c) and of the
 Searcher's choice between it and FAISS.
 
 The kernel is built by setup.py where a C compiler is found and runs on x86-64 CPUs
@@ -15,9 +15,9 @@ import faiss
 import numpy as np
 import pytest
 
-from bankd import flat_kernel
-from bankd.flat_kernel import FlatKernel, pack_queries
-from bankd.index import Searcher, build_index, read_index, write_index
+from bankd.search import flat_kernel
+from bankd.search.flat_kernel import FlatKernel, pack_queries
+from bankd.search.index import Searcher, build_index, read_index, write_index
 
 needs_kernel = pytest.mark.skipif(
     not flat_kernel.available(),

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from bankd.server import BankServer, ServerConfig
-from bankd.service import ServiceLimits
+from bankd.serve.server import BankServer, ServerConfig
+from bankd.serve.service import ServiceLimits
 from bankd_client import BankClient, errors, tensors
 from bankd_client.proto import bankd_pb2 as pb
 

@@ -1,4 +1,4 @@
-"""Tests of bankd.index: index building from factory strings, Searcher (exact on Flat,
+"""Tests of bankd.search.index: index building from factory strings, Searcher (exact on Flat,
 exclusion on approximate indexes, padding when hits run out), select, gather_values."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bankd.index import MAX_K_CPU, Searcher, build_index, describe, gather_values
-from bankd.topk import select
+from bankd.search.index import MAX_K_CPU, Searcher, build_index, describe, gather_values
+from bankd.search.topk import select
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_cuda_search_matches_cpu(bank: Any, helpers: Any, k: int) -> None:
     helpers.assert_topk(bank, q, k, result.ids, result.scores, exclude, atol=5e-3)
 
 
-# -- the torch path (bankd.torch_search): blocks, group pre-selection, merges ------------
+# -- the torch path (bankd.search.torch_search): blocks, group pre-selection, merges ------------
 
 
 def _clustered(n: int, d: int, b: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +225,7 @@ def _assert_exact_topk(
 def test_torch_search_blocks_are_exact_on_cpu(fetch: int, metric: str) -> None:
     """fp32 on the CPU: the block, group and merge logic against brute force."""
     torch = pytest.importorskip("torch")
-    from bankd.torch_search import MERGE_EVERY, TorchFlatIndex, group_size
+    from bankd.search.torch_search import MERGE_EVERY, TorchFlatIndex, group_size
 
     keys, q = _clustered(20_011, 48, 16, seed=fetch)  # the last block is partial
     index = TorchFlatIndex(keys, "cpu", metric=metric, block_bytes=4 * 16 * 1000)
@@ -238,7 +238,7 @@ def test_torch_search_blocks_are_exact_on_cpu(fetch: int, metric: str) -> None:
 
 def test_torch_search_refuses_bad_arguments() -> None:
     pytest.importorskip("torch")
-    from bankd.torch_search import TorchFlatIndex
+    from bankd.search.torch_search import TorchFlatIndex
 
     keys, q = _clustered(50, 8, 2, seed=0)
     with pytest.raises(ValueError, match="unknown metric 'cos'"):
@@ -266,7 +266,7 @@ def test_cuda_torch_search_is_exact_over_fp16_keys(
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from bankd.torch_search import SCORE_BLOCK_BYTES, TorchFlatIndex
+    from bankd.search.torch_search import SCORE_BLOCK_BYTES, TorchFlatIndex
 
     keys, q = _clustered(50_000, 200, 64, seed=fetch)
     block_bytes = block_bytes or SCORE_BLOCK_BYTES
@@ -284,7 +284,7 @@ def test_cuda_torch_search_scales_keys_past_the_fp16_range() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from bankd.torch_search import LOAD_ROWS, TorchFlatIndex
+    from bankd.search.torch_search import LOAD_ROWS, TorchFlatIndex
 
     keys, q = _clustered(LOAD_ROWS + 5000, 64, 32, seed=3)
     keys[:LOAD_ROWS] *= 1e6  # two load chunks with different scales

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bankd.service import ServiceLimits
+from bankd.serve.service import ServiceLimits
 from bankd_client import BankClient, InvalidArgument, shm
 
 B, K = 1024, 10

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bankd.service import ServiceLimits
-from bankd.shard import split_bank
+from bankd.search.shard import split_bank
+from bankd.serve.service import ServiceLimits
 from bankd_client import BankClient, InvalidArgument, ShardedBankClient
 
 

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bankd import cli
-from bankd.server import ServerConfig
+from bankd.serve.server import ServerConfig
 from bankd_client import BankClient, Unauthenticated, Unavailable, tensors
 from bankd_client.credentials import add_connection_flags, connection_options
 from bankd_client.proto import bankd_pb2 as pb
@@ -367,7 +367,7 @@ def test_client_wait_ready_with_token_and_mtls(serve: Any, connect: Any, pki: Pk
 def test_start_up_log_says_what_is_on_and_never_the_token(
     serve: Any, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="bankd.server"):
+    with caplog.at_level(logging.INFO, logger="bankd.serve.server"):
         serve(**tls_config(pki, mutual=True, token=True))
     text = caplog.text
     assert "mutual TLS, token auth on" in text
@@ -398,7 +398,7 @@ def test_start_up_log_says_what_is_on_and_never_the_token(
 def test_bad_security_config_fails_before_binding(
     pki: Pki, bank: Any, config: dict[str, str], message: str
 ) -> None:
-    from bankd.server import BankServer
+    from bankd.serve.server import BankServer
 
     (pki.folder / "empty").write_text(" \n")
     (pki.folder / "two_words").write_text("two words\n")
@@ -517,7 +517,7 @@ def test_tinyalign_bank_flags_reach_the_client(serve: Any, pki: Pki, tmp_path: P
 
 
 def test_security_repr_hides_the_token(pki: Pki) -> None:
-    from bankd.security import ServerSecurity
+    from bankd.serve.security import ServerSecurity
 
     security = ServerSecurity.from_files(auth_token_file=str(pki.token))
     assert security.token == TOKEN

@@ -1,4 +1,4 @@
-"""Integration tests of bankd.server: a real server on port 0 driven by the real client.
+"""Integration tests of bankd.serve.server: a real server on port 0 driven by the real client.
 
 Covers search against brute force (values, dtypes, torch), exclusion, SearchStream
 ordering under concurrency, Fetch, the status code and message of every bad input,
@@ -23,9 +23,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-import bankd.server
-from bankd.service import ServiceLimits
-from bankd.store import Bank
+import bankd.serve.server
+from bankd.serve.service import ServiceLimits
+from bankd.store.reader import Bank
 from bankd_client import (
     BankClient,
     DeadlineExceeded,
@@ -673,7 +673,7 @@ def test_not_serving_and_unavailable_until_loaded(
 ) -> None:
     gate = threading.Event()
     monkeypatch.setattr(_GatedBank, "gate", gate)
-    monkeypatch.setattr(bankd.server, "Bank", _GatedBank)
+    monkeypatch.setattr(bankd.serve.server, "Bank", _GatedBank)
     try:
         srv = server_factory(bank.path, load_in_background=True)
         serving = health_pb2.HealthCheckResponse.SERVING

@@ -3,7 +3,7 @@ ShardedBankClient's answers equal the unsharded server's (ids, scores, values) e
 
 The bank (N=5000, d=32, Flat) is split into 4 shards of 1024, 1024, 2048 and 904 rows:
 boundaries on multiples of FAISS's database block, which this module sets to 1024 for
-its servers (bankd's own is 4096, too big for a small bank: see bankd.index), so
+its servers (bankd's own is 4096, too big for a small bank: see bankd.search.index), so
 flat-search scores are bit-identical; servers accept k up to 4096, so a search may ask
 for more hits than a shard holds.
 """
@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bankd import shard
-from bankd.service import ServiceLimits
-from bankd.shard import shard_bounds, split_bank
-from bankd.store import Bank, write_bank
+from bankd.search import shard
+from bankd.search.shard import shard_bounds, split_bank
+from bankd.serve.service import ServiceLimits
+from bankd.store.reader import Bank
+from bankd.store.writer import write_bank
 from bankd_client import (
     BankClient,
     EncoderFingerprint,
@@ -54,7 +55,7 @@ def make_arrays(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def start_server(index: Path, **config: Any) -> Any:
-    from bankd.server import BankServer, ServerConfig
+    from bankd.serve.server import BankServer, ServerConfig
 
     config.setdefault("limits", LIMITS)
     cfg = ServerConfig(
@@ -77,12 +78,12 @@ def flat_block() -> Iterator[None]:
     """A small block, so that a 5000-entry bank has aligned shards (process-wide)."""
     import faiss
 
-    import bankd.index  # sets bankd's own block first
+    import bankd.search.index  # sets bankd's own block first
 
-    assert faiss.cvar.distance_compute_blas_database_bs == bankd.index.FLAT_BLOCK_ROWS
+    assert faiss.cvar.distance_compute_blas_database_bs == bankd.search.index.FLAT_BLOCK_ROWS
     faiss.cvar.distance_compute_blas_database_bs = BLOCK
     yield
-    faiss.cvar.distance_compute_blas_database_bs = bankd.index.FLAT_BLOCK_ROWS
+    faiss.cvar.distance_compute_blas_database_bs = bankd.search.index.FLAT_BLOCK_ROWS
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bankd.shm import MappedRegions
+from bankd.serve.shm import MappedRegions
 from bankd_client import InvalidArgument, SearchQuery, shm
 from bankd_client.proto import bankd_pb2 as pb
 

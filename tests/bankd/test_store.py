@@ -12,8 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-import bankd.store
-from bankd.store import FORMAT, Bank, BankPaths, BankWriter, write_bank
+import bankd.store.reader
+import bankd.store.writer
+from bankd.store.paths import FORMAT, BankPaths
+from bankd.store.reader import Bank
+from bankd.store.writer import BankWriter, write_bank
 from bankd_client import EncoderFingerprint
 from bankd_client.errors import BankFileError
 
@@ -106,8 +109,8 @@ def test_same_arrays_give_identical_manifest_and_bank_id(tmp_path: Path, monkeyp
     keys = rng.standard_normal((50, 8)).astype(np.float32)
     values = rng.standard_normal((50, 4, 6)).astype(np.float16)
     a = write_bank(tmp_path / "a" / "bank.faiss", keys, values)
-    clock = bankd.store.time.time
-    monkeypatch.setattr(bankd.store.time, "time", lambda: clock() + 3600)  # an hour later
+    clock = bankd.store.writer.time.time
+    monkeypatch.setattr(bankd.store.writer.time, "time", lambda: clock() + 3600)  # an hour later
     b = write_bank(tmp_path / "b" / "bank.faiss", keys, values)
     assert _files(a)["bank.manifest.json"] == _files(b)["bank.manifest.json"]
     assert Bank.load(a).bank_id == Bank.load(b).bank_id
@@ -292,7 +295,7 @@ def test_failed_rewrite_never_loads_as_a_mix(
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(bankd.store.os, "replace", replace)
+    monkeypatch.setattr(bankd.store.writer.os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
         write_bank(old.path, new_keys, new_values, new_ids, source_ids=["s"] * 40)
     monkeypatch.undo()
@@ -329,7 +332,7 @@ def test_rewrite_replaces_the_bank(make_bank: Any) -> None:
 
 @pytest.mark.parametrize("factory", ["Flat", "SQfp16", "IVF16,Flat", "IVF16,SQ8", "HNSW16"])
 def test_mapped_index_searches_like_a_read_one(tmp_path: Path, factory: str) -> None:
-    from bankd.index import Searcher
+    from bankd.search.index import Searcher
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((2000, 32)).astype(np.float32)
@@ -373,6 +376,6 @@ def test_warm_values_maps_every_page_in_and_changes_nothing(make_bank: Any) -> N
     assert not bank.warm_values(max_fraction_of_available=0.0)  # too big: left alone
     cold = _resident_pages(bank.values)
     assert bank.warm_values()
-    pages = bank.values.nbytes // bankd.store.PAGE_BYTES
+    pages = bank.values.nbytes // bankd.store.reader.PAGE_BYTES
     assert _resident_pages(bank.values) >= pages > cold
     np.testing.assert_array_equal(bank.values, b.values)

@@ -43,7 +43,7 @@ def test_import_does_not_pull_in(statement: str, forbidden: set[str]) -> None:
 
 def test_the_check_sees_imports() -> None:
     """Guard against a check that can never fail: importing faiss is noticed."""
-    assert "faiss" in _top_level(_modules_after("import bankd.index"))
+    assert "faiss" in _top_level(_modules_after("import bankd.search.index"))
 
 
 def test_client_proto_package_does_not_shadow_bankd() -> None:
@@ -56,8 +56,8 @@ def test_client_proto_package_does_not_shadow_bankd() -> None:
 _SERVE = """
 import tempfile, numpy as np
 from bankd.cli import build_parser
-from bankd.server import BankServer, ServerConfig
-from bankd.store import write_bank
+from bankd.serve.server import BankServer, ServerConfig
+from bankd.store.writer import write_bank
 args = build_parser().parse_args(["serve", "--index", "x.faiss"])
 folder = tempfile.mkdtemp()
 rng = np.random.default_rng(0)
@@ -82,4 +82,4 @@ def test_building_imports_torch_only_when_it_builds() -> None:
     """The parser and the build's config are light; the builder itself is torch."""
     parsed = "from bankd.cli import build_parser\nbuild_parser().parse_args(['info'])"
     assert "torch" not in _top_level(_modules_after(parsed))
-    assert "torch" in _top_level(_modules_after("import bankd.build"))
+    assert "torch" in _top_level(_modules_after("import bankd.build.pipeline"))

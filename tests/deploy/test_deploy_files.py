@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from bankd.cli import _add_serve
-from bankd.metrics import Metrics
+from bankd.serve.metrics import Metrics
 from bankd_client.proto import bankd_pb2
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -41,8 +41,9 @@ class Demo:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    from bankd.build import BuildConfig, build_bank
-    from bankd.demo_data import DemoDataConfig, generate
+    from bankd.build.config import BuildConfig
+    from bankd.build.demo_data import DemoDataConfig, generate
+    from bankd.build.pipeline import build_bank
     from tinyalign.llm import load_llm, texts_for_tiny_lm
 
     root = tmp_path_factory.mktemp("tinyalign")
@@ -131,7 +132,7 @@ def make_config(demo: Demo, tmp_path: Path) -> Callable[..., Any]:
 @pytest.fixture(scope="session")
 def bank_server(demo: Demo) -> Iterator[Any]:
     """A real bankd server over the demo bank, gRPC on port 0, no metrics port."""
-    from bankd.server import BankServer, ServerConfig
+    from bankd.serve.server import BankServer, ServerConfig
 
     srv = BankServer(
         ServerConfig(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bankd.demo_data import DemoDataConfig, generate
+from bankd.build.demo_data import DemoDataConfig, generate
 from bankd.models.encoders import load_encoder
 from bankd_client import sample_id_to_int
 from tinyalign.conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID, get_template

@@ -125,7 +125,9 @@ def test_tiny_experiment_end_to_end(demo: Any, tmp_path: Path, monkeypatch, keep
     assert ensure_bank(config, demo.images, out / "bank") == (out / "bank" / "bank.faiss", False)
     # ... and rebuilds it when a build setting changed.
     builds: list[Any] = []
-    monkeypatch.setattr("bankd.build.build_bank", lambda config, **_: builds.append(config))
+    monkeypatch.setattr(
+        "bankd.build.pipeline.build_bank", lambda config, **_: builds.append(config)
+    )
     changed = ExperimentConfig(data=str(demo.data), out=str(out), perceiver_steps=3, workers=0)
     assert ensure_bank(changed, demo.images, out / "bank")[1] is True
     assert [b.perceiver_steps for b in builds] == [3]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bankd.local import LocalBank
+from bankd.search.local import LocalBank
 from tinyalign.cli import main
 from tinyalign.components import load_vlm, save_model
 from tinyalign.inference import generate

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import tinyalign.llm as llm_mod
-from bankd.demo_data import DemoDataConfig, generate
+from bankd.build.demo_data import DemoDataConfig, generate
 from tinyalign.llm import default_cache_dir, load_llm, texts_for_tiny_lm
 
 STEPS = 25

@@ -23,8 +23,8 @@ TINY_LLM_STEPS = 20  # the tiny LM only needs to exist here
 
 @pytest.fixture(scope="module")
 def study_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bankd.demo_data import DemoDataConfig, generate
-    from bankd.demo_instruct import InstructConfig, generate_instruct
+    from bankd.build.demo_data import DemoDataConfig, generate
+    from bankd.build.demo_instruct import InstructConfig, generate_instruct
 
     out = tmp_path_factory.mktemp("study-data")
     config = DemoDataConfig(out=out, n=32, heldout=0, image_size=48)
@@ -103,8 +103,8 @@ def test_wider_adds_about_the_rag_connectors_parameters() -> None:
 
 
 def test_shuffled_never_returns_the_true_top_k(demo) -> None:
-    from bankd.local import LocalBank
     from bankd.models.encoders import load_encoder
+    from bankd.search.local import LocalBank
     from tinyalign.retrieval import Retriever
 
     vision = load_encoder("tiny", seed=0)
@@ -122,7 +122,8 @@ def test_shuffled_never_returns_the_true_top_k(demo) -> None:
 
 
 def test_bank_with_an_instruction_image_is_refused(study_data: Path, tmp_path: Path) -> None:
-    from bankd.build import BuildConfig, build_bank
+    from bankd.build.config import BuildConfig
+    from bankd.build.pipeline import build_bank
 
     config = _config(study_data)
     mixed = json.loads((study_data / "data.json").read_text())[:8]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from bankd.local import LocalBank
+from bankd.search.local import LocalBank
 from bankd_client import BankClient, errors, sample_id_to_int
 from tinyalign.cli import main
 from tinyalign.components import apply_stage, build_vlm, load_vlm

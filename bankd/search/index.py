@@ -1,16 +1,16 @@
 """Top-k maximum-inner-product search over a bank's keys, with exact exclusion.
 
 The index is a FAISS factory string ("Flat" by default; "HNSW32", "IVF1024,Flat",
-"IVF4096,PQ64" for large banks; ``bankd.autoindex`` chooses one for "auto"). Its
+"IVF4096,PQ64" for large banks; ``bankd.search.tuning`` chooses one for "auto"). Its
 search parameters (efSearch, nprobe) are set once when the bank loads, and a search
 may override them for itself through FAISS SearchParameters. Where search runs:
 
 * CPU: the FAISS index itself; a flat inner-product index with bankd's own kernel
-  (``bankd.flat_kernel``: exact, multiplies from the index's vectors, about 1.25x
+  (``bankd.search.flat_kernel``: exact, multiplies from the index's vectors, about 1.25x
   FAISS's speed) for k up to ``flat_kernel.MAX_K``, where it was built and the CPU has
   AVX2 and FMA, unless ``flat_search="faiss"``.
 * CUDA with a FAISS GPU build: the index cloned to the GPU.
-* CUDA without one: exact search with torch for flat indexes (``bankd.torch_search``:
+* CUDA without one: exact search with torch for flat indexes (``bankd.search.torch_search``:
   fp16 keys on the GPU, fp32 scores computed and reduced block by block, so memory
   stays bounded for any N); other index types stay on the CPU.
 
@@ -30,9 +30,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from . import flat_kernel
-from .autoindex import current_params, search_parameters, tunable
-from .topk import SearchResult, fetch_count, gather_values, select
+from bankd.search import flat_kernel
+from bankd.search.topk import SearchResult, fetch_count, gather_values, select
+from bankd.search.tuning import current_params, search_parameters, tunable
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +189,14 @@ class Searcher:
                 self._index = faiss.index_cpu_to_gpu(self._res, gpu, index)
                 self.device = f"cuda:{gpu}"
             elif self.is_flat and index.metric_type in _TORCH_METRICS:
-                from .torch_search import TorchFlatIndex
+                from bankd.search.torch_search import TorchFlatIndex
 
                 metric = _TORCH_METRICS[index.metric_type]
                 self.torch_index = TorchFlatIndex(keys, f"cuda:{gpu}", metric=metric)
                 self.device = f"cuda:{gpu}"
             else:
                 log.warning("no FAISS GPU build: %s index searched on the CPU", describe(index))
-        self.kernel = None  # bankd.flat_kernel.FlatKernel, when it searches
+        self.kernel = None  # bankd.search.flat_kernel.FlatKernel, when it searches
         if self.device == "cpu" and flat_search != "faiss":
             self.kernel = _flat_kernel(index, required=flat_search == "kernel")
         self.tunable = tunable(index) if self._index is index else {}

@@ -1,7 +1,7 @@
 """Stage-2 and evaluation data for the demo: instructions, eval questions, a text corpus.
 
 ``bankd demo-data --out data/shapes --n 2000`` writes, besides the pretraining pairs of
-``bankd.demo_data``, from image pools of their own (ids continue after the held-out pairs,
+``bankd.build.demo_data``, from image pools of their own (ids continue after the held-out pairs,
 so no instruction or eval image is a pretraining image)::
 
     data/shapes/instruct.json           # LLaVA-v1.5 instruction set, multi-turn, some text-only

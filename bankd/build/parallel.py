@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import DistEnv
-from .shard import ALIGN_ROWS, aligned_bounds
-from .workdir import BuildWorkDir
+from bankd.build.distributed import DistEnv
+from bankd.build.workdir import BuildWorkDir
+from bankd.search.shard import ALIGN_ROWS, aligned_bounds
 
 # How long a collective waits: the other ranks wait while rank 0 trains the Perceiver
 # and builds the index. A rank that fails ends the whole job through torchrun, so this

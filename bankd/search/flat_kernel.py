@@ -1,4 +1,4 @@
-"""Exact inner-product top-k on the CPU with bankd's own kernel (bankd/_flatip.c).
+"""Exact inner-product top-k on the CPU with bankd's own kernel (bankd/search/_flatip.c).
 
 A Flat bank's search is one big multiply: B=128 queries over 100000 x 768 keys is
 about 20 GFLOP. FAISS gives it to the BLAS it bundles, which packs every block of keys
@@ -11,7 +11,7 @@ FAISS's 150 ms for the batch above (bench/search_latency.py measures it).
 Results are exact and do not depend on how the rows are split: each score is one fp32
 sum of the d products in order, and ties go to the lower row. The kernel needs an
 x86-64 CPU with AVX2 and FMA and a build that compiled it (setup.py; optional);
-``available()`` says whether this process has one, and ``bankd.index.Searcher`` falls
+``available()`` says whether this process has one, and ``bankd.search.index.Searcher`` falls
 back to FAISS where not.
 """
 
@@ -51,7 +51,7 @@ _I64 = ctypes.c_int64
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    spec = importlib.util.find_spec("bankd._flatip")
+    spec = importlib.util.find_spec("bankd.search._flatip")
     if spec is None or not spec.origin:
         return None
     try:

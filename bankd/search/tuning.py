@@ -323,7 +323,7 @@ def build_tuned(
     Tuning applies to indexes with efSearch / nprobe; ``recall_target`` None keeps
     FAISS's defaults ("auto" tunes to DEFAULT_RECALL_TARGET) and only measures.
     """
-    from .index import _METRICS, build_index  # index.py imports this module
+    from bankd.search.index import _METRICS, build_index  # index.py imports this module
 
     n, d = keys.shape
     budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else memory_budget_bytes

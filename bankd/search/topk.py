@@ -1,7 +1,7 @@
 """Top-k selection with exact per-query exclusion, and value gathers; numpy only.
 
-Shared by the FAISS searcher (``bankd.index``) and the in-process bank
-(``bankd.local``), so both drop excluded ids and pad missing hits the same way.
+Shared by the FAISS searcher (``bankd.search.index``) and the in-process bank
+(``bankd.search.local``), so both drop excluded ids and pad missing hits the same way.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``bankd build``'s configuration and flags, importable without torch.
 
 ``bankd.cli`` builds its parser from here so that ``bankd serve``, ``info`` and
-``query`` start without loading torch; the build itself is ``bankd.build``.
+``query`` start without loading torch; the build itself is ``bankd.build.pipeline``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class BuildConfig:
     encoder: str = "tiny"
     seed: int = 0
     entries: int | None = None  # a seeded sample of this many pairs; None = all
-    index_factory: str = "auto"  # FAISS factory string, or "auto" (bankd.autoindex)
+    index_factory: str = "auto"  # FAISS factory string, or "auto" (bankd.search.tuning)
     memory_budget: str = "8GiB"  # what the index may take in memory ("auto" chooses by it)
     recall_target: float | None = 0.95  # efSearch / nprobe tuned to reach this recall@k
     recall_k: int = 5
@@ -59,12 +59,12 @@ class BuildConfig:
             raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
         if self.recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {self.recall_k}")
-        from .autoindex import parse_bytes  # faiss only once a build is configured
+        from bankd.search.tuning import parse_bytes  # faiss only once a build is configured
 
         parse_bytes(self.memory_budget)  # validates
         if not self.perceiver_lr > 0:
             raise ValueError(f"perceiver_lr must be > 0, got {self.perceiver_lr}")
-        from .models.keys import KeyConfig  # torch: only once a build is configured
+        from bankd.models.keys import KeyConfig  # torch: only once a build is configured
 
         KeyConfig(temperature=self.key_temperature, text_weight=self.text_weight)  # validates
 
@@ -129,11 +129,11 @@ def run(args: argparse.Namespace) -> int:
 
     Under torchrun every rank runs this; only rank 0 prints.
     """
-    from .build import build_bank
-    from .build_parallel import COLLECTIVE_TIMEOUT
-    from .distributed import init_distributed
-    from .shard import shard_paths
-    from .store import BankPaths
+    from bankd.build.distributed import init_distributed
+    from bankd.build.parallel import COLLECTIVE_TIMEOUT
+    from bankd.build.pipeline import build_bank
+    from bankd.search.shard import shard_paths
+    from bankd.store.paths import BankPaths
 
     same_name = (*_FLAG_FIELDS, "threads")
     config = BuildConfig(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .models.encoders import resolve_device
+from bankd.models.encoders import resolve_device
 
 
 @dataclass

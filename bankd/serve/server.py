@@ -9,7 +9,7 @@ health service until it is (MemoryBank calls answer UNAVAILABLE meanwhile). gRPC
 On SIGTERM the health status turns NOT_SERVING, new MemoryBank calls are answered
 UNAVAILABLE (which clients retry), and requests in flight drain for up to ``grace_s``
 before the process exits. TLS, mutual TLS and bearer-token auth are
-``bankd.security``'s; the files are read and checked before anything binds.
+``bankd.serve.security``'s; the files are read and checked before anything binds.
 """
 
 from __future__ import annotations
@@ -30,18 +30,17 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bankd.serve.malformed import UndecodableRequests
+from bankd.serve.metrics import Metrics
+from bankd.serve.security import ServerSecurity
+from bankd.serve.service import BankService, ServiceLimits
+from bankd.serve.shm import MappedRegions, Sweeper
+from bankd.store.reader import Bank
 from bankd_client import errors, tensors, wire
 from bankd_client.client import HTTP2_MAX_FRAME_BYTES
 from bankd_client.proto import bankd_pb2 as pb
 from bankd_client.proto import bankd_pb2_grpc as pb_grpc
 from bankd_client.shm import available as shm_available
-
-from .malformed import UndecodableRequests
-from .metrics import Metrics
-from .security import ServerSecurity
-from .service import BankService, ServiceLimits
-from .shm import MappedRegions, Sweeper
-from .store import Bank
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name
@@ -201,7 +200,7 @@ class MemoryBankServicer(pb_grpc.MemoryBankServicer):
         self, service: BankService, request: pb.SearchRequest, keys: np.ndarray
     ) -> np.ndarray | None:
         """The request's shared-memory region for its values, when this server can
-        write there (see ``bankd.shm``); None: the values go in the response."""
+        write there (see ``bankd.serve.shm``); None: the values go in the response."""
         if self.regions is None or not request.HasField("values_region"):
             return None
         if not request.with_values:
@@ -573,7 +572,7 @@ def _load_embedder(bank: Bank, config: ServerConfig) -> Any:
         return None
     name = config.encoder or vision.model_id
     try:
-        from .models.embedder import Embedder
+        from bankd.models.embedder import Embedder
 
         seed = int(bank.manifest.get("config", {}).get("seed", 0))
         return Embedder.from_bank(

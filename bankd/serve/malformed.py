@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from .metrics import Metrics
+from bankd.serve.metrics import Metrics
 
 
 @dataclass(frozen=True)

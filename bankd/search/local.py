@@ -5,7 +5,7 @@ torch on CUDA), for trainers on one machine, for tests, and as the reference the
 remote path is measured against. It reads the same bank files but needs neither
 faiss nor grpc: results equal a Flat bankd's (ties aside), whatever index the bank has.
 
-    from bankd.local import LocalBank
+    from bankd.search.local import LocalBank
     bank = LocalBank("bank/bank.faiss")
     hits = bank.search(keys, k=5, exclude_ids=[[3], [17]])
 """
@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from bankd import __version__
+from bankd.search.topk import fetch_count, gather_values, select
+from bankd.store.reader import Bank
 from bankd_client import errors, tensors
 from bankd_client.identity import EncoderFingerprint, fingerprint_encoder
 from bankd_client.types import BankInfo, Hits, KeyFunctionSpec, SearchQuery, exclude_lists
-
-from . import __version__
-from .store import Bank
-from .topk import fetch_count, gather_values, select
 
 
 class LocalBank:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import BankPaths, fsync_path, sha256_file
+from bankd.store.paths import BankPaths, fsync_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class BuildWorkDir:
         start over) or ``discard_other`` (start over only then: for callers that own the
         output folder, such as ``tinyalign experiment``).
         """
-        from . import __version__
+        from bankd import __version__
 
         path = work_dir_of(index_path)
         identity = {"config": config, "data_sha256": sha256_file(data), "bankd": __version__}

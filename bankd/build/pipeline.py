@@ -13,7 +13,7 @@ GPU, a real encoder, a seeded 100k sample, an IVF index::
         --entries 100000 --index-type IVF1024,Flat --device cuda
 
 Pipeline (``build_bank``): read and sample the pairs; the training stage
-(``bankd.build_train``): pass 1 runs the frozen encoder over
+(``bankd.build.train``): pass 1 runs the frozen encoder over
 the pairs the Perceiver trains on plus the evaluation split, fitting the key center and
 caching the features when they fit the memory budget; the value compressor is trained
 self-supervised on them; the informativeness of its values (trained vs. the same
@@ -23,14 +23,14 @@ through encoder -> keys (``Embedder``, the path the server's Embed rpc uses) and
 copied into ``BankWriter``, which commits the bank atomically. Same inputs + seed ->
 byte-identical keys and values on the same machine.
 
-Data-parallel under torchrun (``bankd.build_parallel``): every rank encodes its own
+Data-parallel under torchrun (``bankd.build.parallel``): every rank encodes its own
 contiguous part of pass 2 on ``cuda:LOCAL_RANK``; rank 0 trains the Perceiver first and
 writes one bank equal to a one-process build's, or each rank writes its shard::
 
     torchrun --nproc_per_node 8 -m bankd build --data ... --out bank/bank.faiss [--keep-shards]
 
 Interrupted (Ctrl-C, kill -9, a lost node)? Run the same command again: the build
-resumes from ``<out stem>.partial/`` (``bankd.workdir``), skipping pass 1 and training
+resumes from ``<out stem>.partial/`` (``bankd.build.workdir``), skipping pass 1 and training
 once the Perceiver was saved, and pass 2 from the last complete chunk; the bank equals
 an uninterrupted build's. Changed settings or data refuse to resume; ``--restart``
 discards the checkpoints.
@@ -53,19 +53,9 @@ from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import __version__
-from .build_config import BuildConfig
-from .build_parallel import (
-    all_rows,
-    check_ranks_agree,
-    on_rank0,
-    pass2_bounds,
-    remove_checkpoints,
-    send_rows,
-    shard_align,
-)
-from .build_train import train_stage
-from .data import (
+from bankd import __version__
+from bankd.build.config import BuildConfig
+from bankd.build.data import (
     ImageCaptionDataset,
     Sample,
     collate,
@@ -75,14 +65,24 @@ from .data import (
     split_pairs,
     with_images,
 )
-from .distributed import DistEnv
-from .models.embedder import Embedder
-from .models.encoders import autocast_context, load_encoder, resolve_device
-from .models.keys import KeyConfig, KeyFunction
-from .models.perceiver import FeatureBatch, PerceiverSpec, ValueCompressor, compress
-from .models.probe import format_informativeness
-from .store import sha256_file
-from .workdir import BuildWorkDir, work_dir_of
+from bankd.build.distributed import DistEnv
+from bankd.build.parallel import (
+    all_rows,
+    check_ranks_agree,
+    on_rank0,
+    pass2_bounds,
+    remove_checkpoints,
+    send_rows,
+    shard_align,
+)
+from bankd.build.train import train_stage
+from bankd.build.workdir import BuildWorkDir, work_dir_of
+from bankd.models.embedder import Embedder
+from bankd.models.encoders import autocast_context, load_encoder, resolve_device
+from bankd.models.keys import KeyConfig, KeyFunction
+from bankd.models.perceiver import FeatureBatch, PerceiverSpec, ValueCompressor, compress
+from bankd.models.probe import format_informativeness
+from bankd.store.paths import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +265,13 @@ def build_bank(
 ) -> Path:
     """Build the bank described by ``config``; return the index path.
 
-    Checkpoints go to ``<out stem>.partial/`` (``bankd.workdir``): run the same build
+    Checkpoints go to ``<out stem>.partial/`` (``bankd.build.workdir``): run the same build
     again after an interruption and it resumes; ``restart`` discards them first, and
     ``discard_other`` discards them only when they belong to other inputs.
 
-    ``env`` (``bankd.distributed.init_distributed``): this process's rank in a torchrun
+    ``env`` (``bankd.build.distributed.init_distributed``): this process's rank in a torchrun
     job whose every rank calls ``build_bank`` with the same config; each encodes its
-    part of pass 2 (``bankd.build_parallel``). None: one process. With
+    part of pass 2 (``bankd.build.parallel``). None: one process. With
     ``config.keep_shards`` each rank writes its part as a shard and returns its path.
     """
     env = env or DistEnv(device=resolve_device(config.device))
@@ -374,8 +374,8 @@ class _Built:
     ) -> Path:
         """Commit entries ``rows`` at ``path``, their keys and values read from ``chunks``
         in order; ``shard``: the ``config.shard`` record of one shard."""
-        from .autoindex import AUTO, DEFAULT_RECALL_TARGET, choose_factory, parse_bytes
-        from .store import BankWriter  # the store (and faiss) only when building
+        from bankd.search.tuning import AUTO, DEFAULT_RECALL_TARGET, choose_factory, parse_bytes
+        from bankd.store.writer import BankWriter  # the store (and faiss) only when building
 
         config, enc, kf = self.pipe.config, self.pipe.encoder, self.pipe.embedder.key_function
         n, budget = len(self.pipe.samples), parse_bytes(config.memory_budget)
@@ -424,7 +424,7 @@ class _Built:
     def write_shard(self, env: DistEnv, bounds: list[int], chunks: Iterator[tuple]) -> Path:
         """This rank's entries as shard r of W next to ``--out``, as ``bankd shard``
         names and writes it."""
-        from .shard import shard_paths
+        from bankd.search.shard import shard_paths
 
         config, (lo, hi) = self.pipe.config, bounds[env.rank : env.rank + 2]
         shard = {"index": env.rank, "of": env.world_size, "rows": [lo, hi]}

@@ -2,7 +2,7 @@
 
 ``BankService`` owns a loaded bank and its searcher. Its methods take and return
 numpy arrays and raise ``bankd_client.errors`` classes with messages that say what
-was wrong; the gRPC servicer (``bankd.server``) only converts at the edge.
+was wrong; the gRPC servicer (``bankd.serve.server``) only converts at the edge.
 
 Concurrent searches are merged: a single worker thread takes the first waiting
 request, waits up to ``merge_wait_s`` for more (up to ``merge_max_rows`` rows), runs
@@ -28,14 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from bankd import __version__
+from bankd.search.index import Searcher, SearchResult, gather_values
+from bankd.serve.metrics import Metrics
+from bankd.serve.shm import MappedRegions
+from bankd.store.reader import Bank
 from bankd_client import errors, wire
 from bankd_client.types import BankInfo, KeyFunctionSpec
-
-from . import __version__
-from .index import Searcher, SearchResult, gather_values
-from .metrics import Metrics
-from .shm import MappedRegions
-from .store import Bank
 
 log = logging.getLogger(__name__)
 

@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .models.encoders import autocast_context
-from .models.perceiver import (
+from bankd.build.workdir import BuildWorkDir
+from bankd.models.encoders import autocast_context
+from bankd.models.perceiver import (
     CachedFeatures,
     FeatureBatch,
     ValueCompressor,
     compress,
     train_compressor,
 )
-from .models.probe import informativeness
-from .workdir import BuildWorkDir
+from bankd.models.probe import informativeness
 
 if TYPE_CHECKING:
-    from .build import _Pipeline
+    from bankd.build.pipeline import _Pipeline
 
 log = logging.getLogger("bankd.build")  # part of the build: one logger for all of it
 

@@ -12,7 +12,7 @@ through ``BankWriter`` with the same index factory, metric, encoder fingerprints
 function, weights and config (plus a ``shard`` record): entry ids are kept, so
 exclusion by entry id stays global. The boundaries fall on multiples of
 ``--align-rows`` (4096, the database block bankd's flat BLAS search uses,
-``bankd.index.FLAT_BLOCK_ROWS``), so every block a
+``bankd.search.index.FLAT_BLOCK_ROWS``), so every block a
 shard's flat search multiplies is one the unsharded search multiplies too, and scores
 come out bit for bit the same (given the same query batch and BLAS thread count). A
 bank too small for that is split evenly instead (logged), and scores may then differ
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import FLAT_BLOCK_ROWS
-from .store import Bank, BankPaths, write_bank
+from bankd.search.index import FLAT_BLOCK_ROWS
+from bankd.store.paths import BankPaths
+from bankd.store.reader import Bank
+from bankd.store.writer import write_bank
 
 log = logging.getLogger(__name__)
 

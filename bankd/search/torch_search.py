@@ -1,4 +1,4 @@
-"""Exact top-k search over a bank's keys with torch: the CUDA path of ``bankd.index``.
+"""Exact top-k search over a bank's keys with torch: the CUDA path of ``bankd.search.index``.
 
 Used when the FAISS build has no GPU support (faiss-cpu). Keys live on the device in
 fp16 (half the bytes of fp32; on the CPU, for tests, fp32). A search never holds the

@@ -1,0 +1,1 @@
+"""The bank on disk: its file layout (``paths``), the writer and the reader."""
