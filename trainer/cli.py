@@ -1,4 +1,4 @@
-"""The ``tinyalign`` command: pretrain (stage 1), finetune (stage 2), generate.
+"""The ``tinyalign`` command: pretrain (stage 1), finetune (stage 2), generate, eval.
 
 CPU::
 
@@ -8,6 +8,8 @@ CPU::
         --bank localhost:50051 --from runs/stage1 --out runs/stage2 [--data-fraction 0.4]
     tinyalign generate --model runs/stage2 --bank localhost:50051 \\
         --image x.png --prompt "What is in the image?"
+    tinyalign eval --model runs/stage2 --bank localhost:50051 --questions q.jsonl \\
+        --image-folder data/shapes --answers-file answers.jsonl [--gold answers_gt.jsonl]
 
 Data-parallel (one process per GPU; the same flags)::
 
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("experiment", help="baseline vs TinyAlign stage 1 on the same data")
     experiment.add_arguments(e)
+    from . import evaluate
+
+    v = sub.add_parser("eval", help="answer a LLaVA question file, score it against gold")
+    evaluate.add_arguments(v)
     from . import study
 
     st = sub.add_parser("study", help="the paper's protocol: arms x fractions x seeds, a report")
@@ -254,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "eval":
+            from . import evaluate
+
+            return evaluate.run(args)
         if args.command == "study":
             from . import study
 

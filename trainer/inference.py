@@ -37,7 +37,7 @@ from .retrieval import Retriever
 
 log = logging.getLogger(__name__)
 
-__all__ = ["generate", "load_vlm", "LoadedVLM"]
+__all__ = ["generate", "load_vlm", "open_retriever", "LoadedVLM"]
 
 NO_EXCLUSION = -1  # no bank entry has a negative id, so excluding it excludes nothing
 
@@ -81,6 +81,27 @@ def _retriever(
         handle.close()
         raise
     return retriever, True
+
+
+def open_retriever(
+    vlm: LoadedVLM,
+    bank: Any,
+    top_k: int | None = None,
+    *,
+    allow_encoder_mismatch: bool = False,
+    bank_patience: float = 30.0,
+    bank_options: dict[str, Any] | None = None,
+) -> tuple[Retriever | None, bool]:
+    """(retriever, owned): the retriever ``generate`` would open for ``vlm`` and ``bank``.
+
+    Open it once and pass it as ``bank=`` to many ``generate`` calls (``tinyalign eval``);
+    close it when ``owned``. None for a model without retrieval.
+    """
+    if not vlm.model.config.retrieval:
+        return None, False
+    if bank is None:
+        raise ValueError("this model was trained with retrieval: pass a bank (--bank)")
+    return _retriever(bank, vlm, top_k, allow_encoder_mismatch, bank_patience, bank_options)
 
 
 @torch.no_grad()

@@ -29,47 +29,31 @@ def _jsonl(path: str | Path) -> list[dict]:
 def evaluate_answers(
     config: StudyConfig, model_dir: Path, bank: str | None, out: Path, progress: bool
 ) -> dict:
-    """Greedy answers to the eval questions (a LLaVA answers file) and their scores."""
-    from .inference import generate
-    from .scoring import score_answers
+    """``tinyalign eval`` of one run: greedy answers (a LLaVA answers file) and scores.
 
-    questions = _jsonl(config.questions)
-    gold = {g["question_id"]: g for g in _jsonl(config.answers)}
-    folder = Path(config.image_folder)
-    answers = generate(
-        str(model_dir),
-        [folder / q["image"] if q.get("image") else None for q in questions],
-        [q["text"] for q in questions],
-        bank=bank,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.eval_batch_size,
-        device=config.device,
-        precision=config.precision,
-        allow_encoder_mismatch=True,  # the mismatched arm trained so; others match
+    The bank is opened as ``tinyalign generate`` opens it, so the model's saved top-k and
+    retrieval mode apply (the shuffled arm answers with shuffled retrieval)."""
+    from .evaluate import EvalConfig, run_eval
+
+    summary = run_eval(
+        EvalConfig(
+            model=str(model_dir),
+            questions=config.questions,
+            image_folder=config.image_folder,
+            answers_file=str(out / "answers.jsonl"),
+            bank=bank,
+            no_retrieval=bank is None,
+            gold=config.answers,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
+            model_id="-".join(model_dir.parts[-4:-1]),  # arm-seedS-fracF
+            device=config.device,
+            precision=config.precision,
+            allow_encoder_mismatch=True,  # the mismatched arm trained so; others match
+        ),
+        progress=progress,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {
-            "question_id": q["question_id"],
-            "prompt": q["text"],
-            "text": a,
-            "answer_id": str(i),
-            "model_id": model_dir.parent.name,
-            "metadata": {},
-        }
-        for i, (q, a) in enumerate(zip(questions, answers, strict=True))
-    ]
-    _write_jsonl(out / "answers.jsonl", rows)
-    qids = [q["question_id"] for q in questions]
-    return score_answers(
-        dict(zip(qids, answers, strict=True)),
-        {q: gold[q]["answer"] for q in qids},
-        {q["question_id"]: q.get("category") for q in questions},
-    )
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return summary["scores"]
 
 
 def eval_conversations(config: StudyConfig, path: Path) -> str:
