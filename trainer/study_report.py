@@ -20,12 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .study_config import StudyConfig  # noqa: E402
+from .plots import plot_loss_curves, plt
+from .study_config import StudyConfig
 
 RESULT = "result.json"
 
@@ -163,46 +159,16 @@ def data_efficiency(config: StudyConfig, curve: dict) -> str:
     )
 
 
-def _band(ax, curves: list[list[float]], label: str) -> None:
-    n = min(len(c) for c in curves)
-    if n == 0:
-        return
-    cols = [[c[i] for c in curves] for i in range(n)]
-    window = max(1, n // 25)  # smooth over ~4% of the run: per-step losses are noisy
-    mean = _smooth([sum(c) / len(c) for c in cols], window)
-    lo, hi = _smooth([min(c) for c in cols], window), _smooth([max(c) for c in cols], window)
-    steps = range(1, n + 1)
-    (line,) = ax.plot(steps, mean, label=f"{label} (n={len(curves)})")
-    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-
-
-def _smooth(values: list[float], window: int) -> list[float]:
-    h = window // 2
-    return [
-        sum(values[max(0, i - h) : i + h + 1]) / len(values[max(0, i - h) : i + h + 1])
-        for i in range(len(values))
-    ]
-
-
-def plot_loss_curves(config: StudyConfig, stage1: dict, stage2: dict, path: Path) -> None:
+def plot_study_losses(config: StudyConfig, stage1: dict, stage2: dict, path: Path) -> None:
+    """Fig. 2a: stage-1 and full-fraction stage-2 training loss per arm, seed bands."""
     full = max(config.fractions)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm in config.arms:
-        one = [r["losses"] for (a, _), r in sorted(stage1.items()) if a == arm]
-        two = [r["losses"] for (a, f, _), r in sorted(stage2.items()) if a == arm and f == full]
-        if one:
-            _band(axes[0], one, arm)
-        if two:
-            _band(axes[1], two, arm)
-    titles = ("stage 1 (pretraining pairs)", f"stage 2 ({full:g} of the instructions)")
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set(title=title, xlabel="optimizer step", ylabel="training loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("training loss: mean over seeds, band = lowest to highest seed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    one = {a: [r["losses"] for (x, _), r in sorted(stage1.items()) if x == a] for a in config.arms}
+    two = {
+        a: [r["losses"] for (x, f, _), r in sorted(stage2.items()) if x == a and f == full]
+        for a in config.arms
+    }
+    panels = {"stage 1 (pretraining pairs)": one, f"stage 2 ({full:g} of the instructions)": two}
+    plot_loss_curves(panels, path, "training loss: mean over seeds, band = lowest to highest")
 
 
 def plot_accuracy(config: StudyConfig, curve: dict, path: Path) -> None:
@@ -235,7 +201,8 @@ def write_report(config: StudyConfig, out: str | Path, plan: dict) -> dict[str, 
     ftable, curve = fraction_table(config, stage2)
     efficiency = data_efficiency(config, curve)
     plot_accuracy(config, curve, out / "accuracy_vs_fraction.png")
-    plot_loss_curves(config, stage1, stage2, out / "loss_curves.png")
+    if stage1:
+        plot_study_losses(config, stage1, stage2, out / "loss_curves.png")
     with (out / "results.csv").open("w") as f:
         f.write("arm,fraction,seed,steps," + ",".join(metrics) + "\n")
         for (arm, fr, seed), r in sorted(stage2.items()):
