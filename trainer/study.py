@@ -3,7 +3,7 @@ one resumable command, over arms and seeds, ending in report.md and its plots.
 
 CPU, the demo (makes the demo data in runs/study/data, about 40 min on 2 cores)::
 
-    tinyalign study --preset demo --out runs/study --jobs 2
+    tinyalign study --preset demo --out runs/study                # 2 runs at a time
     tinyalign study --config study.toml --out runs/study          # any data and models
     tinyalign study --preset demo --out runs/study --report-only  # report of finished runs
 
@@ -342,7 +342,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--preset", choices=["demo"], help="demo: the demo data, made in OUT/data")
     which.add_argument("--config", help="study TOML (keys: StudyConfig's fields)")
     p.add_argument("--out", required=True, help="study directory (rerun to resume)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs in parallel processes, 1 thread each (default: 2 for the demo preset on "
+        "a CPU with 2 or more cores, else 1)",
+    )
     p.add_argument("--report-only", action="store_true", help="report the finished runs")
     p.add_argument("--seeds", help="override the seeds, e.g. 0,1")
     p.add_argument("--no-progress", action="store_true")
@@ -362,6 +367,8 @@ def _demo_data(out: Path, progress: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``tinyalign study``; 2 on bad input."""
+    from bankd.models.encoders import resolve_device
+
     from .study_report import write_report
 
     out, progress = Path(args.out), not args.no_progress
@@ -372,14 +379,18 @@ def run(args: argparse.Namespace) -> int:
             config = load_config(args.config)
         if args.seeds:
             config = replace(config, seeds=tuple(int(s) for s in args.seeds.split(",") if s))
-        if args.jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        jobs = args.jobs
+        if jobs is None:
+            cpu = resolve_device(config.device).type == "cpu"
+            jobs = min(2, os.cpu_count() or 1) if args.preset and cpu else 1
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
         torch.set_num_threads(1)
         log.info("study config: %s", json.dumps(asdict(config)))
         if args.report_only:
             summary = write_report(config, out, json.loads((out / "plan.json").read_text()))
         else:
-            summary = run_study(config, out, jobs=args.jobs, progress=progress)
+            summary = run_study(config, out, jobs=jobs, progress=progress)
     except (ValueError, FileNotFoundError, errors.BankError) as e:
         print(f"tinyalign study: error: {e}", file=sys.stderr)
         return 2
