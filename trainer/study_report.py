@@ -136,6 +136,30 @@ def fraction_table(config: StudyConfig, stage2: dict) -> tuple[str, dict]:
     return "\n".join(lines), curve
 
 
+def versus_tinyalign(config: StudyConfig, stage2: dict) -> tuple[str, dict]:
+    """TinyAlign minus each other arm, seed by seed, per fraction: does it beat the controls?"""
+    fr = sorted(config.fractions)
+    lines = [
+        "| tinyalign − arm | " + " | ".join(f"{f:g}" for f in fr) + " |",
+        "|" + "---|" * (len(fr) + 1),
+    ]
+    numbers: dict[str, dict[str, Any]] = {}
+    if "tinyalign" not in config.arms:
+        return "", numbers
+    for arm in config.arms:
+        if arm == "tinyalign":
+            continue
+        cells, numbers[arm] = [], {}
+        for f in fr:
+            mean, half, n = paired(
+                _per_seed(stage2, "tinyalign", f, "accuracy"), _per_seed(stage2, arm, f, "accuracy")
+            )
+            numbers[arm][f"{f:g}"] = {"mean": mean, "ci95": half, "seeds": n}
+            cells.append("–" if n == 0 else f"{_fmt(mean, half)} (n={n})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), numbers
+
+
 def data_efficiency(config: StudyConfig, curve: dict) -> str:
     """The smallest fraction where TinyAlign's mean accuracy reaches the full baseline's."""
     full = max(config.fractions)
@@ -200,6 +224,7 @@ def write_report(config: StudyConfig, out: str | Path, plan: dict) -> dict[str, 
     table, metrics, numbers = tables(config, stage2)
     ftable, curve = fraction_table(config, stage2)
     efficiency = data_efficiency(config, curve)
+    vs_table, vs_numbers = versus_tinyalign(config, stage2)
     plot_accuracy(config, curve, out / "accuracy_vs_fraction.png")
     if stage1:
         plot_study_losses(config, stage1, stage2, out / "loss_curves.png")
@@ -239,6 +264,10 @@ them) and the held-out loss of the gold answers; mean ± 95% CI over seeds (t-di
 
 {efficiency}
 
+## TinyAlign against each arm (accuracy difference, paired by seed, mean ± 95% CI)
+
+{vs_table}
+
 {wider}
 ![accuracy vs fraction](accuracy_vs_fraction.png)
 ![loss curves](loss_curves.png)
@@ -252,7 +281,9 @@ Settings: `study_config.json`; per-run numbers: `results.csv`.
         "table": table,
         "fraction_table": ftable,
         "data_efficiency": efficiency,
+        "versus_tinyalign": vs_table,
         "numbers": numbers,
+        "tinyalign_minus_arm": vs_numbers,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
