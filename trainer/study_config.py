@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from .llm import DEFAULT_PRETRAIN_STEPS, TINY_NAME, TinyLMConfig
 from .model import WIDE_PREFIX, build_connector
 from .retrieval import SHUFFLED, TOPK
@@ -133,6 +131,10 @@ class StudyConfig:
 
 def load_config(path: str | Path) -> StudyConfig:
     """A ``StudyConfig`` from flat TOML; relative paths are taken from the file's folder."""
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        raise ValueError("study config files need Python 3.11 or later (tomllib)") from None
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
