@@ -180,3 +180,16 @@ def test_seeds_are_distinct() -> None:
     assert ExperimentConfig(data="d", out="o", seed=4).run_seeds == (4,)
     with pytest.raises(ValueError, match="distinct"):
         ExperimentConfig(data="d", out="o", seeds=(1, 1))
+
+
+def test_numbers_are_means_over_seeds() -> None:
+    per_seed = {
+        0: {"final_loss": 1.0, "last_step_loss": 1.1, "heldout_loss": 2.0, "losses": [3.0, 1.0]},
+        1: {"final_loss": 3.0, "last_step_loss": 2.9, "heldout_loss": 4.0, "losses": [5.0, 3.0]},
+    }
+    for r in per_seed.values():
+        r["seconds"] = 1.0
+    mean = experiment._mean_over_seeds(per_seed)
+    assert mean["final_loss"] == 2.0 and mean["heldout_loss"] == 3.0
+    assert mean["losses"] == [4.0, 2.0] and set(mean["seeds"]) == {0, 1}
+    assert "losses" not in mean["seeds"][0]
