@@ -191,7 +191,10 @@ def plot_study_losses(config: StudyConfig, stage1: dict, stage2: dict, path: Pat
         a: [r["losses"] for (x, f, _), r in sorted(stage2.items()) if x == a and f == full]
         for a in config.arms
     }
-    panels = {"stage 1 (pretraining pairs)": one, f"stage 2 ({full:g} of the instructions)": two}
+    panels = {
+        "stage 1 (pretraining pairs)": one,
+        f"stage 2 (fraction {full:g} of the instructions)": two,
+    }
     plot_loss_curves(panels, path, "training loss: mean over seeds, band = lowest to highest")
 
 
