@@ -1,7 +1,8 @@
 """``tinyalign study``: the paper's protocol (stage 1, stage 2 on data fractions, eval) as
 one resumable command, over arms and seeds, ending in report.md and its plots.
 
-CPU, the demo (makes the demo data in runs/study/data, about 40 min on 2 cores)::
+CPU, the demo (makes the demo data in runs/study/data; 33 min on a shared 2-core Xeon,
+plus the tiny LM's one-time build when it is not cached yet)::
 
     tinyalign study --preset demo --out runs/study                # 2 runs at a time
     tinyalign study --config study.toml --out runs/study          # any data and models
