@@ -50,10 +50,11 @@ from typing import Any
 
 import torch
 
-from bankd.build import BuildConfig, build_bank
-from bankd.demo_data import DemoDataConfig
-from bankd.demo_data import generate as demo_generate
-from bankd.store import BankPaths
+from bankd.build.config import BuildConfig
+from bankd.build.demo_data import DemoDataConfig
+from bankd.build.demo_data import generate as demo_generate
+from bankd.build.pipeline import build_bank
+from bankd.store.paths import BankPaths
 from tinyalign.components import LoadedVLM, build_vlm, load_vision, load_vlm
 from tinyalign.config import TrainConfig
 from tinyalign.conversation import get_template
