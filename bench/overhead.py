@@ -50,12 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from workload.demo import demo_bank, demo_data
 
-from bankd.build.config import BuildConfig
-from bankd.build.demo_data import DemoDataConfig
-from bankd.build.demo_data import generate as demo_generate
-from bankd.build.pipeline import build_bank
-from bankd.store.paths import BankPaths
 from tinyalign.components import LoadedVLM, build_vlm, load_vision, load_vlm
 from tinyalign.config import TrainConfig
 from tinyalign.conversation import get_template
@@ -74,33 +70,19 @@ def progress(msg: str) -> None:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, str]:
     """(data JSON, image folder, bank target): demo data and a bank built here unless given."""
-    data, folder = args.data, args.image_folder
-    if data is None:
-        data, folder = workdir / "data" / "data.json", workdir / "data"
-        if not data.is_file():
-            progress(f"generating {args.n} demo pairs in {folder}")
-            demo_generate(DemoDataConfig(out=folder, n=args.n, heldout=0), progress=False)
-    data, folder = Path(data), Path(folder or Path(data).parent)
+    data, folder = demo_data(workdir, args.data, args.image_folder, n=args.n, log=progress)
     if args.bank:
         return data, folder, args.bank
-    index = workdir / "bank" / "bank.faiss"
-    manifest = BankPaths(index).manifest
-    built = json.loads(manifest.read_text())["config"] if manifest.is_file() else {}
-    if (built.get("data"), built.get("encoder")) != (str(data), args.vision):
-        progress(f"building a bank from {data} ({args.perceiver_steps} Perceiver steps)")
-        build_bank(
-            BuildConfig(
-                data=data,
-                image_folder=folder,
-                out=index,
-                encoder=args.vision,
-                perceiver_steps=args.perceiver_steps,
-                eval_fraction=0.0,
-                workers=0,
-                device=args.device,
-                progress=False,
-            )
-        )
+    index = demo_bank(
+        workdir,
+        data,
+        folder,
+        encoder=args.vision,
+        perceiver_steps=args.perceiver_steps,
+        seed=args.seed,
+        device=args.device,
+        log=progress,
+    )
     return data, folder, str(index)
 
 

@@ -45,12 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from workload.demo import demo_bank, demo_data
 
-from bankd.build.config import BuildConfig
-from bankd.build.demo_data import DemoDataConfig, generate
-from bankd.build.pipeline import build_bank
 from bankd.serve.process import ServeProcess
-from bankd.store.paths import BankPaths
 from tinyalign.config import TrainConfig
 from tinyalign.train import train
 
@@ -63,33 +60,10 @@ def progress(msg: str) -> None:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path, Path]:
     """(data JSON, image folder, bank index): demo data and its bank unless given/kept."""
-    data, folder = args.data, args.image_folder
-    if data is None:
-        data, folder = workdir / "data" / "data.json", workdir / "data"
-        if not data.is_file():
-            progress(f"generating {args.n} demo pairs in {folder}")
-            generate(DemoDataConfig(out=folder, n=args.n, heldout=0), progress=False)
-    data = Path(data)
-    folder = Path(folder or data.parent)
-    index = workdir / "bank" / "bank.faiss"
-    manifest = BankPaths(index).manifest
-    built = json.loads(manifest.read_text())["config"] if manifest.is_file() else {}
-    if (built.get("data"), built.get("perceiver_steps")) == (str(data), args.perceiver_steps):
-        progress(f"reusing the bank {index}")
-    else:
-        progress(f"building a bank from {data} ({args.perceiver_steps} Perceiver steps)")
-        build_bank(
-            BuildConfig(
-                data=data,
-                image_folder=folder,
-                out=index,
-                seed=args.seed,
-                perceiver_steps=args.perceiver_steps,
-                eval_fraction=0.0,
-                workers=0,
-                progress=False,
-            )
-        )
+    data, folder = demo_data(workdir, args.data, args.image_folder, n=args.n, log=progress)
+    index = demo_bank(
+        workdir, data, folder, perceiver_steps=args.perceiver_steps, seed=args.seed, log=progress
+    )
     return data, folder, index
 
 

@@ -16,7 +16,7 @@ Data-parallel (one process per GPU; the same flags)::
     torchrun --nproc_per_node 8 -m tinyalign pretrain ...
 
 A bank behind TLS and a token: ``--bank-tls-ca ca.crt [--bank-tls-cert client.crt
---bank-tls-key client.key] --bank-auth-token-file token.txt`` (README: Security).
+--bank-tls-key client.key] --bank-auth-token-file token.txt`` (docs/operations.md, Security).
 Bank replicas behind one name (a Kubernetes headless Service): ``--bank
 dns:///bankd-headless.<namespace>.svc.cluster.local:50051 --bank-lb-policy round_robin``.
 
@@ -60,6 +60,11 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         p.add_argument("--from", dest="init_from", required=True, help="stage-1 run directory")
     p.add_argument("--top-k", type=int, help="retrieved values per image (default 5, or --from's)")
     p.add_argument(
+        "--retrieval-mode",
+        choices=["topk", "shuffled"],
+        help="shuffled: random non-top-k entries, a control (default topk, or --from's)",
+    )
+    p.add_argument(
         "--allow-encoder-mismatch",
         action="store_true",
         help="train even if the bank was built with another vision encoder",
@@ -102,6 +107,12 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         default=DEFAULT_PRETRAIN_STEPS,
         help="pretraining steps of the tiny LLM (cached)",
     )
+    if stage == 1:
+        p.add_argument(
+            "--tiny-llm-corpus",
+            help="JSON list of more texts to build the tiny LLM from "
+            "(default: lm_corpus.json next to --data, when present)",
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -120,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="answer a LLaVA question file, score it against gold")
     evaluate.add_arguments(v)
+    from . import study
+
+    st = sub.add_parser("study", help="the paper's protocol: arms x fractions x seeds, a report")
+    study.add_arguments(st)
     g = sub.add_parser("generate", help="answer prompts about images")
     g.add_argument("--model", required=True, help="a pretrain/finetune --out directory")
     g.add_argument("--bank", help='"host:port" or a bank .faiss path (retrieval models)')
@@ -146,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank",
             "out",
             "top_k",
+            "retrieval_mode",
             "allow_encoder_mismatch",
             "template",
             "batch_size",
@@ -191,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             connector=args.connector,
             rag_connector=args.rag_connector,
             feature_layer=args.feature_layer,
+            tiny_llm_corpus=args.tiny_llm_corpus,
             progress=not args.no_progress,
             **shared,
         )
@@ -247,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import evaluate
 
             return evaluate.run(args)
+        if args.command == "study":
+            from . import study
+
+            return study.run(args)
         if args.command == "experiment":
             from . import experiment
 

@@ -4,7 +4,7 @@
 ``finetune --from runs/stage1``, what the stage-1 model decides (vision tower, LLM,
 retrieval, top-k); the resolved config is logged and written to ``train_config.json``.
 ``connect_retriever`` opens the bank, waits for it up to ``bank_patience`` seconds and
-checks its encoder fingerprint against the VLM's vision tower (DESIGN decision 3).
+checks its encoder fingerprint against the VLM's vision tower.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from bankd_client.credentials import connection_options
 
 from .components import read_config
 from .conversation import get_template
-from .llm import DEFAULT_PRETRAIN_STEPS
+from .llm import DEFAULT_PRETRAIN_STEPS, TINY_CORPUS_FILE, TINY_NAME
 from .model import TinyAlignConfig, build_connector
-from .retrieval import RetrievalUnavailable, Retriever, open_bank
+from .retrieval import TOPK, RetrievalUnavailable, Retriever, check_mode, open_bank
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class TrainConfig:
     rag_connector: str = "mlp2x_gelu"
     feature_layer: int = -2
     top_k: int | None = None  # default 5
+    retrieval_mode: str | None = None  # "topk" (default) or "shuffled" (a control)
     allow_encoder_mismatch: bool = False
     template: str | None = None  # plain (stage 1) / vicuna (stage 2)
     batch_size: int = 8  # per rank, per micro-batch
@@ -72,7 +73,7 @@ class TrainConfig:
     stop_after: int | None = None  # exit after this step (a checkpoint); --resume later
     log_every: int = 10
     bank_patience: float = 300.0  # seconds to wait for an unreachable bank
-    # TLS and token of a remote bank (file paths, never their contents; README: Security)
+    # TLS and token of a remote bank (file paths, never their contents; docs/operations.md)
     bank_tls: bool = False  # TLS with the system's root CAs
     bank_tls_ca: str | None = None  # CA that signed the server's certificate
     bank_tls_cert: str | None = None  # client certificate (mutual TLS)
@@ -84,6 +85,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int | None = None
     tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS  # pretraining of the "tiny" LLM (cached)
+    # JSON list of more texts the "tiny" LLM is built from (stage 1); default: the
+    # lm_corpus.json of `bankd demo-data` next to `data`, when there is one.
+    tiny_llm_corpus: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -142,12 +146,21 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             rag_connector=base.rag_connector,
         )
         fill["top_k"] = config.top_k or base.top_k
+        fill["retrieval_mode"] = config.retrieval_mode or base.retrieval_mode
     else:
+        corpus = config.tiny_llm_corpus
+        default_corpus = Path(config.data).parent / TINY_CORPUS_FILE
+        if corpus is None and (config.llm or TINY_NAME) == TINY_NAME and default_corpus.is_file():
+            corpus = str(default_corpus)
+        if corpus is not None and not Path(corpus).is_file():
+            raise FileNotFoundError(f"--tiny-llm-corpus {corpus} not found")
+        fill["tiny_llm_corpus"] = corpus
         fill.update(
             vision=config.vision or "tiny",
             llm=config.llm or "tiny",
             retrieval=config.retrieval is not False,
             top_k=config.top_k or 5,
+            retrieval_mode=config.retrieval_mode or TOPK,
         )
     defaults = STAGE_DEFAULTS[config.stage]
     fill["template"] = config.template or defaults["template"]
@@ -156,6 +169,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         fill["epochs"] = config.epochs or 1.0
     resolved = replace(config, **fill)
     get_template(resolved.template)  # ValueError if unknown
+    check_mode(resolved.retrieval_mode)
     for spec in (resolved.connector, resolved.rag_connector):
         build_connector(spec, 1, 1)  # ValueError if unknown
     return resolved
@@ -174,6 +188,7 @@ def model_config(config: TrainConfig) -> TinyAlignConfig:
         rag_connector=config.rag_connector,
         retrieval=bool(config.retrieval),
         top_k=config.top_k,
+        retrieval_mode=config.retrieval_mode or TOPK,
         feature_layer=config.feature_layer,
         template=config.template,
         extra=extra,
@@ -224,6 +239,8 @@ def connect_retriever(
             allow_encoder_mismatch=config.allow_encoder_mismatch,
             retry_for_s=config.bank_patience,
             owns_bank=owned,
+            mode=model.retrieval_mode,
+            seed=config.seed,
         )
     except Exception:
         if owned:

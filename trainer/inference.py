@@ -83,6 +83,7 @@ def _retriever(
             allow_encoder_mismatch=allow_mismatch,
             retry_for_s=patience,
             owns_bank=opened,
+            mode=vlm.model.config.retrieval_mode,  # the shuffled control answers shuffled
         )
     except Exception:
         if opened:

@@ -33,7 +33,7 @@ class BuildConfig:
     batch_size: int = 64  # encoder batch
     workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
     device: str = "auto"  # cuda when available
-    perceiver_steps: int = 1500  # values keep improving to 3000 (README, informativeness)
+    perceiver_steps: int = 1500  # values keep improving to 3000 (docs/format.md)
     perceiver_lr: float = 1e-3
     perceiver_batch_size: int = 32
     perceiver_train_samples: int = 50_000  # seeded subset the compressor trains on
