@@ -224,6 +224,7 @@ def connect_retriever(
             allow_encoder_mismatch=config.allow_encoder_mismatch,
             retry_for_s=config.bank_patience,
             owns_bank=owned,
+            value_shape=model.value_shape,
         )
     except Exception:
         if owned:

@@ -91,9 +91,14 @@ class TinyAlignVLM(nn.Module):
     # -- features ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen patch features (Bi, P, Dv) of the configured layer."""
-        return self.vision.image_features(pixel_values).float()
+    def image_features(
+        self, pixel_values: torch.Tensor, precision: str | None = None
+    ) -> torch.Tensor:
+        """Frozen patch features (Bi, P, Dv) float32 of the configured layer.
+
+        ``precision``: the tower runs in exactly that (a bank's ``feature_precision``, so
+        query keys equal its stored keys); None: under the caller's autocast."""
+        return self.vision.image_features(pixel_values, precision=precision).float()
 
     # -- sequence assembly -------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 _FLAG_FIELDS = ("data", "image_folder", "out", "encoder", "seed", "entries", "batch_size")
 _FLAG_FIELDS += ("workers", "device", "perceiver_steps", "perceiver_lr", "text_weight")
+_FLAG_FIELDS += ("key_precision",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class BuildConfig:
     max_text_tokens: int = 96  # caption tokens fed to the compressor (capped by the encoder)
     text_weight: float = 0.0  # weight of the question-text component of keys
     key_temperature: float = 1.0
+    # Precision of the towers' key features, recorded in the bank so that query sides
+    # follow it; auto: bf16 on CUDA, fp32 on the CPU.
+    key_precision: str = "auto"
     eval_fraction: float = 0.1  # pairs kept out of compressor training, for the report
     feature_cache_mb: int = 2048  # cache frozen features in memory up to this size
     threads: int | None = None  # torch CPU threads; None = cores minus max(1, workers)
@@ -67,6 +71,10 @@ class BuildConfig:
         from bankd.models.keys import KeyConfig  # torch: only once a build is configured
 
         KeyConfig(temperature=self.key_temperature, text_weight=self.text_weight)  # validates
+        if self.key_precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(
+                f"key_precision must be auto, fp32, bf16 or fp16, got {self.key_precision!r}"
+            )
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -107,6 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d["text_weight"],
         help="weight of the question text in keys, 0..1 (0: image only)",
+    )
+    add(
+        "--key-precision",
+        default=d["key_precision"],
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="precision the towers compute key features in, recorded in the bank; trainers "
+        "follow it (auto: bf16 on CUDA, fp32 on the CPU)",
     )
     add("--no-progress", action="store_true", help="no progress bars")
     add(

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from bankd.models.embedder import QUERY_TEXT_TOKENS
 from bankd.models.encoders import preprocess_images, tokenize_texts
 from bankd_client.identity import sample_id_to_int
 
@@ -157,6 +158,7 @@ class ImageCaptionDataset(Dataset):
         self.image_processor = encoder.image_processor
         self.tokenizer = encoder.tokenizer
         self.max_text_tokens = min(max_text_tokens, encoder.max_text_tokens)
+        self.max_positions = encoder.max_text_tokens
         self.with_prompt = with_prompt
 
     def __len__(self) -> int:
@@ -178,7 +180,11 @@ class ImageCaptionDataset(Dataset):
             "attention_mask": mask,
         }
         if self.with_prompt:
-            item["prompt_ids"], item["prompt_mask"] = self._tokenize(sample.prompt)
+            # The query side's length (Embedder.tokenize_questions), so both truncate alike.
+            ids, mask = tokenize_texts(
+                self.tokenizer, [sample.prompt], min(QUERY_TEXT_TOKENS, self.max_positions)
+            )
+            item["prompt_ids"], item["prompt_mask"] = ids[0], mask[0]
         return item
 
 

@@ -15,7 +15,12 @@ from tqdm import tqdm
 from bankd.build.config import BuildConfig
 from bankd.build.data import ImageCaptionDataset, Sample, collate
 from bankd.models.embedder import Embedder
-from bankd.models.encoders import autocast_context, load_encoder, resolve_device
+from bankd.models.encoders import (
+    autocast_context,
+    default_feature_precision,
+    load_encoder,
+    resolve_device,
+)
 from bankd.models.keys import KeyConfig, KeyFunction
 from bankd.models.perceiver import FeatureBatch, PerceiverSpec, ValueCompressor, compress
 
@@ -34,7 +39,13 @@ class BuildPipeline:
         self.device = device or resolve_device(config.device)
         self.progress = config.progress if progress is None else progress
         self.encoder = load_encoder(config.encoder, seed=config.seed, device=self.device)
-        key_config = KeyConfig(temperature=config.key_temperature, text_weight=config.text_weight)
+        key_config = KeyConfig(
+            temperature=config.key_temperature,
+            text_weight=config.text_weight,
+            feature_precision=config.key_precision
+            if config.key_precision != "auto"
+            else default_feature_precision(self.device),
+        )
         key_function = KeyFunction(self.encoder.vision_dim, key_config, self.encoder.text_dim)
         self.embedder = Embedder(self.encoder, key_function)
         self.text_tokens = min(config.max_text_tokens, self.encoder.max_text_tokens)

@@ -62,6 +62,35 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+# The precisions a frozen tower may compute key features in (recorded in the key config).
+FEATURE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_feature_precision(device: torch.device) -> str:
+    """What a bank built on ``device`` computes its key features in: bf16 on CUDA, else fp32."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+@contextlib.contextmanager
+def precision_context(device: torch.device, precision: str):
+    """Run a tower in exactly ``precision``, whatever autocast the caller has open.
+
+    The caller's autocast (a trainer's ``--precision``) is switched off first, so the
+    features that keys come from are computed the same way by the builder and by every
+    trainer, whatever precision those train in.
+    """
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(
+            f"unknown feature precision {precision!r} (choose from {sorted(FEATURE_PRECISIONS)})"
+        )
+    with torch.autocast(device.type, enabled=False):
+        if precision == "fp32":
+            yield
+        else:
+            with torch.autocast(device.type, dtype=FEATURE_PRECISIONS[precision]):
+                yield
+
+
 def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """Byte-level tokenizer with no merges: every UTF-8 byte is a token, plus pad/eos/unk.
 
@@ -219,19 +248,39 @@ class DualEncoder(nn.Module):
         return tokenize_texts(self.tokenizer, texts, min(max_length, self.max_text_tokens))
 
     @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features (B, P, Dv) from ``hidden_states[feature_layer]``."""
-        out = self.vision_model(
-            pixel_values=pixel_values.to(self.device), output_hidden_states=True
+    def image_features(
+        self, pixel_values: torch.Tensor, precision: str | None = None
+    ) -> torch.Tensor:
+        """Patch features (B, P, Dv) from ``hidden_states[feature_layer]``.
+
+        ``precision`` (fp32, bf16, fp16): computed in exactly that, ignoring the caller's
+        autocast; None: under whatever autocast the caller has open."""
+        ctx = (
+            contextlib.nullcontext()
+            if precision is None
+            else precision_context(self.device, precision)
         )
+        with ctx:
+            out = self.vision_model(
+                pixel_values=pixel_values.to(self.device), output_hidden_states=True
+            )
         return out.hidden_states[self.feature_layer][:, self._skip_tokens :]
 
     @torch.no_grad()
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token features (B, T, Dt): the text tower's last hidden state."""
-        out = self.text_model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+    def text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, precision: str | None = None
+    ) -> torch.Tensor:
+        """Token features (B, T, Dt): the text tower's last hidden state (``precision`` as
+        in ``image_features``)."""
+        ctx = (
+            contextlib.nullcontext()
+            if precision is None
+            else precision_context(self.device, precision)
         )
+        with ctx:
+            out = self.text_model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            )
         return out.last_hidden_state
 
     def vision_fingerprint(self) -> EncoderFingerprint:
