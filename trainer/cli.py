@@ -102,6 +102,11 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         default=DEFAULT_PRETRAIN_STEPS,
         help="pretraining steps of the tiny LLM (cached)",
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first malformed sample (default: skip, count and name the first few)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -179,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank_tls_server_name",
             "bank_auth_token_file",
             "bank_lb_policy",
+            "strict",
         )
     }
     if stage == 1:

@@ -85,6 +85,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS  # pretraining of the "tiny" LLM (cached)
     progress: bool = True
+    strict: bool = False  # a malformed sample stops the run (default: skipped and counted)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_DEFAULTS:

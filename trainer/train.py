@@ -182,6 +182,7 @@ def _datasets(
         image_processor_fn=partial(preprocess_images, model.vision.image_processor),
         max_length=config.max_length,
         seed=config.seed,  # the data_fraction subset: the same for every run with this seed
+        strict=config.strict,
     )
     train_ds = make(config.data, data_fraction=config.data_fraction)
     return train_ds, make(config.eval_data) if config.eval_data else None

@@ -47,6 +47,7 @@ class BuildConfig:
     feature_cache_mb: int = 2048  # cache frozen features in memory up to this size
     threads: int | None = None  # torch CPU threads; None = cores minus max(1, workers)
     progress: bool = True
+    strict: bool = False  # a malformed sample stops the build (default: skipped, counted)
     keep_shards: bool = False  # under torchrun: rank r writes <out stem>-<r>-of-<W>.faiss
 
     def __post_init__(self) -> None:
@@ -123,6 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="precision the towers compute key features in, recorded in the bank; trainers "
         "follow it (auto: bf16 on CUDA, fp32 on the CPU)",
     )
+    add(
+        "--strict",
+        action="store_true",
+        help="stop at the first malformed sample (default: skip, count and name the first few)",
+    )
     add("--no-progress", action="store_true", help="no progress bars")
     add(
         "--keep-shards",
@@ -150,4 +156,5 @@ def from_args(args: argparse.Namespace) -> BuildConfig:
         recall_k=args.recall_k,
         progress=not args.no_progress,
         keep_shards=args.keep_shards,
+        strict=args.strict,
     )
