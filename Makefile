@@ -4,10 +4,21 @@
 #
 # TORCH_SPEC picks the torch build installed before the project (a CPU build is
 # found locally when one is offered; on a GPU machine use e.g. TORCH_SPEC=torch).
+#
+# CPU_ONLY=1 installs without the CUDA libraries (about 1.2 GB of nvidia-* wheels that
+# faiss-gpu, and torch from PyPI, pull in): faiss-cpu instead of faiss-gpu, torch's CPU
+# build from TORCH_INDEX_URL, then the project with --no-deps, as deploy/Dockerfile's
+# cpu variant does (deploy/image_requirements.py makes the list from pyproject.toml;
+# Python 3.11+). Use a fresh VENV (or `make clean`): both faiss builds are the module
+# `faiss`. Without CPU_ONLY the install is the same as always.
+#   make install CPU_ONLY=1
+#   make install CPU_ONLY=1 TORCH_INDEX_URL=    # torch from the configured indexes
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+CPU_ONLY ?=
+TORCH_INDEX_URL ?= $(if $(CPU_ONLY),https://download.pytorch.org/whl/cpu,)
 PORT ?= 50051
 METRICS_PORT ?= 9100
 BIN := $(VENV)/bin
@@ -23,8 +34,15 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+	  $(BIN)/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
+ifdef CPU_ONLY
+	$(BIN)/python deploy/image_requirements.py pyproject.toml cpu test > $(VENV)/requirements-cpu.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements-cpu.txt
+	$(BIN)/pip install -q --no-deps -e .
+else
 	$(BIN)/pip install -q -e ".[test]"
+endif
 	touch $@
 
 install: $(VENV)/.installed

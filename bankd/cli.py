@@ -4,6 +4,7 @@ bankd demo-data --out data/shapes --n 2000
 bankd build --data data/shapes/data.json --image-folder data/shapes --out bank/bank.faiss
 torchrun --nproc_per_node 4 -m bankd build ... [--keep-shards]     # pass 2 on 4 processes
 bankd serve --index bank/bank.faiss --port 50051 --metrics-port 9100
+bankd import --keys keys.npy --values values.npy [--ids ids.npy] --out bank/bank.faiss
 bankd shard --index bank/bank.faiss --shards 4 --out bank/shards/   # one bankd per shard
 bankd info  --target localhost:50051
 bankd query --target localhost:50051 --image data/shapes/images/00001.png -k 5
@@ -137,7 +138,7 @@ def _captions(path: str) -> dict[int, str]:
 def build_parser() -> argparse.ArgumentParser:
     # none of these imports torch: serve starts light
     from bankd.build import config as build_config
-    from bankd.build import demo_data
+    from bankd.build import demo_data, importer
     from bankd.search import shard
 
     parser = argparse.ArgumentParser(
@@ -160,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build_config.add_arguments(p)
     p.set_defaults(func=_build)
+
+    p = sub.add_parser(
+        "import",
+        help="make a bank from keys and values you already have (.npy, .safetensors)",
+        description=importer.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    importer.add_arguments(p)
+    p.set_defaults(func=importer.run)
 
     p = sub.add_parser("shard", help="split a bank into S banks, one bankd per shard")
     shard.add_arguments(p)

@@ -40,8 +40,25 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 def sample_id_to_int(sample_id: str | int) -> int:
     """Map a dataset sample id to the non-negative int64 a bank entry records.
 
-    Decimal ids ("00017", 17) keep their value; any other string gets the first 63 bits
-    of its BLAKE2b hash, so the same id string maps to the same int in every file.
+    The rule, exactly (the wire contract, proto/bankd/v1/bankd.proto, states it too;
+    a client in any language must compute the same number):
+
+    * an int in [0, 2**63) keeps its value (bool and other types are refused);
+    * a str of ASCII digits only ("0"-"9", leading zeros allowed, no sign, no
+      whitespace) whose value is at most 2**63 - 1 keeps that value ("00017" -> 17);
+    * any other non-empty str: BLAKE2b with an 8-byte digest (``digest_size=8``, no
+      key, salt or personalisation; not the first 8 bytes of BLAKE2b-512, which
+      differ) over the id's UTF-8 bytes, read as an unsigned 64-bit little-endian
+      integer, top bit cleared (``& 0x7FFF_FFFF_FFFF_FFFF``)::
+
+          int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(),
+                         "little") & (2**63 - 1)
+
+      e.g. "a" -> 3405396810240292928, "GCC_train_000000001" -> 1085658593928978518.
+
+    Hashed ids are nearly always above 2**53 (JavaScript's Number.MAX_SAFE_INTEGER):
+    a JavaScript client must hold them as BigInt, never as Number.
+    Raises ValueError for an empty string, a negative or too large int, or another type.
     """
     if isinstance(sample_id, bool):
         raise ValueError(f"sample id must be str or int, got {sample_id!r}")

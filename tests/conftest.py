@@ -107,6 +107,29 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBank:
     return SyntheticBank(Path(path), keys, values, ids)
 
 
+@pytest.fixture(scope="session")
+def encoder_bank(tmp_path_factory: pytest.TempPathFactory) -> SyntheticBank:
+    """A bank whose server embeds: N=3000, d=128, the tiny encoder's fingerprint and a
+    key function of its width (no build: seconds), so Embed runs for real."""
+    from bankd.models.encoders import load_encoder
+    from bankd.models.keys import KeyFunction
+    from bankd.store.writer import write_bank
+
+    encoder = load_encoder("tiny", seed=0)
+    key_function = KeyFunction(encoder.vision_dim)
+    keys, values, ids = make_arrays(d=encoder.vision_dim)
+    path = write_bank(
+        tmp_path_factory.mktemp("encoder-bank") / "bank.faiss",
+        keys,
+        values,
+        ids,
+        vision_encoder=encoder.vision_fingerprint(),
+        key_function={"config": key_function.to_config(), "weights": key_function.weights_bytes()},
+        config={"seed": 0},  # the seed the server builds the tiny encoder with
+    )
+    return SyntheticBank(Path(path), keys, values, ids)
+
+
 def _server(index: Path, **config: Any) -> Any:
     """An unstarted BankServer on loopback, port 0, /metrics on port 0, CPU search.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -78,3 +79,21 @@ def test_wheel_install_gives_imports_and_command(tmp_path: Path) -> None:
     ).stdout
     for command in ("demo-data", "build", "serve", "info", "query"):
         assert command in help_text
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_install_cpu_only_leaves_out_the_cuda_build(tmp_path: Path) -> None:
+    """`make install CPU_ONLY=1` installs the cpu list and the project without its
+    declared dependencies; the default install is unchanged (make -n: nothing runs)."""
+
+    def plan(*args: str) -> str:
+        argv = ["make", "-n", "-C", str(ROOT), "install", f"VENV={tmp_path / 'venv'}", *args]
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+    cpu = plan("CPU_ONLY=1")
+    assert "image_requirements.py pyproject.toml cpu test" in cpu
+    assert "pip install -q --no-deps -e ." in cpu and '".[test]"' not in cpu
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in cpu
+    default = plan()
+    assert 'pip install -q -e ".[test]"' in default
+    assert "image_requirements" not in default and "extra-index-url" not in default

@@ -30,6 +30,7 @@ class BuildConfig:
     memory_budget: str = "8GiB"  # what the index may take in memory ("auto" chooses by it)
     recall_target: float | None = 0.95  # efSearch / nprobe tuned to reach this recall@k
     recall_k: int = 5
+    ef_construction: int | None = None  # HNSW build depth; None: FAISS's (40)
     batch_size: int = 64  # encoder batch
     workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
     device: str = "auto"  # cuda when available
@@ -64,6 +65,8 @@ class BuildConfig:
             raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
         if self.recall_k < 1:
             raise ValueError(f"recall_k must be >= 1, got {self.recall_k}")
+        if self.ef_construction is not None and self.ef_construction < 1:
+            raise ValueError(f"ef_construction must be >= 1, got {self.ef_construction}")
         from bankd.search.tuning import parse_bytes  # faiss only once a build is configured
 
         parse_bytes(self.memory_budget)  # validates
@@ -81,6 +84,43 @@ class BuildConfig:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
+def add_index_arguments(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] = ("--index-type",)
+) -> None:
+    """The index flags ``bankd build`` and ``bankd import`` share (defaults: BuildConfig's):
+    --index-type (or ``names``), --memory-budget, --recall-target, --recall-k,
+    --ef-construction."""
+    add = parser.add_argument
+    add(
+        *names,
+        dest="index_type",
+        default=BuildConfig.index_factory,
+        help="FAISS factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64) or 'auto': "
+        "chosen by entries, key dim and --memory-budget",
+    )
+    add(
+        "--memory-budget",
+        default=BuildConfig.memory_budget,
+        help="index memory for auto (8GiB, 512MB)",
+    )
+    add(
+        "--recall-target",
+        type=float,
+        default=BuildConfig.recall_target,
+        help="tune efSearch / nprobe to this recall@k against exact search, for any "
+        "approximate index type (0: keep FAISS's defaults, e.g. HNSW efSearch 16)",
+    )
+    add("--recall-k", type=int, default=BuildConfig.recall_k, help="the k of the recall target")
+    add(
+        "--ef-construction",
+        type=int,
+        default=None,
+        help="HNSW build depth (candidates per insertion; FAISS's default 40): a deeper "
+        "build gives a better graph, so a lower efSearch reaches the recall target, at "
+        "a longer build; HNSW indexes only (also an IVF index's HNSW quantizer)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bankd build``."""
     d = {k: f.default for k, f in BuildConfig.__dataclass_fields__.items()}
@@ -91,20 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--encoder", default=d["encoder"], help="'tiny', a model directory or a SigLIP/CLIP hub id")
     add("--seed", type=int, default=d["seed"])
     add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
-    add(
-        "--index-type",
-        default=d["index_factory"],
-        help="FAISS factory string (Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64) or 'auto': "
-        "chosen by entries, key dim and --memory-budget",
-    )
-    add("--memory-budget", default=d["memory_budget"], help="index memory for auto (8GiB, 512MB)")
-    add(
-        "--recall-target",
-        type=float,
-        default=d["recall_target"],
-        help="tune efSearch / nprobe to this recall@k against exact search (0: keep FAISS's)",
-    )
-    add("--recall-k", type=int, default=d["recall_k"], help="the k of the recall target")
+    add_index_arguments(parser)
     add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
     add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
     add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")
@@ -154,6 +181,7 @@ def from_args(args: argparse.Namespace) -> BuildConfig:
         memory_budget=args.memory_budget,
         recall_target=args.recall_target or None,
         recall_k=args.recall_k,
+        ef_construction=args.ef_construction,
         progress=not args.no_progress,
         keep_shards=args.keep_shards,
         strict=args.strict,

@@ -320,6 +320,7 @@ class _Built:
                 recall_target=recall_target,
                 recall_k=config.recall_k,
                 seed=config.seed,
+                ef_construction=config.ef_construction,
             )
             self.timings["total_s"] = time.perf_counter() - self.t_start
             report = {

@@ -60,8 +60,13 @@ def build_index(
     *,
     train_sample: int = 100_000,
     seed: int = 0,
+    ef_construction: int | None = None,
 ) -> Any:
-    """FAISS index over keys [N, d] from a factory string; trained on a seeded sample."""
+    """FAISS index over keys [N, d] from a factory string; trained on a seeded sample.
+
+    ef_construction: the build depth of the index's HNSW graph (its own, or its IVF
+    quantizer's); None keeps FAISS's (40). A ValueError when the index has no graph.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r} (choose from {sorted(METRICS)})")
     n, d = keys.shape
@@ -69,6 +74,16 @@ def build_index(
         index = faiss.index_factory(d, factory, METRICS[metric])
     except RuntimeError as e:
         raise ValueError(f"bad FAISS factory string {factory!r}: {e}") from None
+    if ef_construction is not None:
+        graphs = hnsw_graphs(index)
+        if not graphs:
+            raise ValueError(
+                f"ef_construction applies to HNSW indexes; {factory!r} has no HNSW graph"
+            )
+        if ef_construction < 1:
+            raise ValueError(f"ef_construction must be >= 1, got {ef_construction}")
+        for graph in graphs:  # before training: an HNSW quantizer is built by train()
+            graph.efConstruction = int(ef_construction)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n, size=min(n, train_sample), replace=False))
@@ -77,6 +92,17 @@ def build_index(
     for s in range(0, n, chunk):
         index.add(np.ascontiguousarray(keys[s : s + chunk], dtype=np.float32))
     return index
+
+
+def hnsw_graphs(index: Any) -> list[Any]:
+    """The HNSW graphs of an index: its own (under pre-transforms) or its IVF
+    quantizer's; [] when it has none."""
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner = faiss.downcast_index(inner.quantizer)
+    return [inner.hnsw] if isinstance(inner, faiss.IndexHNSW) else []
 
 
 def write_index(index: Any, path: os.PathLike) -> None:
@@ -114,7 +140,7 @@ def _torch_cuda() -> Any | None:
     return torch if torch.cuda.is_available() else None
 
 
-def _flat_kernel(index: Any, required: bool) -> Any | None:
+def _flat_kernel(index: Any, required: bool, threads: int) -> Any | None:
     """bankd's flat kernel over a flat inner-product index's own vectors (no copy), or
     None: another index type, an empty index, or no kernel here (an error if required)."""
     flat = faiss.downcast_index(index)
@@ -128,7 +154,7 @@ def _flat_kernel(index: Any, required: bool) -> Any | None:
     # the index, so the view stays valid.
     n, d = index.ntotal, index.d
     keys = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
-    return flat_kernel.FlatKernel(keys, threads=faiss.omp_get_max_threads())
+    return flat_kernel.FlatKernel(keys, threads=threads)
 
 
 def _faiss_gpus() -> int:
@@ -147,6 +173,9 @@ class Searcher:
         flat_search: "auto" (bankd's kernel for a flat inner-product index on the CPU
             when it is available, else FAISS), "kernel" (the same, an error when it is
             not available) or "faiss".
+        threads: CPU threads one search may use: FAISS's OpenMP threads (a setting of
+            the whole process) and bankd's flat kernel's; None leaves FAISS's default
+            (one per core).
 
     ``tunable`` names the parameter a search may override per call ({"efSearch": max}
     for HNSW, {"nprobe": nlist} for IVF, {} otherwise, and {} on a FAISS GPU index);
@@ -162,11 +191,17 @@ class Searcher:
         device: str = "auto",
         params: dict[str, Any] | None = None,
         flat_search: str = "auto",
+        threads: int | None = None,
     ) -> None:
         if flat_search not in flat_kernel.FLAT_SEARCH:
             raise ValueError(
                 f"flat_search must be one of {flat_kernel.FLAT_SEARCH}, got {flat_search!r}"
             )
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            faiss.omp_set_num_threads(threads)
+        self.threads = faiss.omp_get_max_threads()
         self.ids = ids
         self.n, self.d = index.ntotal, index.d
         self.is_flat = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
@@ -198,7 +233,7 @@ class Searcher:
                 log.warning("no FAISS GPU build: %s index searched on the CPU", describe(index))
         self.kernel = None  # bankd.search.flat_kernel.FlatKernel, when it searches
         if self.device == "cpu" and flat_search != "faiss":
-            self.kernel = _flat_kernel(index, required=flat_search == "kernel")
+            self.kernel = _flat_kernel(index, flat_search == "kernel", self.threads)
         self.tunable = tunable(index) if self._index is index else {}
         self.defaults = current_params(index)
         self.max_k = min(MAX_K_GPU if self.device != "cpu" else MAX_K_CPU, self.n)
@@ -213,7 +248,8 @@ class Searcher:
             )
         if self.torch_index is not None:
             return f"{self.device}, torch exact"
-        return f"{self.device}, FAISS {describe(self._index)}"
+        on = f" on {self.threads} threads" if self.device == "cpu" else ""
+        return f"{self.device}, FAISS {describe(self._index)}{on}"
 
     def raw_search(
         self, queries: np.ndarray, fetch: int, params: dict[str, int] | None = None

@@ -110,6 +110,7 @@ def split_bank(
         # Each shard's index is tuned again to the bank's recall target, on its own keys.
         "recall_target": recall.get("target"),
         "recall_k": int(recall.get("k", 5)),
+        "ef_construction": (m.index.extra.get("build_params") or {}).get("efConstruction"),
     }
     paths = shard_paths(index, shards, Path(out))
     for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False)):

@@ -79,6 +79,12 @@ class ServiceLimits:
     max_exclude_per_query: int = 1024
     max_fetch: int = 65_536
     max_embed: int = 256
+    max_embed_pixels: int = flag(
+        1 << 25,  # 33.5 Mpx: e.g. 128 images of 512 x 512
+        help="pixels the images of one Embed request may declare together, read from their "
+        "headers before anything is decoded; over it the request is INVALID_ARGUMENT. "
+        "Decoded images take about 4 bytes a pixel, so this bounds what one Embed call holds",
+    )
     merge_wait_s: float = flag(
         0.0005,
         name="--merge-wait-us",
@@ -95,6 +101,10 @@ class ServiceLimits:
         help="largest nprobe a request may ask for (IVF; also capped at the index's nlist)",
     )  # per-request nprobe (IVF), also capped at the index's nlist
     max_ef_search: int = flag(1024, help="largest ef_search a request may ask for")
+
+    def __post_init__(self) -> None:
+        if self.max_embed_pixels < 1:
+            raise ValueError(f"--max-embed-pixels must be >= 1, got {self.max_embed_pixels}")
 
 
 SECURITY = "security (README: Security)"
@@ -118,6 +128,13 @@ class ServerConfig:
         help="exact search of a Flat index on the CPU: bankd's own kernel (x86-64 with AVX2 "
         "and FMA, k <= 64; about 1.25x FAISS's speed), FAISS, or auto (the kernel where it "
         "runs)",
+    )
+    threads: int | None = flag(
+        None,
+        type=int,
+        help="CPU threads one search may use (FAISS's OpenMP threads and bankd's flat "
+        "kernel's; default: one per core). Fewer leave cores to other work on the host, "
+        "e.g. a trainer, or to concurrent Embed calls",
     )
     max_concurrent_rpcs: int = flag(64, help="RPCs answered at once; more get RESOURCE_EXHAUSTED")
     workers: int = 0  # gRPC handler threads; 0 = max_concurrent_rpcs + 8
@@ -179,6 +196,10 @@ class ServerConfig:
         help="once serving, write {port, metrics_port, health_port, pid, index} as JSON to "
         "this file (atomically): how a parent process learns the ports (ServeProcess)",
     )
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
 
 
 def _flags(config_type: type) -> Iterator[tuple[str, Any, Flag]]:

@@ -163,6 +163,7 @@ class BankServer:
                 bank,
                 device=self.config.device,
                 flat_search=self.config.flat_search,
+                threads=self.config.threads,
                 limits=self.config.limits,
                 metrics=self.metrics,
                 embedder=embedder,

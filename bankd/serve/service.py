@@ -31,6 +31,7 @@ import numpy as np
 from bankd import __version__
 from bankd.search.index import Searcher, SearchResult, gather_values
 from bankd.serve.flags import ServiceLimits
+from bankd.serve.images import decode_images
 from bankd.serve.metrics import Metrics
 from bankd.serve.shm import MappedRegions
 from bankd.serve.wire import Fill
@@ -68,6 +69,7 @@ class BankService:
         *,
         device: str = "auto",
         flat_search: str = "auto",
+        threads: int | None = None,
         limits: ServiceLimits = DEFAULT_LIMITS,
         metrics: Metrics | None = None,
         embedder: Any = None,
@@ -86,6 +88,7 @@ class BankService:
             device=device,
             params=search_params,
             flat_search=flat_search,
+            threads=threads,
         )
         self.max_k = min(limits.max_k, self.searcher.max_k)
         # The largest value a request may give each overridable parameter.
@@ -411,6 +414,26 @@ class BankService:
 
     # -- fetch and embed ---------------------------------------------------------------
 
+    def fetch_response_bytes(self, n: int, with_keys: bool) -> int:
+        """Upper bound of a Fetch response's size: values, keys, framing."""
+        per_id = 2 * math.prod(self.bank.value_shape) + (4 * self.bank.key_dim if with_keys else 0)
+        return n * per_id + 4096
+
+    def check_fetch_size(self, n: int, with_keys: bool) -> None:
+        """InvalidArgument, before anything is gathered, when the answer to a Fetch of n
+        ids would exceed the message limit (as ``validate_search`` does for Search)."""
+        limit = self.limits.max_message_bytes
+        need = self.fetch_response_bytes(n, with_keys)
+        if need <= limit:
+            return
+        per_id = self.fetch_response_bytes(1, with_keys) - self.fetch_response_bytes(0, False)
+        fit = max((limit - self.fetch_response_bytes(0, False)) // per_id, 0)
+        raise errors.InvalidArgument(
+            f"a Fetch of {n} ids{' with keys' if with_keys else ''} needs a response of "
+            f"{need} bytes, over the server's {limit}-byte message limit (bankd serve "
+            f"--max-message-mb); fetch at most {fit} ids per call"
+        )
+
     def fetch(self, ids: list[int], with_keys: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if not ids:
             raise errors.InvalidArgument("fetch needs at least one id")
@@ -418,6 +441,7 @@ class BankService:
             raise errors.InvalidArgument(
                 f"{len(ids)} ids is over the fetch limit of {self.limits.max_fetch}"
             )
+        self.check_fetch_size(len(ids), with_keys)
         rows = self.bank.rows_of(np.asarray(ids, dtype=np.int64))
         if (rows < 0).any():
             missing = [ids[i] for i in np.flatnonzero(rows < 0)[:10]]
@@ -440,16 +464,5 @@ class BankService:
             )
         if texts and len(texts) != len(images):
             raise errors.InvalidArgument(f"{len(texts)} texts for {len(images)} images")
-        import io
-
-        from PIL import Image, UnidentifiedImageError
-
-        decoded = []
-        for i, blob in enumerate(images):
-            try:
-                im = Image.open(io.BytesIO(blob))
-                im.load()
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise errors.InvalidArgument(f"image {i} cannot be decoded: {e}") from None
-            decoded.append(im.convert("RGB"))
+        decoded = decode_images(images, self.limits.max_embed_pixels)
         return np.asarray(self.embedder.embed(decoded, list(texts) or None), dtype=np.float32)

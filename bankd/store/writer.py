@@ -217,8 +217,9 @@ def write_bank(
     index_factory: str = "Flat",
     metric: str = "ip",
     memory_budget_bytes: int | None = None,
-    recall_target: float | None = None,
+    recall_target: float | None = 0.95,  # bankd.search.tuning.DEFAULT_RECALL_TARGET
     recall_k: int = 5,
+    ef_construction: int | None = None,
     train_sample: int = 100_000,
     seed: int = 0,
     vision_encoder: EncoderFingerprint | None = None,
@@ -232,8 +233,11 @@ def write_bank(
     """Write a bank from in-memory arrays (benchmarks, users with their own keys).
 
     The index is built and tuned by ``bankd.search.tuning.build_tuned`` (index_factory
-    a FAISS factory string or "auto"; efSearch / nprobe tuned to recall_target) and the
+    a FAISS factory string or "auto"; efSearch / nprobe tuned to recall_target whatever
+    the factory, None: FAISS's defaults; ef_construction: HNSW's build depth) and the
     bank committed by ``BankWriter``. ``key_function``: {"config": ..., "weights": ...}.
+    Users with arrays in files, or who want every input checked with its row named,
+    use ``bankd.build.importer.import_bank`` (``bankd import``).
     """
     from bankd.search.tuning import build_tuned  # faiss only when writing
 
@@ -257,6 +261,7 @@ def write_bank(
             recall_k=recall_k,
             train_sample=train_sample,
             seed=seed,
+            ef_construction=ef_construction,
         )
         kf = key_function
         manifest = Manifest(

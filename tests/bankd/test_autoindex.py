@@ -186,6 +186,7 @@ def test_auto_chooses_by_the_budget_for_arrays(make_bank: Any) -> None:
 
 
 def test_explicit_factory_without_target_measures_at_faiss_defaults(make_bank: Any) -> None:
-    idx = Bank.load(make_bank(n=2000, d=16, index_factory="HNSW8").path).manifest.to_dict()["index"]
+    b = make_bank(n=2000, d=16, index_factory="HNSW8", recall_target=None)
+    idx = Bank.load(b.path).manifest.to_dict()["index"]
     assert idx["search_params"] == {"efSearch": 16} and idx["recall"]["target"] is None
     assert 0 < idx["recall"]["value"] <= 1

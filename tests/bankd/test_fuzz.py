@@ -8,12 +8,21 @@ both. They travel over a raw channel with identity serializers, so the server se
 exactly these bytes. Every call must end with a deliberate status (OK or a client-error
 code, never UNKNOWN or INTERNAL) before its deadline, an OK search must be well formed,
 and afterwards the server still answers a valid search correctly.
+
+The bank records the tiny encoder, so the server embeds: fuzzed Embed requests carry
+valid, mangled, truncated, empty and oversized (by header) images and reach image
+decoding; ``test_embed_cases_reach_decoding`` checks that most of them do (run with
+``-s`` to see the fraction).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import struct
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,15 +31,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
-from bankd.serve.server import BankServer, ServerConfig
-from bankd.serve.service import ServiceLimits
+from bankd.serve.flags import ServerConfig, ServiceLimits
+from bankd.serve.server import BankServer
 from bankd_client import BankClient, errors, tensors
 from bankd_client.proto import bankd_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name  # bankd.v1.MemoryBank
-KEY_DIM = 32  # the shared bank's (tests/conftest.py)
+KEY_DIM = 128  # encoder_bank's (tests/conftest.py): the tiny encoder's width
 MESSAGE_LIMIT = 4 << 20  # small, so oversize requests and responses are cheap to provoke
+EMBED_PIXELS = 16_384  # a small Embed pixel budget: four 64 x 64 images
 DEADLINE_S = 20.0  # far above any honest answer here: running into it means a hang
 # Deliberate answers to a bad request; UNKNOWN and INTERNAL mean an unhandled exception.
 ALLOWED = {
@@ -58,11 +69,14 @@ ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2, pb.D
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(bank: Any) -> Iterator[BankServer]:
-    limits = dataclasses.replace(ServiceLimits(), max_message_bytes=MESSAGE_LIMIT)
-    srv = BankServer(
-        ServerConfig(index=str(bank.path), port=0, metrics_port=None, device="cpu", limits=limits)
+def fuzz_server(encoder_bank: Any) -> Iterator[BankServer]:
+    limits = dataclasses.replace(
+        ServiceLimits(), max_message_bytes=MESSAGE_LIMIT, max_embed_pixels=EMBED_PIXELS
     )
+    config = ServerConfig(
+        index=str(encoder_bank.path), port=0, metrics_port=None, device="cpu", limits=limits
+    )
+    srv = BankServer(config)
     try:
         yield srv.start()
     finally:
@@ -229,6 +243,62 @@ def mangled(draw: st.DrawFn, valid: bytes) -> bytes:
     return bytes(data[:at]) + draw(st.binary(min_size=1, max_size=16)) + bytes(data[at:])
 
 
+def _png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header (valid CRC) declares width x height pixels."""
+    data = _png(4, 4, 0)
+    ihdr = struct.pack(">II", width, height) + data[24:29]
+    return data[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + data[33:]
+
+
+VALID_PNG = st.builds(_png, st.integers(1, 48), st.integers(1, 48), st.integers(0, 2**16))
+
+
+@st.composite
+def images(draw: st.DrawFn) -> bytes:
+    """An encoded image: valid, mangled, oversized by its header, empty, or random."""
+    how = draw(st.sampled_from(["valid", "valid", "mangled", "oversized", "empty", "random"]))
+    if how == "valid":
+        return draw(VALID_PNG)
+    if how == "mangled":
+        return draw(mangled(draw(VALID_PNG)))
+    if how == "oversized":
+        return _declaring(draw(st.integers(129, 70_000)), draw(st.integers(129, 70_000)))
+    return b"" if how == "empty" else draw(st.binary(max_size=64))
+
+
+@st.composite
+def embed_requests(draw: st.DrawFn) -> pb.EmbedRequest:
+    """Mostly 1-4 images with no texts or one per image; sometimes the counts are off."""
+    blobs = draw(mostly(st.lists(images(), min_size=1, max_size=4), st.lists(images())))
+    texts = draw(
+        mostly(
+            st.one_of(st.just([]), st.lists(st.text(max_size=8), min_size=len(blobs),
+                                             max_size=len(blobs))),
+            st.lists(st.text(max_size=8), max_size=6),
+        )
+    )  # fmt: skip
+    return pb.EmbedRequest(images=blobs, texts=texts)
+
+
+# Embed answers and whether each reached image decoding (OK, or an error about an image).
+EMBED_OUTCOMES: Counter[str] = Counter()
+
+
+def record_embed(code: grpc.StatusCode, got: Any) -> None:
+    decoding = code == grpc.StatusCode.OK or (
+        code == grpc.StatusCode.INVALID_ARGUMENT and str(got).startswith(("image ", "images "))
+    )
+    EMBED_OUTCOMES["decoding" if decoding else "stopped before"] += 1
+    event(f"Embed: {'reached' if decoding else 'stopped before'} image decoding")
+
+
 # -- properties -----------------------------------------------------------------------
 
 # The shared bank's entry ids are a permutation of 1000 + 7 * i (tests/conftest.py).
@@ -239,13 +309,14 @@ VALID_BODIES = {
         lambda ids: pb.FetchRequest(ids=ids).SerializeToString()
     ),
     "GetInfo": st.just(b""),
-    "Embed": st.just(pb.EmbedRequest(images=[b"\x89PNG"], texts=["a"]).SerializeToString()),
+    "Embed": embed_requests().map(lambda r: r.SerializeToString()),
 }
 STRING_FIELD = {"Search": 5, "Embed": 2}  # SearchRequest.request_id, EmbedRequest.texts
 
 
-def test_entry_ids_are_as_assumed(bank: Any) -> None:
-    assert sorted(bank.ids.tolist()) == [1000 + 7 * i for i in range(3000)]
+def test_entry_ids_are_as_assumed(encoder_bank: Any) -> None:
+    assert sorted(encoder_bank.ids.tolist()) == [1000 + 7 * i for i in range(3000)]
+    assert encoder_bank.keys.shape[1] == KEY_DIM
 
 
 def check_search_response(body: bytes, request: pb.SearchRequest) -> None:
@@ -293,11 +364,10 @@ def test_fuzz_raw_bytes(channel: grpc.Channel, method: str, data: st.DataObject)
         st.just([1000] * 65_537),  # over the fetch limit
     ),
     with_keys=st.booleans(),
-    images=st.lists(st.binary(max_size=64), max_size=4),
-    texts=st.lists(st.text(max_size=8), max_size=4),
+    embed=embed_requests(),
 )
 def test_fuzz_fetch_and_embed(
-    channel: grpc.Channel, ids: list[int], with_keys: bool, images: list[bytes], texts: list
+    channel: grpc.Channel, ids: list[int], with_keys: bool, embed: pb.EmbedRequest
 ) -> None:
     request = pb.FetchRequest(ids=ids, with_keys=with_keys)
     code, got = unary(channel, "Fetch", request.SerializeToString())
@@ -306,9 +376,23 @@ def test_fuzz_fetch_and_embed(
         response = pb.FetchResponse.FromString(got)
         values = tensors.decode(response.values, name="values")
         assert len(values) == len(ids) and response.HasField("keys") == with_keys
-    request = pb.EmbedRequest(images=images, texts=texts)
-    code, got = unary(channel, "Embed", request.SerializeToString())
+    code, got = unary(channel, "Embed", embed.SerializeToString())
     assert_deliberate(code, got, "Embed")
+    record_embed(code, got)
+    if code == grpc.StatusCode.OK:
+        keys = tensors.decode(pb.EmbedResponse.FromString(got).keys, name="keys")
+        assert keys.shape == (len(embed.images), KEY_DIM) and np.isfinite(keys).all()
+
+
+def test_embed_cases_reach_decoding() -> None:
+    """Runs after the fuzzing above: most fuzzed Embed requests got to the images (the
+    server has an encoder), rather than stopping at FAILED_PRECONDITION or counts."""
+    total = sum(EMBED_OUTCOMES.values())
+    if not total:
+        pytest.skip("test_fuzz_fetch_and_embed did not run in this session")
+    fraction = EMBED_OUTCOMES["decoding"] / total
+    print(f"fuzzed Embed requests that reached image decoding: {fraction:.0%} of {total}")
+    assert fraction >= 0.6, EMBED_OUTCOMES
 
 
 STREAM_BODY = st.one_of(
@@ -335,13 +419,14 @@ def test_fuzz_search_stream(channel: grpc.Channel, bodies: list[bytes]) -> None:
         assert len(responses) == len(bodies)
 
 
-def test_undecodable_request_is_invalid_argument(channel: grpc.Channel, bank: Any) -> None:
+def test_undecodable_request_is_invalid_argument(channel: grpc.Channel, encoder_bank: Any) -> None:
     """The examples behind the fix: gRPC's own answer to these is INTERNAL."""
     for method in ("Search", "Fetch", "Embed", "GetInfo"):
         code, details = unary(channel, method, b"\xff\xff\xff")
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
         assert "not a valid protobuf message" in details
-    good = pb.SearchRequest(keys=tensors.encode(bank.queries(2, seed=0)), k=3, request_id="0")
+    queries = encoder_bank.queries(2, seed=0)
+    good = pb.SearchRequest(keys=tensors.encode(queries), k=3, request_id="0")
     body = good.SerializeToString()
     code, details = unary(channel, "Search", body + string_field(5, b"\xc3\x28"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in details
@@ -352,8 +437,9 @@ def test_undecodable_request_is_invalid_argument(channel: grpc.Channel, bank: An
 
 
 def test_server_still_serves_after_fuzzing(
-    fuzz_server: BankServer, bank: Any, helpers: Any
+    fuzz_server: BankServer, encoder_bank: Any, helpers: Any
 ) -> None:
+    bank = encoder_bank
     """Runs last in this module: after everything above, a valid search is right."""
     with BankClient(f"127.0.0.1:{fuzz_server.port}", timeout=30) as client:
         q = bank.queries(5, seed=2024)

@@ -97,7 +97,7 @@ def test_flat_index_refuses_both(client: BankClient, bank: Any, helpers: Any) ->
 def test_ef_search_override_on_hnsw(
     make_bank: Any, server_factory: Any, client_factory: Any, helpers: Any
 ) -> None:
-    bank = make_bank(n=3000, d=32, index_factory="HNSW4")
+    bank = make_bank(n=3000, d=32, index_factory="HNSW4", recall_target=None)  # FAISS's 16
     client = client_factory(server_factory(bank.path).port)
     info = client.info()
     assert info.ef_search == 16 and info.max_ef_search == 1024 and info.max_nprobe == 0
