@@ -103,6 +103,24 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         help="pretraining steps of the tiny LLM (cached)",
     )
     p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the LLM's layers in backward instead of keeping their activations",
+    )
+    if stage == 2:
+        p.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM (peft)")
+        p.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+        p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator")
+        p.add_argument("--lora-dropout", type=float, default=0.05)
+        p.add_argument(
+            "--lora-target-modules",
+            default="all-linear",
+            help="'all-linear' or comma-separated module names (q_proj,k_proj,v_proj,o_proj)",
+        )
+        p.add_argument(
+            "--lora-merge", action="store_true", help="save the LLM with the adapters folded in"
+        )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="stop at the first malformed sample (default: skip, count and name the first few)",
@@ -185,6 +203,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank_auth_token_file",
             "bank_lb_policy",
             "strict",
+            "gradient_checkpointing",
         )
     }
     if stage == 1:
@@ -200,7 +219,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             progress=not args.no_progress,
             **shared,
         )
-    return TrainConfig(stage=2, init_from=args.init_from, progress=not args.no_progress, **shared)
+    lora = {
+        n: getattr(args, n)
+        for n in ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+    }
+    return TrainConfig(
+        stage=2,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        lora_merge=args.lora_merge,
+        **lora,
+        **shared,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -42,6 +42,8 @@ from .conversation import get_template
 from .data import VLMDataset, collate
 from .distributed import DistEnv, init_distributed, no_sync_unless, wrap_ddp
 from .llm import TINY_NAME, texts_for_tiny_lm
+from .lora import merge_lora
+from .memory import apply_memory, llm_weight_dtype
 from .model import TinyAlignConfig, TinyAlignVLM
 from .pipeline import (
     Prefetcher,
@@ -134,8 +136,12 @@ def _train(config: TrainConfig, env: DistEnv, bank: Bank | None) -> TrainResult:
     vision = load_vision(mcfg, env.device)
     retriever = connect_retriever(config, vision, mcfg, bank)
     try:
-        model, tokenizer = _model(config, env, mcfg, vision, ckpt)
+        model, tokenizer = _model(config, env, mcfg, vision, ckpt, precision)
         trainable = apply_stage(model, config.stage)
+        memory = config.memory()
+        trainable = (
+            apply_memory(model, memory, stage=config.stage, precision=precision) or trainable
+        )
         result = _loop(config, env, model, tokenizer, retriever, ckpt, precision)
         result.trainable, result.seconds = trainable, time.perf_counter() - t_start
         return result
@@ -145,16 +151,23 @@ def _train(config: TrainConfig, env: DistEnv, bank: Bank | None) -> TrainResult:
 
 
 def _model(
-    config: TrainConfig, env: DistEnv, mcfg: TinyAlignConfig, vision: DualEncoder, ckpt: Path | None
+    config: TrainConfig,
+    env: DistEnv,
+    mcfg: TinyAlignConfig,
+    vision: DualEncoder,
+    ckpt: Path | None,
+    precision: str,
 ) -> tuple[TinyAlignVLM, Any]:
-    """(model on the device, tokenizer): resumed, from ``init_from``, or fresh and seeded."""
+    """(model on the device, tokenizer): resumed, from ``init_from``, or fresh and seeded;
+    the LLM's weights loaded in the dtype ``memory.llm_weight_dtype`` decides."""
+    llm_dtype = llm_weight_dtype(precision, config.stage, config.lora)
     torch.manual_seed(config.seed)
     if env.distributed and not env.is_main:
         env.barrier()  # rank 0 builds caches (the tiny LM) first
     if ckpt is not None or config.init_from:
         directory = ckpt if ckpt is not None else config.init_from
         model, tokenizer, _ = load_vlm(
-            directory, env.device, config=mcfg, progress=False, vision=vision
+            directory, env.device, config=mcfg, progress=False, vision=vision, llm_dtype=llm_dtype
         )
     else:
         texts = texts_for_tiny_lm([config.data]) if config.llm == TINY_NAME else None
@@ -165,6 +178,7 @@ def _model(
             tiny_llm_steps=config.tiny_llm_steps,
             progress=config.progress and env.is_main,
             vision=vision,
+            llm_dtype=llm_dtype,
         )
     if env.distributed and env.is_main:
         env.barrier()
@@ -328,6 +342,8 @@ def _loop(
     progress.close()
     if state.step == total and eval_ds is not None and not state.eval_history:
         run_eval()  # resumed a finished run that had no evaluation
+    if state.step == total and config.lora_merge:
+        merge_lora(model)  # the saved llm/ is then an ordinary checkpoint
     if state.step == total and env.is_main:
         save_model(model, tokenizer, out, save_llm=config.stage == 2)
         summary = {
