@@ -103,6 +103,11 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         help="pretraining steps of the tiny LLM (cached)",
     )
     p.add_argument(
+        "--report-to",
+        default="auto",
+        help="tensorboard, wandb or none, comma-joined (auto: tensorboard when installed)",
+    )
+    p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
         help="recompute the LLM's layers in backward instead of keeping their activations",
@@ -204,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank_lb_policy",
             "strict",
             "gradient_checkpointing",
+            "report_to",
         )
     }
     if stage == 1:

@@ -24,6 +24,7 @@ from .llm import DEFAULT_PRETRAIN_STEPS
 from .lora import LoraSettings, parse_targets
 from .memory import MemoryConfig
 from .model import TinyAlignConfig, build_connector
+from .reporting import resolve_report_to
 from .retrieval import RetrievalUnavailable, Retriever, open_bank
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class TrainConfig:
     tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS  # pretraining of the "tiny" LLM (cached)
     progress: bool = True
     strict: bool = False  # a malformed sample stops the run (default: skipped and counted)
+    report_to: str = "auto"  # tensorboard (auto: when installed), wandb, none; comma-joined
     # Memory (trainer/memory.py states the weight-precision policy)
     gradient_checkpointing: bool = False
     lora: bool = False  # stage 2: LoRA adapters on the LLM instead of training all of it
@@ -117,6 +119,7 @@ class TrainConfig:
         for name in ("workers", "save_every", "keep_checkpoints", "eval_every", "bank_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        resolve_report_to(self.report_to)  # validates
         if self.lora:
             if self.stage != 2:
                 raise ValueError("--lora adapts the LLM in stage 2 (finetune); stage 1 freezes it")

@@ -54,6 +54,7 @@ from .pipeline import (
     resolve_precision,
 )
 from .progress import ProgressLog
+from .reporting import open_reporter
 from .retrieval import Retriever
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
@@ -280,9 +281,11 @@ def _loop(
             batch_size=config.eval_batch_size or config.batch_size,
         )
         state.eval_history.append((state.step, loss))
+        reporter.scalars(state.step, {"eval/loss": loss})
         log.info("step %d: held-out loss %.4f", state.step, loss)
 
     samples_per_step = config.batch_size * config.grad_accum * env.world_size
+    reporter = open_reporter(config.report_to, out, hparams=asdict(config), enabled=env.is_main)
     progress = ProgressLog(
         out,
         start_step=state.step,
@@ -322,8 +325,9 @@ def _loop(
                 (epoch, pos + 1) if pos + 1 < per_epoch else (epoch + 1, 0)
             )
         scaler.unscale_(optimizer)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        # The norm before clipping (inf: measured, nothing clipped).
+        clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         scaler.step(optimizer)
         scaler.update()
         lr = scheduler.get_last_lr()[0]
@@ -332,7 +336,12 @@ def _loop(
         state.step += 1
         state.losses.append(env.mean(step_loss))
         wait_ms = 1000.0 * wait / config.grad_accum
-        progress.step(state.step, state.losses[-1], lr, time.perf_counter() - t0, wait_ms)
+        seconds = time.perf_counter() - t0
+        progress.step(state.step, state.losses[-1], lr, seconds, wait_ms)
+        train_scalars = {"train/loss": state.losses[-1], "train/lr": lr}
+        train_scalars |= {"train/grad_norm": grad_norm, "train/retrieval_wait_ms": wait_ms}
+        train_scalars["train/samples_per_s"] = samples_per_step / seconds
+        reporter.scalars(state.step, train_scalars)
         if eval_ds is not None and (
             state.step == total or (config.eval_every and state.step % config.eval_every == 0)
         ):
@@ -340,6 +349,9 @@ def _loop(
         if state.step == stop or (config.save_every and state.step % config.save_every == 0):
             save()
     progress.close()
+    final = {"final/loss": state.losses[-1]} if state.losses else {}
+    if state.eval_history:
+        final["final/eval_loss"] = state.eval_history[-1][1]
     if state.step == total and eval_ds is not None and not state.eval_history:
         run_eval()  # resumed a finished run that had no evaluation
     if state.step == total and config.lora_merge:
@@ -353,6 +365,7 @@ def _loop(
         }
         (out / "train_result.json").write_text(json.dumps(summary, indent=1) + "\n")
         log.info("saved the stage-%d model to %s", config.stage, out)
+    reporter.close(final)
     env.barrier()
     return TrainResult(
         out=out,
