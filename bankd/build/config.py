@@ -8,6 +8,7 @@ entry point) is ``bankd.build.pipeline``.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ class BuildConfig:
     recall_k: int = 5
     ef_construction: int | None = None  # HNSW build depth; None: FAISS's (40)
     batch_size: int = 64  # encoder batch
-    workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
+    # DataLoader workers decoding images (0: in the main process); None: sized to the
+    # machine by ``resolve_workers``
+    workers: int | None = None
     device: str = "auto"  # cuda when available
     perceiver_steps: int = 1500  # values keep improving to 3000 (README, informativeness)
     perceiver_lr: float = 1e-3
@@ -121,6 +124,21 @@ def add_index_arguments(
     )
 
 
+def resolve_workers(workers: int | None, device_type: str, processes: int = 1) -> int:
+    """Image-decoding workers: as given, else sized to this process's share of the cores.
+
+    On a GPU the tower outruns any one decoder, so decoding gets every core but two (the
+    main process feeding the GPU and one spare), at most 16; on the CPU decoding and the
+    towers share the cores, and 2 workers with the rest as torch threads measured best.
+    """
+    if workers is not None:
+        return workers
+    if device_type == "cuda":
+        cores = (os.cpu_count() or 1) // max(1, processes)
+        return max(2, min(16, cores - 2))
+    return 2
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bankd build``."""
     d = {k: f.default for k, f in BuildConfig.__dataclass_fields__.items()}
@@ -133,7 +151,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
     add_index_arguments(parser)
     add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
-    add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
+    add(
+        "--workers",
+        type=int,
+        default=d["workers"],
+        help="image-decoding workers (0: inline; default: sized to the machine, up to 16 on a "
+        "GPU, 2 on the CPU)",
+    )
     add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")
     add("--threads", type=int, default=None, help="torch CPU threads (cores left by workers)")
     add("--perceiver-steps", type=int, default=d["perceiver_steps"])

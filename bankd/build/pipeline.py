@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from bankd import __version__
-from bankd.build.config import BuildConfig, from_args
+from bankd.build.config import BuildConfig, from_args, resolve_workers
 from bankd.build.data import (
     Sample,
     entry_ids,
@@ -97,7 +97,8 @@ def build_environment(config: BuildConfig, processes: int = 1) -> Iterator[None]
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     cores = (os.cpu_count() or 1) // max(1, processes)
-    threads = config.threads or max(1, cores - max(1, config.workers))
+    workers = resolve_workers(config.workers, resolve_device(config.device).type, processes)
+    threads = config.threads or max(1, cores - max(1, workers))
     torch.set_num_threads(threads)
     try:
         yield
