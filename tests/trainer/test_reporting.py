@@ -53,3 +53,37 @@ def test_report_to_is_checked() -> None:
         resolve_report_to("mlflow")
     with pytest.raises(ValueError, match="cannot be combined"):
         resolve_report_to("none,wandb")
+
+
+def test_eval_scores_go_next_to_the_training_curves(
+    demo: Any, stage1: Path, eval_set: tuple[Path, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tinyalign.evaluate import EvalConfig, run_eval
+
+    model = Path(shutil.copytree(stage1, tmp_path / "model"))
+    shutil.rmtree(model / "tensorboard", ignore_errors=True)
+    summary = run_eval(
+        EvalConfig(
+            model=str(model),
+            questions=str(eval_set[0]),
+            image_folder=str(demo.images),
+            answers_file=str(tmp_path / "answers.jsonl"),
+            gold=str(eval_set[1]),
+            bank=str(demo.bank),
+            max_new_tokens=3,
+            device="cpu",
+            report_to="tensorboard",
+        ),
+        progress=False,
+    )
+    events = EventAccumulator(str(model / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "eval/overall/count" in tags and any(t.startswith("eval/yesno/pope/") for t in tags)
+    count = events.Scalars("eval/overall/count")[-1]
+    assert count.value == summary["scores"]["overall"]["count"] and count.step == 3
