@@ -126,6 +126,11 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
             "--lora-merge", action="store_true", help="save the LLM with the adapters folded in"
         )
     p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state over the torchrun ranks (torch FSDP)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="stop at the first malformed sample (default: skip, count and name the first few)",
@@ -210,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "strict",
             "gradient_checkpointing",
             "report_to",
+            "fsdp",
         )
     }
     if stage == 1:

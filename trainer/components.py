@@ -197,10 +197,16 @@ def load_vlm(
 
 
 def save_model(
-    model: TinyAlignVLM, tokenizer: Any, directory: str | Path, *, save_llm: bool
+    model: TinyAlignVLM,
+    tokenizer: Any,
+    directory: str | Path,
+    *,
+    save_llm: bool,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """``save_pretrained`` plus the tokenizer next to a saved LLM (stage 2)."""
-    directory = model.save_pretrained(directory, save_llm=save_llm)
+    """``save_pretrained`` plus the tokenizer next to a saved LLM (stage 2); ``state``: a
+    sharded model's gathered weights."""
+    directory = model.save_pretrained(directory, save_llm=save_llm, state=state)
     if save_llm:
         tokenizer.save_pretrained(directory / LLM_SUBDIR)
     return directory

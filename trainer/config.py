@@ -98,6 +98,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_target_modules: str = "all-linear"  # or comma-separated names: q_proj,v_proj
     lora_merge: bool = False  # fold the adapters into the saved LLM
+    fsdp: bool = False  # shard the trained weights over torchrun ranks (trainer/fsdp.py)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_DEFAULTS:
@@ -126,6 +127,11 @@ class TrainConfig:
             self.lora_settings()  # validates
         elif self.lora_merge:
             raise ValueError("--lora-merge needs --lora")
+        if self.fsdp:
+            refused = {"lora": self.lora, "resume": self.resume, "eval_data": self.eval_data}
+            given = [f"--{k.replace('_', '-')}" for k, v in refused.items() if v]
+            if given:
+                raise ValueError(f"--fsdp does not combine with {', '.join(given)} yet")
         if self.stage == 2 and self.init_from is None:
             raise ValueError("stage 2 (finetune) starts from a stage-1 model: pass --from DIR")
 

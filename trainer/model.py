@@ -208,16 +208,38 @@ class TinyAlignVLM(nn.Module):
 
     # -- saving ------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, *, save_llm: bool) -> Path:
-        """config.json, connector.safetensors, rag_connector.safetensors, llm/ (stage 2)."""
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        save_llm: bool,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """config.json, connector.safetensors, rag_connector.safetensors, llm/ (stage 2).
+
+        ``state``: the whole model's gathered state dict (a sharded model's, ``fsdp.py``),
+        saved instead of the modules' own tensors."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+
+        def part(name: str) -> dict[str, torch.Tensor]:
+            if state is None:
+                return _cpu_state(getattr(self, name))
+            prefix = name + "."
+            return {
+                k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)
+            }
+
         (directory / "config.json").write_text(self.config.to_json())
-        save_file(_cpu_state(self.connector), directory / "connector.safetensors")
+        save_file(part("connector"), directory / "connector.safetensors")
         if self.rag_connector is not None:
-            save_file(_cpu_state(self.rag_connector), directory / "rag_connector.safetensors")
+            save_file(part("rag_connector"), directory / "rag_connector.safetensors")
         if save_llm:
-            self.llm.save_pretrained(directory / "llm", safe_serialization=True)
+            self.llm.save_pretrained(
+                directory / "llm",
+                safe_serialization=True,
+                state_dict=part("llm") if state is not None else None,
+            )
         return directory
 
     def load_components(self, directory: str | Path) -> None:

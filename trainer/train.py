@@ -41,6 +41,7 @@ from .config import TrainConfig, connect_retriever, model_config, resolve_config
 from .conversation import get_template
 from .data import VLMDataset, collate
 from .distributed import DistEnv, init_distributed, no_sync_unless, wrap_ddp
+from .fsdp import full_state, shard
 from .llm import TINY_NAME, texts_for_tiny_lm
 from .lora import merge_lora
 from .memory import apply_memory, llm_weight_dtype
@@ -143,6 +144,8 @@ def _train(config: TrainConfig, env: DistEnv, bank: Bank | None) -> TrainResult:
         trainable = (
             apply_memory(model, memory, stage=config.stage, precision=precision) or trainable
         )
+        if config.fsdp:
+            shard(model, env)  # before the optimizer: it must see the sharded parameters
         result = _loop(config, env, model, tokenizer, retriever, ckpt, precision)
         result.trainable, result.seconds = trainable, time.perf_counter() - t_start
         return result
@@ -255,6 +258,7 @@ def _loop(
         )
 
     def save() -> None:
+        whole = full_state(model) if config.fsdp else None  # a collective: every rank
         if env.is_main:
             save_checkpoint(
                 out,
@@ -262,11 +266,12 @@ def _loop(
                 model=model,
                 tokenizer=tokenizer,
                 save_llm=config.stage == 2,
-                optimizer=optimizer,
+                optimizer=None if config.fsdp else optimizer,
                 scheduler=scheduler,
                 scaler=scaler,
                 state={**identity, **asdict(state), "config": asdict(config)},
                 keep=config.keep_checkpoints,
+                model_state=whole,
             )
         env.barrier()
 
@@ -310,7 +315,7 @@ def _loop(
         )
     )
     text_only = any(e.get("image") is None for e in train_ds.entries)
-    ddp = wrap_ddp(model, env, find_unused=text_only)
+    ddp = model if config.fsdp else wrap_ddp(model, env, find_unused=text_only)
     while state.step < stop:
         t0, step_loss, wait = time.perf_counter(), 0.0, 0.0
         for micro in range(config.grad_accum):
@@ -327,7 +332,8 @@ def _loop(
         scaler.unscale_(optimizer)
         # The norm before clipping (inf: measured, nothing clipped).
         clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         scaler.step(optimizer)
         scaler.update()
         lr = scheduler.get_last_lr()[0]
@@ -356,8 +362,9 @@ def _loop(
         run_eval()  # resumed a finished run that had no evaluation
     if state.step == total and config.lora_merge:
         merge_lora(model)  # the saved llm/ is then an ordinary checkpoint
+    whole = full_state(model) if config.fsdp and state.step == total else None
     if state.step == total and env.is_main:
-        save_model(model, tokenizer, out, save_llm=config.stage == 2)
+        save_model(model, tokenizer, out, save_llm=config.stage == 2, state=whole)
         summary = {
             "steps": state.step,
             "final_loss": state.losses[-1],
