@@ -193,7 +193,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "trainable": sum(p.numel() for p in params),
         "peak_gib": round(peak / 2**30, 3),
         "samples_per_s": round(b * len(steady) / sum(steady), 2),
-        "loss": round(float(loss), 4),
+        "loss": round(loss.item(), 4),
     }
 
 

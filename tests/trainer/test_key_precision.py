@@ -19,6 +19,7 @@ import torch
 from bankd.search.local import LocalBank
 from tinyalign.conversation import get_template
 from tinyalign.data import VLMDataset, collate
+from tinyalign.inference import generate
 from tinyalign.llm import load_llm, texts_for_tiny_lm
 from tinyalign.model import TinyAlignConfig
 from tinyalign.pipeline import Prefetcher
@@ -130,6 +131,18 @@ def test_a_text_keyed_bank_trains(demo: Any, text_bank: Path, make_config: Any) 
         make_config(bank=str(text_bank), data=str(text_bank.parent.parent / "pairs.json"), steps=2)
     )
     assert result.completed and all(np.isfinite(result.losses))
+    # The trained model answers with the text bank too: the prompt is the instruction.
+    pairs = json.loads((text_bank.parent.parent / "pairs.json").read_text())[:2]
+    images = [demo.images / p["image"] for p in pairs]
+    answers = generate(
+        result.out,
+        images,
+        ["Describe picture number 0 briefly."] * 2,
+        bank=str(text_bank),
+        max_new_tokens=3,
+        device="cpu",
+    )
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
 def test_from_bank_refuses_a_text_bank_without_a_text_tower(model: Any, text_bank: Path) -> None:
