@@ -9,7 +9,7 @@ bankd shard --index bank/bank.faiss --shards 4 --out bank/shards/   # one bankd 
 bankd info  --target localhost:50051
 bankd query --target localhost:50051 --image data/shapes/images/00001.png -k 5
 
-TLS and tokens (README: Security): serve takes --tls-cert/--tls-key, --tls-client-ca and
+TLS and tokens (docs/operations.md, Security): serve takes --tls-cert/--tls-key, --tls-client-ca and
 --auth-token-file; info and query take --tls-ca, --tls-cert/--tls-key and --auth-token-file.
 """
 

@@ -16,7 +16,7 @@ Data-parallel (one process per GPU; the same flags)::
     torchrun --nproc_per_node 8 -m tinyalign pretrain ...
 
 A bank behind TLS and a token: ``--bank-tls-ca ca.crt [--bank-tls-cert client.crt
---bank-tls-key client.key] --bank-auth-token-file token.txt`` (README: Security).
+--bank-tls-key client.key] --bank-auth-token-file token.txt`` (docs/operations.md, Security).
 Bank replicas behind one name (a Kubernetes headless Service): ``--bank
 dns:///bankd-headless.<namespace>.svc.cluster.local:50051 --bank-lb-policy round_robin``.
 

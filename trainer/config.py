@@ -4,7 +4,7 @@
 ``finetune --from runs/stage1``, what the stage-1 model decides (vision tower, LLM,
 retrieval, top-k); the resolved config is logged and written to ``train_config.json``.
 ``connect_retriever`` opens the bank, waits for it up to ``bank_patience`` seconds and
-checks its encoder fingerprint against the VLM's vision tower (DESIGN decision 3).
+checks its encoder fingerprint against the VLM's vision tower.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class TrainConfig:
     stop_after: int | None = None  # exit after this step (a checkpoint); --resume later
     log_every: int = 10
     bank_patience: float = 300.0  # seconds to wait for an unreachable bank
-    # TLS and token of a remote bank (file paths, never their contents; README: Security)
+    # TLS and token of a remote bank (file paths, never their contents; docs/operations.md)
     bank_tls: bool = False  # TLS with the system's root CAs
     bank_tls_ca: str | None = None  # CA that signed the server's certificate
     bank_tls_cert: str | None = None  # client certificate (mutual TLS)

@@ -6,7 +6,7 @@
   or a local directory: ``AutoModelForCausalLM`` + ``AutoTokenizer``;
 * ``"tiny"``: a 4-layer Qwen2 with a 1000-token byte-level BPE tokenizer, both trained
   here on ``pretrain_texts`` (the demo captions, see ``texts_for_tiny_lm``), so the demo
-  runs offline (DESIGN decision 12). Pretraining packs each text after its most related
+  runs offline. Pretraining packs each text after its most related
   texts (in-context pretraining), so the tiny LM, like a real one, has learned to use
   related text in its context: what TinyAlign's retrieved tokens offer it. It is built
   once and cached as a normal checkpoint directory under ``$TINYALIGN_CACHE`` (default

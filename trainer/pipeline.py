@@ -1,6 +1,6 @@
 """Batches on their way to the model: deterministic order, vision features, prefetched retrieval.
 
-Per micro-batch ``t`` the training loop sees (DESIGN decision 11)::
+Per micro-batch ``t`` the training loop sees::
 
     prepare(t+1): load -> frozen vision tower (once) -> query keys -> submit search
     forward/backward(t)                    # the search for t+1 runs meanwhile

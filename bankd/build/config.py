@@ -37,7 +37,7 @@ class BuildConfig:
     # machine by ``resolve_workers``
     workers: int | None = None
     device: str = "auto"  # cuda when available
-    perceiver_steps: int = 1500  # values keep improving to 3000 (README, informativeness)
+    perceiver_steps: int = 1500  # values keep improving to 3000 (docs/format.md)
     perceiver_lr: float = 1e-3
     perceiver_batch_size: int = 32
     perceiver_train_samples: int = 50_000  # seeded subset the compressor trains on

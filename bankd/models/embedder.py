@@ -6,7 +6,7 @@ preprocessing in front of it. So an image embedded at query time gets the key th
 builder stored for it (up to float noise from a different batch composition).
 
 Question text (when the key function has a text component) is the human turn only,
-never the caption: a query never contains its own answer (DESIGN decision 1).
+never the caption: a query never contains its own answer.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 * ``"tiny"``: a small SigLIP built in code from a config, seeded, with a byte-level
   tokenizer and a 64 px image processor. Nothing is downloaded; the same seed gives the
-  same weights (and fingerprint) on every machine (DESIGN decision 12).
+  same weights (and fingerprint) on every machine.
 * a local directory written by ``DualEncoder.save_pretrained`` (or any saved SigLIP/CLIP
   dual encoder: model + tokenizer + image processor);
 * a Hugging Face hub id of a SigLIP or CLIP dual encoder (``google/siglip-base-patch16-224``);
@@ -190,7 +190,7 @@ class DualEncoder(nn.Module):
     """Frozen vision and text towers with their tokenizer and image processor.
 
     ``.vision_model`` is the vision tower the VLM also uses; its fingerprint goes into
-    the bank (DESIGN decision 3).
+    the bank.
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """The key function: frozen patch features -> one L2-normalised search key per image.
 
-DESIGN decision 1. Keys are computed from the frozen vision tower the VLM also uses, so
+Keys are computed from the frozen vision tower the VLM also uses, so
 the bank builder and the trainer compute them from the same features with this same
 code and these same weights, and query keys never drift while the VLM trains.
 

@@ -1,6 +1,6 @@
 """The value compressor: one image-caption pair -> 32 latents x 96 dims, and its training.
 
-DESIGN decision 2. ``ValueCompressor`` layer-norms and projects the frozen vision patch
+``ValueCompressor`` layer-norms and projects the frozen vision patch
 features and caption token features to ``d_model``, adds learned modality and position
 embeddings and runs transformers' ``PerceiverModel`` with the paper's configuration over
 the concatenated sequence (caption padding masked out). Its 32 latents are the value.

@@ -1,6 +1,6 @@
 """Value informativeness: how much of a pair's content can be read back from its value.
 
-DESIGN decision 2 says informativeness is measured, not assumed. Every probe is fitted on
+Informativeness is measured, not assumed. Every probe is fitted on
 the values of one set of pairs and scored on the values of other (held-out) pairs, and
 the number that matters is the trained compressor against the same compressor at its
 random initialisation (same seed, untrained).

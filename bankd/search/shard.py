@@ -5,7 +5,7 @@
     bankd serve --index bank/shards/bank-0-of-4.faiss --port 50051   # one per shard
 
 and ``bankd_client.ShardedBankClient([...targets in shard order...])`` searches them as
-one bank (DESIGN decision 13).
+one bank.
 
 Each shard is a contiguous range of the bank's rows, in the bank's order, written
 through ``BankWriter`` with the same index factory, metric, encoder fingerprints, key

@@ -107,7 +107,7 @@ class ServiceLimits:
             raise ValueError(f"--max-embed-pixels must be >= 1, got {self.max_embed_pixels}")
 
 
-SECURITY = "security (README: Security)"
+SECURITY = "security (docs/operations.md, Security)"
 
 
 @dataclass(frozen=True)

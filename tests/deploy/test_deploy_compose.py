@@ -193,3 +193,21 @@ def test_grafana_provisioning_matches_compose() -> None:
     (source,) = load(GRAFANA / "provisioning" / "datasources" / "prometheus.yml")["datasources"]
     assert source["type"] == "prometheus"
     assert source["url"] == "http://prometheus:9090" and "prometheus" in compose["services"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="image_requirements.py needs tomllib")
+def test_cpu_requirements_with_extras_have_no_cuda_build() -> None:
+    """`make install CPU_ONLY=1`'s list: the cpu variant plus the test extra."""
+    script, pyproject = DEPLOY / "image_requirements.py", ROOT / "pyproject.toml"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, str(script), str(pyproject), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    out = run("cpu", "test")
+    assert out.returncode == 0, out.stderr
+    names = {re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower() for line in out.stdout.split()}
+    assert {"faiss-cpu", "pytest", "hypothesis", "numpy"} <= names
+    assert "faiss-gpu" not in names and "torch" not in names
+    bad = run("cpu", "nonsense")
+    assert bad.returncode != 0 and "unknown extras ['nonsense']" in bad.stderr
