@@ -151,3 +151,20 @@ def test_a_vision_only_tower_cannot_build_a_bank(tmp_path: Path) -> None:
                 progress=False,
             )
         )
+
+
+def test_a_vision_only_tower_queries_its_dual_encoders_bank(demo: Any, tmp_path: Path) -> None:
+    from bankd.search.local import LocalBank
+    from tinyalign.retrieval import Retriever
+
+    dual = load_encoder("tiny")
+    directory = _vision_only(dual, tmp_path / "siglip", transformers.SiglipVisionModel)
+    tower = load_encoder(str(directory))
+    pixels = dual.preprocess([Image.new("RGB", (64, 64), "red")])
+    with LocalBank(str(demo.bank)) as bank:
+        ours = Retriever.from_bank(bank, tower, 2, owns_bank=False)
+        theirs = Retriever.from_bank(bank, dual, 2, owns_bank=False)
+        torch.testing.assert_close(
+            ours.keys(tower.image_features(pixels)), theirs.keys(dual.image_features(pixels))
+        )
+        ours.close(), theirs.close()
