@@ -138,7 +138,7 @@ def _captions(path: str) -> dict[int, str]:
 def build_parser() -> argparse.ArgumentParser:
     # none of these imports torch: serve starts light
     from bankd.build import config as build_config
-    from bankd.build import demo_data, importer
+    from bankd.build import demo_instruct, importer
     from bankd.search import shard
 
     parser = argparse.ArgumentParser(
@@ -148,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo-data", help="generate the synthetic image-caption dataset")
-    demo_data.add_arguments(p)
-    p.set_defaults(func=demo_data.run)
+    p = sub.add_parser(
+        "demo-data", help="generate the synthetic pretraining, instruction and eval data"
+    )
+    demo_instruct.add_arguments(p)
+    p.set_defaults(func=demo_instruct.run)
 
     p = sub.add_parser(
         "build",

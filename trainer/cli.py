@@ -60,6 +60,11 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         p.add_argument("--from", dest="init_from", required=True, help="stage-1 run directory")
     p.add_argument("--top-k", type=int, help="retrieved values per image (default 5, or --from's)")
     p.add_argument(
+        "--retrieval-mode",
+        choices=["topk", "shuffled"],
+        help="shuffled: random non-top-k entries, a control (default topk, or --from's)",
+    )
+    p.add_argument(
         "--allow-encoder-mismatch",
         action="store_true",
         help="train even if the bank was built with another vision encoder",
@@ -102,6 +107,12 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
         default=DEFAULT_PRETRAIN_STEPS,
         help="pretraining steps of the tiny LLM (cached)",
     )
+    if stage == 1:
+        p.add_argument(
+            "--tiny-llm-corpus",
+            help="JSON list of more texts to build the tiny LLM from "
+            "(default: lm_corpus.json next to --data, when present)",
+        )
     p.add_argument(
         "--report-to",
         default="auto",
@@ -153,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="answer a LLaVA question file, score it against gold")
     evaluate.add_arguments(v)
+    from . import study
+
+    st = sub.add_parser("study", help="the paper's protocol: arms x fractions x seeds, a report")
+    study.add_arguments(st)
     g = sub.add_parser("generate", help="answer prompts about images")
     g.add_argument("--model", required=True, help="a pretrain/finetune --out directory")
     g.add_argument("--bank", help='"host:port" or a bank .faiss path (retrieval models)')
@@ -179,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank",
             "out",
             "top_k",
+            "retrieval_mode",
             "allow_encoder_mismatch",
             "template",
             "batch_size",
@@ -228,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             connector=args.connector,
             rag_connector=args.rag_connector,
             feature_layer=args.feature_layer,
+            tiny_llm_corpus=args.tiny_llm_corpus,
             progress=not args.no_progress,
             **shared,
         )
@@ -295,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import evaluate
 
             return evaluate.run(args)
+        if args.command == "study":
+            from . import study
+
+            return study.run(args)
         if args.command == "experiment":
             from . import experiment
 

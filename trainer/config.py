@@ -20,12 +20,12 @@ from bankd_client.credentials import connection_options
 
 from .components import read_config
 from .conversation import get_template
-from .llm import DEFAULT_PRETRAIN_STEPS
+from .llm import DEFAULT_PRETRAIN_STEPS, TINY_CORPUS_FILE, TINY_NAME
 from .lora import LoraSettings, parse_targets
 from .memory import MemoryConfig
 from .model import TinyAlignConfig, build_connector
 from .reporting import resolve_report_to
-from .retrieval import RetrievalUnavailable, Retriever, open_bank
+from .retrieval import TOPK, RetrievalUnavailable, Retriever, check_mode, open_bank
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class TrainConfig:
     rag_connector: str = "mlp2x_gelu"
     feature_layer: int = -2
     top_k: int | None = None  # default 5
+    retrieval_mode: str | None = None  # "topk" (default) or "shuffled" (a control)
     allow_encoder_mismatch: bool = False
     template: str | None = None  # plain (stage 1) / vicuna (stage 2)
     batch_size: int = 8  # per rank, per micro-batch
@@ -87,6 +88,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int | None = None
     tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS  # pretraining of the "tiny" LLM (cached)
+    # JSON list of more texts the "tiny" LLM is built from (stage 1); default: the
+    # lm_corpus.json of `bankd demo-data` next to `data`, when there is one.
+    tiny_llm_corpus: str | None = None
     progress: bool = True
     strict: bool = False  # a malformed sample stops the run (default: skipped and counted)
     report_to: str = "auto"  # tensorboard (auto: when installed), wandb, none; comma-joined
@@ -182,12 +186,21 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             rag_connector=base.rag_connector,
         )
         fill["top_k"] = config.top_k or base.top_k
+        fill["retrieval_mode"] = config.retrieval_mode or base.retrieval_mode
     else:
+        corpus = config.tiny_llm_corpus
+        default_corpus = Path(config.data).parent / TINY_CORPUS_FILE
+        if corpus is None and (config.llm or TINY_NAME) == TINY_NAME and default_corpus.is_file():
+            corpus = str(default_corpus)
+        if corpus is not None and not Path(corpus).is_file():
+            raise FileNotFoundError(f"--tiny-llm-corpus {corpus} not found")
+        fill["tiny_llm_corpus"] = corpus
         fill.update(
             vision=config.vision or "tiny",
             llm=config.llm or "tiny",
             retrieval=config.retrieval is not False,
             top_k=config.top_k or 5,
+            retrieval_mode=config.retrieval_mode or TOPK,
         )
     defaults = STAGE_DEFAULTS[config.stage]
     fill["template"] = config.template or defaults["template"]
@@ -196,6 +209,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         fill["epochs"] = config.epochs or 1.0
     resolved = replace(config, **fill)
     get_template(resolved.template)  # ValueError if unknown
+    check_mode(resolved.retrieval_mode)
     for spec in (resolved.connector, resolved.rag_connector):
         build_connector(spec, 1, 1)  # ValueError if unknown
     return resolved
@@ -214,6 +228,7 @@ def model_config(config: TrainConfig) -> TinyAlignConfig:
         rag_connector=config.rag_connector,
         retrieval=bool(config.retrieval),
         top_k=config.top_k,
+        retrieval_mode=config.retrieval_mode or TOPK,
         feature_layer=config.feature_layer,
         template=config.template,
         extra=extra,
@@ -265,6 +280,8 @@ def connect_retriever(
             retry_for_s=config.bank_patience,
             owns_bank=owned,
             value_shape=model.value_shape,
+            mode=model.retrieval_mode,
+            seed=config.seed,
         )
     except Exception:
         if owned:

@@ -8,6 +8,7 @@ a loopback port, trains both models against it over gRPC, stops the server)::
     tinyalign experiment --data data/shapes/data.json --out runs/exp --fractions 1.0
     tinyalign experiment --data ... --out runs/exp --bank localhost:50051     # a running server
     tinyalign experiment --data ... --out runs/exp --bank bank/bank.faiss     # in-process bank
+    tinyalign experiment --data ... --out runs/exp --seeds 0,1,2              # 3 seeds, means
 
 Both runs share data, steps, batch size, seed and starting connector weights; TinyAlign
 retrieves top-k values with self-exclusion (a sample never sees its own entry). A run's
@@ -17,8 +18,11 @@ every saved model at the end, TinyAlign with retrieval. ``--fractions 0.4,1.0`` 
 default) also trains both on a seeded 40% subset for the same number of EPOCHS, so 0.4x
 the steps (equal steps on less data would only repeat samples, not save data), and
 compares TinyAlign on 40% with the baseline on 100% by held-out loss. Writes
-``loss_curves.csv`` (step, run, loss), ``loss_curves.png``, ``summary.json`` and
-``runs/<name>/`` (each model with its metrics.csv and train_config.json).
+``loss_curves.csv`` (step, run, seed, loss), ``loss_curves.png`` (matplotlib: the mean
+over seeds with a lowest-to-highest band), ``summary.json`` (means over seeds, and each
+seed's numbers) and ``runs/<name>/`` (``runs/<name>/seed<s>/`` with several seeds: each
+model with its metrics.csv and train_config.json). The accuracy study with controls and
+CIs is ``tinyalign study``; this is the quick stage-1 comparison.
 """
 
 from __future__ import annotations
@@ -28,10 +32,9 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -48,6 +51,7 @@ from .config import TrainConfig
 from .data import VLMDataset
 from .llm import DEFAULT_PRETRAIN_STEPS
 from .pipeline import resolve_precision
+from .plots import plot_loss_curves
 from .retrieval import Retriever, open_bank
 from .train import evaluate, train
 
@@ -69,7 +73,8 @@ class ExperimentConfig:
     steps: int = 250  # at the largest fraction; one epoch of the 2000 demo pairs at batch 8
     batch_size: int = 8
     top_k: int = 5
-    seed: int = 0
+    seed: int = 0  # the bank's seed, and the runs' when seeds is empty
+    seeds: tuple[int, ...] = ()  # every run once per seed; curves and numbers are means
     max_length: int = 512
     perceiver_steps: int | None = None  # None: bankd build's default (bank built here only)
     tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS
@@ -83,6 +88,12 @@ class ExperimentConfig:
         for name in ("steps", "batch_size", "top_k", "tiny_llm_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+
+    @property
+    def run_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
 
 
 def final_loss(losses: Sequence[float]) -> float:
@@ -188,6 +199,7 @@ def heldout_loss(
             model.vision,
             model.config.top_k,
             feature_layer=model.config.feature_layer,
+            mode=model.config.retrieval_mode,
         )
     try:
         return evaluate(
@@ -232,43 +244,52 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
                 "index": str(index),
                 "built_now": built,
             }
-        for i, run in enumerate(runs, 1):
-            with _phase(times, f"run {i}/{len(runs)} {run.name} ({run.steps} steps)"):
-                result = train(
-                    TrainConfig(
-                        data=config.data,
-                        out=str(out / "runs" / run.name),
-                        image_folder=folder,
-                        bank=bank if run.retrieval else None,
-                        retrieval=run.retrieval,
-                        top_k=config.top_k,
-                        batch_size=config.batch_size,
-                        steps=run.steps,
-                        max_length=config.max_length,
-                        data_fraction=run.fraction,
-                        seed=config.seed,
-                        workers=config.workers,
-                        device=config.device,
-                        progress=config.progress,
-                        log_every=max(1, run.steps // 10),
-                        tiny_llm_steps=config.tiny_llm_steps,
+        seeds = config.run_seeds
+        per_seed: dict[str, dict[int, dict[str, Any]]] = {r.name: {} for r in runs}
+        for seed in seeds:
+            for i, run in enumerate(runs, 1):
+                what = f"run {i}/{len(runs)} {run.name} seed {seed} ({run.steps} steps)"
+                with _phase(times, what):
+                    result = train(
+                        TrainConfig(
+                            data=config.data,
+                            out=str(_run_dir(out, run.name, seed, seeds)),
+                            image_folder=folder,
+                            bank=bank if run.retrieval else None,
+                            retrieval=run.retrieval,
+                            top_k=config.top_k,
+                            batch_size=config.batch_size,
+                            steps=run.steps,
+                            max_length=config.max_length,
+                            data_fraction=run.fraction,
+                            seed=seed,
+                            workers=config.workers,
+                            device=config.device,
+                            progress=config.progress,
+                            log_every=max(1, run.steps // 10),
+                            tiny_llm_steps=config.tiny_llm_steps,
+                        )
                     )
-                )
-            results[run.name] = {
-                **asdict(run),
-                "final_loss": final_loss(result.losses),
-                "last_step_loss": result.losses[-1],
-                "losses": result.losses,
-                "epochs": run.steps * config.batch_size / run.samples,
-                "seconds": round(result.seconds, 1),
-                "heldout_loss": None,
-            }
+                per_seed[run.name][seed] = {
+                    "final_loss": final_loss(result.losses),
+                    "last_step_loss": result.losses[-1],
+                    "losses": result.losses,
+                    "seconds": round(result.seconds, 1),
+                    "heldout_loss": None,
+                }
         if eval_data is not None:
             with _phase(times, f"held-out eval on {eval_data}"):
                 for run in runs:
-                    results[run.name]["heldout_loss"] = heldout_loss(
-                        out / "runs" / run.name, eval_data, folder, bank, config
-                    )
+                    for seed in seeds:
+                        per_seed[run.name][seed]["heldout_loss"] = heldout_loss(
+                            _run_dir(out, run.name, seed, seeds), eval_data, folder, bank, config
+                        )
+        for run in runs:
+            results[run.name] = {
+                **asdict(run),
+                **_mean_over_seeds(per_seed[run.name]),
+                "epochs": run.steps * config.batch_size / run.samples,
+            }
     summary = {
         "config": asdict(config),
         "final_loss_definition": FINAL_NOTE,
@@ -280,17 +301,43 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     with (out / "loss_curves.csv").open("w") as f:
-        f.write("step,run,loss\n")
+        f.write("step,run,seed,loss\n")
         for r in runs:
-            losses = results[r.name]["losses"]
-            f.writelines(f"{s},{r.name},{v:.6f}\n" for s, v in enumerate(losses, 1))
-    plot_curves(
-        {r.name: results[r.name]["losses"] for r in runs},
+            for seed, one in per_seed[r.name].items():
+                f.writelines(
+                    f"{s},{r.name},{seed},{v:.6f}\n" for s, v in enumerate(one["losses"], 1)
+                )
+    plot_loss_curves(
+        {"stage 1": {r.name: [one["losses"] for one in per_seed[r.name].values()] for r in runs}},
         out / "loss_curves.png",
-        title=f"stage-1 training loss: baseline vs TinyAlign (top-{config.top_k})",
+        title=f"stage-1 training loss: baseline vs TinyAlign (top-{config.top_k}), "
+        f"mean over seeds {', '.join(map(str, config.run_seeds))}",
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _run_dir(out: Path, name: str, seed: int, seeds: tuple[int, ...]) -> Path:
+    return out / "runs" / name if len(seeds) == 1 else out / "runs" / name / f"seed{seed}"
+
+
+def _mean_over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Means of the numbers (and the per-step mean curve) over seeds; the seeds' own too."""
+    runs = list(per_seed.values())
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in runs]
+        return None if None in values else sum(values) / len(values)
+
+    n = min(len(r["losses"]) for r in runs)
+    return {
+        "final_loss": mean("final_loss"),
+        "last_step_loss": mean("last_step_loss"),
+        "heldout_loss": mean("heldout_loss"),
+        "losses": [sum(r["losses"][i] for r in runs) / len(runs) for i in range(n)],
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "seeds": {s: {k: v for k, v in r.items() if k != "losses"} for s, r in per_seed.items()},
+    }
 
 
 def _compare(config: ExperimentConfig, runs: list[RunSpec], results: dict) -> dict[str, Any]:
@@ -345,95 +392,6 @@ def _compare(config: ExperimentConfig, runs: list[RunSpec], results: dict) -> di
     return {"comparisons": comparisons, "data_efficiency": efficiency, "lines": lines}
 
 
-PALETTE = (
-    (31, 119, 180),
-    (214, 39, 40),
-    (44, 160, 44),
-    (148, 103, 189),
-    (255, 127, 14),
-    (23, 190, 207),
-    (140, 86, 75),
-    (227, 119, 194),
-)
-
-
-def smooth(values: Sequence[float], window: int) -> list[float]:
-    """Centred moving average; the window shrinks at the ends."""
-    h = window // 2
-    return [
-        sum(values[max(0, i - h) : i + h + 1]) / len(values[max(0, i - h) : i + h + 1])
-        for i in range(len(values))
-    ]
-
-
-def _ticks(lo: float, hi: float, n: int = 6) -> list[float]:
-    """About ``n`` round tick values (steps of 1, 2 or 5 x 10^k) within [lo, hi]."""
-    raw = (hi - lo) / max(1, n - 1) or 1.0
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def plot_curves(
-    curves: Mapping[str, Sequence[float]],
-    path: str | Path,
-    *,
-    title: str = "",
-    size: tuple[int, int] = (960, 600),
-) -> Path:
-    """Loss per step of each run, raw (faint) and smoothed, with axes, ticks and a legend."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    curves = {k: list(v) for k, v in curves.items() if len(v)}
-    if not curves:
-        raise ValueError("no curve to plot")
-    img = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=14)
-    left, top, right, bottom = 70, 40, size[0] - 20, size[1] - 50  # the plot area
-    n_max = max(len(v) for v in curves.values())
-    smoothed = {k: smooth(v, max(1, n_max // 25)) for k, v in curves.items()}
-    raw = sorted(x for v in curves.values() for x in v)
-    lo = min(raw[0], *(min(v) for v in smoothed.values()))
-    # The first steps' losses are far above the rest: the y range follows the 98th percentile.
-    hi = max(raw[int(0.98 * (len(raw) - 1))], *(max(v) for v in smoothed.values()))
-    pad = 0.05 * (hi - lo or 1.0)
-    lo, hi = lo - pad, hi + pad
-
-    def xy(step: float, loss: float) -> tuple[float, float]:
-        fy = (min(max(loss, lo), hi) - lo) / (hi - lo)
-        return left + (step - 1) / max(1, n_max - 1) * (right - left), bottom - fy * (bottom - top)
-
-    for y in _ticks(lo, hi):
-        draw.line([(left, xy(1, y)[1]), (right, xy(1, y)[1])], fill=(232, 232, 232))
-        draw.text((left - 6, xy(1, y)[1]), f"{y:g}", fill="black", font=font, anchor="rm")
-    for x in _ticks(1, n_max):
-        draw.line([(xy(x, lo)[0], bottom), (xy(x, lo)[0], bottom + 5)], fill="black")
-        draw.text((xy(x, lo)[0], bottom + 8), f"{x:g}", fill="black", font=font, anchor="ma")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text(((left + right) / 2, size[1] - 6), "optimizer step", "black", font, anchor="md")
-    draw.text((8, top - 22), "training loss", fill="black", font=font)
-    draw.text(((left + right) / 2, 10), title, fill="black", font=font, anchor="ma")
-    draw.rectangle(
-        [right - 200, top + 4, right - 6, top + 12 + 20 * len(curves)],
-        fill="white",
-        outline=(180, 180, 180),
-    )
-    for i, (name, values) in enumerate(curves.items()):
-        color = PALETTE[i % len(PALETTE)]
-        faint = tuple(int(c + 0.7 * (255 - c)) for c in color)
-        if len(values) > 1:
-            draw.line([xy(s, v) for s, v in enumerate(values, 1)], fill=faint, width=1)
-            draw.line([xy(s, v) for s, v in enumerate(smoothed[name], 1)], fill=color, width=3)
-        else:
-            x, y = xy(1, values[0])
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        ly = top + 16 + 20 * i
-        draw.line([(right - 192, ly), (right - 162, ly)], fill=color, width=3)
-        draw.text((right - 154, ly), name, fill="black", font=font, anchor="lm")
-    img.save(path)
-    return Path(path)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``tinyalign experiment``."""
     p.add_argument("--data", required=True, help="LLaVA-format JSON of image-caption pairs")
@@ -449,7 +407,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=250, help="optimizer steps, largest fraction")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the bank's seed (and the runs')")
+    p.add_argument("--seeds", help="run every comparison once per seed, e.g. 0,1,2")
     p.add_argument("--max-length", type=int, default=512, help="text tokens per sample")
     p.add_argument("--perceiver-steps", type=int, help="bank build (default: bankd build's)")
     p.add_argument("--tiny-llm-steps", type=int, default=DEFAULT_PRETRAIN_STEPS)
@@ -473,6 +432,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             top_k=args.top_k,
             seed=args.seed,
+            seeds=tuple(int(x) for x in (args.seeds or "").split(",") if x),
             max_length=args.max_length,
             perceiver_steps=args.perceiver_steps,
             tiny_llm_steps=args.tiny_llm_steps,

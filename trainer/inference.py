@@ -84,6 +84,7 @@ def _retriever(
             retry_for_s=patience,
             owns_bank=opened,
             value_shape=vlm.model.config.value_shape,
+            mode=vlm.model.config.retrieval_mode,  # the shuffled control answers shuffled
         )
     except Exception:
         if opened:

@@ -5,7 +5,8 @@
 * a hub id (``Qwen/Qwen2-0.5B``, ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``, ``microsoft/phi-2``)
   or a local directory: ``AutoModelForCausalLM`` + ``AutoTokenizer``;
 * ``"tiny"``: a 4-layer Qwen2 with a 1000-token byte-level BPE tokenizer, both trained
-  here on ``pretrain_texts`` (the demo captions, see ``texts_for_tiny_lm``), so the demo
+  here on ``pretrain_texts`` (the demo captions and the chat texts of its
+  ``lm_corpus.json``, see ``tiny_lm_texts``), so the demo
   runs offline. Pretraining packs each text after its most related
   texts (in-context pretraining), so the tiny LM, like a real one, has learned to use
   related text in its context: what TinyAlign's retrieved tokens offer it. It is built
@@ -42,6 +43,7 @@ from .lora import ADAPTER_CONFIG, load_adapted
 log = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
+TINY_CORPUS_FILE = "lm_corpus.json"  # next to the data: more texts for the tiny LM
 DEFAULT_PRETRAIN_STEPS = 600  # in-context pretraining; ~1.4 loss on related-caption sequences
 _RECIPE_FILE = "tinyalign_llm.json"
 _RECIPE_VERSION = 2
@@ -151,6 +153,27 @@ def texts_for_tiny_lm(json_paths: list[str | Path]) -> list[str]:
                 if text:
                     seen.setdefault(text)
     return list(seen)
+
+
+def corpus_texts(path: str | Path) -> list[str]:
+    """A JSON list of strings (``lm_corpus.json`` of ``bankd demo-data``): more texts for
+    the tiny LM, so its tokenizer and pretraining cover the questions and answers of
+    instruction data and not only captions."""
+    try:
+        texts = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the tiny LM corpus {path}: {e}") from e
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{path}: expected a JSON list of strings")
+    return [t for t in texts if t.strip()]
+
+
+def tiny_lm_texts(json_paths: list[str | Path], corpus: str | Path | None) -> list[str]:
+    """What the tiny LM is built from: the texts of ``json_paths``, then ``corpus``'s."""
+    texts = dict.fromkeys(texts_for_tiny_lm(json_paths))
+    if corpus is not None:
+        texts.update(dict.fromkeys(corpus_texts(corpus)))
+    return list(texts)
 
 
 def tiny_lm_dir(

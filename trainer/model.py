@@ -37,6 +37,7 @@ class TinyAlignConfig:
     rag_connector: str = "mlp2x_gelu"
     retrieval: bool = True
     top_k: int = 5
+    retrieval_mode: str = "topk"  # "shuffled": the study's control (retrieval.Retriever)
     feature_layer: int = -2
     value_shape: tuple[int, int] = (32, 96)
     template: str = "plain"
@@ -62,14 +63,27 @@ def _mlp(depth: int) -> Any:
     return build
 
 
+def _wide_mlp(hidden: int) -> Any:
+    def build(d_in: int, d_out: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+    return build
+
+
 CONNECTORS = {"linear": _mlp(1), "mlp2x_gelu": _mlp(2), "mlp3x_gelu": _mlp(3)}
+WIDE_PREFIX = "mlp2x_gelu_h"  # mlp2x_gelu_h<N>: hidden width N instead of the output width
 
 
 def build_connector(spec: str, d_in: int, d_out: int) -> nn.Module:
-    """A connector from a short spec string (``mlp2x_gelu``: Linear-GELU-Linear)."""
-    if spec not in CONNECTORS:
-        raise ValueError(f"unknown connector {spec!r} (choose from {sorted(CONNECTORS)})")
-    return CONNECTORS[spec](d_in, d_out)
+    """A connector from a short spec string (``mlp2x_gelu``: Linear-GELU-Linear;
+    ``mlp2x_gelu_h512``: the same with a 512-wide hidden layer, the study's ``wider``)."""
+    if spec in CONNECTORS:
+        return CONNECTORS[spec](d_in, d_out)
+    hidden = spec.removeprefix(WIDE_PREFIX)
+    if spec.startswith(WIDE_PREFIX) and hidden.isdigit() and int(hidden) > 0:
+        return _wide_mlp(int(hidden))(d_in, d_out)
+    known = sorted(CONNECTORS) + [f"{WIDE_PREFIX}<N>"]
+    raise ValueError(f"unknown connector {spec!r} (choose from {known})")
 
 
 class TinyAlignVLM(nn.Module):

@@ -70,8 +70,25 @@ class Retrieved:
     seconds: float  # wall time of the search (for logs / benchmarks)
 
 
+TOPK = "topk"
+SHUFFLED = "shuffled"
+MODES = (TOPK, SHUFFLED)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown retrieval mode {mode!r} (choose from {list(MODES)})")
+    return mode
+
+
 class Retriever:
-    """Keys from features, searches in a background thread, waits out bank outages."""
+    """Keys from features, searches in a background thread, waits out bank outages.
+
+    ``mode="shuffled"`` is the control of the study's ``shuffled`` arm: each image gets
+    ``k`` bank entries that are NOT its top-k, found by a search with a random unit key
+    (drawn from ``seed`` in call order) that excludes the true top-k ids. The model sees
+    values of the same kind and number, unrelated to its image.
+    """
 
     def __init__(
         self,
@@ -83,6 +100,8 @@ class Retriever:
         backoff_s: tuple[float, float] = (0.5, 10.0),
         owns_bank: bool = True,
         encoder: Any = None,
+        mode: str = TOPK,
+        seed: int = 0,
     ) -> None:
         if k < 1:
             raise ValueError(f"top-k must be >= 1, got {k}")
@@ -97,8 +116,10 @@ class Retriever:
         # The builder's key path (text tower, tokenisation, precision) for text queries.
         self.embedder = Embedder(encoder, self.key_function) if key_function.uses_text else None
         self.k = k
+        self.mode = check_mode(mode)
         self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
+        self._rng = np.random.default_rng(seed)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tinyalign-retrieval")
 
     @classmethod
@@ -113,6 +134,8 @@ class Retriever:
         retry_for_s: float = 300.0,
         owns_bank: bool = True,
         value_shape: tuple[int, int] | None = None,
+        mode: str = TOPK,
+        seed: int = 0,
     ) -> Retriever:
         """Check the encoders against the bank and take the bank's key function.
 
@@ -161,6 +184,8 @@ class Retriever:
             retry_for_s=retry_for_s,
             owns_bank=owns_bank,
             encoder=vision if kf.uses_text else None,
+            mode=mode,
+            seed=seed,
         )
 
     @property
@@ -194,20 +219,45 @@ class Retriever:
         """
         keys = self.keys(features, texts).detach().cpu().numpy()
         exclude = [[int(i)] for i in sample_ids.tolist()]
-        return self._pool.submit(self._search, keys, exclude)
+        random_keys = None
+        if self.mode == SHUFFLED:  # drawn here, in call order, so runs are reproducible
+            random_keys = self._rng.standard_normal(keys.shape).astype(np.float32)
+            random_keys /= np.linalg.norm(random_keys, axis=1, keepdims=True)
+        return self._pool.submit(self._retrieve, keys, exclude, random_keys)
 
     def retrieve(
         self, features: torch.Tensor, sample_ids: torch.Tensor, texts: list[str] | None = None
     ) -> Retrieved:
         return self.submit(features, sample_ids, texts).result()
 
-    def _search(self, keys: np.ndarray, exclude: list[list[int]]) -> Retrieved:
+    def _retrieve(
+        self, keys: np.ndarray, exclude: list[list[int]], random_keys: np.ndarray | None
+    ) -> Retrieved:
         t0 = time.perf_counter()
+        if random_keys is None:
+            hits = self._search(keys, exclude, with_values=True)
+        else:
+            true_ids = np.asarray(self._search(keys, exclude, with_values=False).ids)
+            avoid = [
+                own + [int(i) for i in row if i >= 0]
+                for own, row in zip(exclude, true_ids, strict=True)
+            ]
+            hits = self._search(random_keys, avoid, with_values=True)
+        ids = np.asarray(hits.ids)
+        return Retrieved(
+            values=torch.from_numpy(np.array(hits.values, copy=True)),
+            mask=torch.from_numpy(ids >= 0),
+            ids=torch.from_numpy(np.array(ids, copy=True)),
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _search(self, keys: np.ndarray, exclude: list[list[int]], with_values: bool) -> Any:
         delay, give_up = self.backoff_s[0], time.monotonic() + self.retry_for_s
         while True:
             try:
-                hits = self.bank.search(keys, k=self.k, exclude_ids=exclude, with_values=True)
-                break
+                return self.bank.search(
+                    keys, k=self.k, exclude_ids=exclude, with_values=with_values
+                )
             # CANCELLED too: this client never cancels a search, but gRPC's shutdown
             # answers calls that reach a stopping server so (grpc/grpc#41785).
             except (errors.Unavailable, errors.DeadlineExceeded, errors.Cancelled) as e:
@@ -220,13 +270,6 @@ class Retriever:
                 log.warning("bank unavailable (%s); retrying in %.1f s", e, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self.backoff_s[1])
-        ids = np.asarray(hits.ids)
-        return Retrieved(
-            values=torch.from_numpy(np.array(hits.values, copy=True)),
-            mask=torch.from_numpy(ids >= 0),
-            ids=torch.from_numpy(np.array(ids, copy=True)),
-            seconds=time.perf_counter() - t0,
-        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -42,7 +42,7 @@ from .conversation import get_template
 from .data import VLMDataset, collate
 from .distributed import DistEnv, init_distributed, no_sync_unless, wrap_ddp
 from .fsdp import full_state, shard
-from .llm import TINY_NAME, texts_for_tiny_lm
+from .llm import TINY_NAME, tiny_lm_texts
 from .lora import merge_lora
 from .memory import apply_memory, llm_weight_dtype
 from .model import TinyAlignConfig, TinyAlignVLM
@@ -174,7 +174,9 @@ def _model(
             directory, env.device, config=mcfg, progress=False, vision=vision, llm_dtype=llm_dtype
         )
     else:
-        texts = texts_for_tiny_lm([config.data]) if config.llm == TINY_NAME else None
+        texts = None
+        if config.llm == TINY_NAME:
+            texts = tiny_lm_texts([config.data], config.tiny_llm_corpus)
         model, tokenizer = build_vlm(
             mcfg,
             init_seed=config.seed,  # the same connector init with or without retrieval

@@ -126,24 +126,24 @@ class DemoDataConfig:
             raise ValueError(f"image_size must be between 32 and 1024, got {self.image_size}")
 
 
-def _pick(rng: np.random.Generator, options: tuple) -> object:
+def pick(rng: np.random.Generator, options: tuple) -> object:
     # Index-based choice keeps Python types (str/int) instead of numpy scalars.
     return options[int(rng.integers(len(options)))]
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def _sample_attributes(rng: np.random.Generator) -> dict[str, str | int]:
-    background = _pick(rng, ATTRIBUTES["background"])
+def sample_attributes(rng: np.random.Generator) -> dict[str, str | int]:
+    background = pick(rng, ATTRIBUTES["background"])
     colors = tuple(c for c in ATTRIBUTES["color"] if c != background)
     return {
-        "shape": _pick(rng, ATTRIBUTES["shape"]),
-        "color": _pick(rng, colors),
-        "size": _pick(rng, ATTRIBUTES["size"]),
-        "position": _pick(rng, ATTRIBUTES["position"]),
-        "count": _pick(rng, ATTRIBUTES["count"]),
+        "shape": pick(rng, ATTRIBUTES["shape"]),
+        "color": pick(rng, colors),
+        "size": pick(rng, ATTRIBUTES["size"]),
+        "position": pick(rng, ATTRIBUTES["position"]),
+        "count": pick(rng, ATTRIBUTES["count"]),
         "background": background,
     }
 
@@ -151,11 +151,11 @@ def _sample_attributes(rng: np.random.Generator) -> dict[str, str | int]:
 def _caption(attrs: dict[str, str | int], rng: np.random.Generator) -> str:
     count = int(attrs["count"])
     noun = PLURALS[attrs["shape"]] if count > 1 else attrs["shape"]
-    size_word = _pick(rng, SIZE_WORDS[attrs["size"]])
-    text = _pick(rng, CAPTION_TEMPLATES).format(
+    size_word = pick(rng, SIZE_WORDS[attrs["size"]])
+    text = pick(rng, CAPTION_TEMPLATES).format(
         np=f"{COUNT_WORDS[count]} {size_word} {attrs['color']} {noun}",
-        pos=_pick(rng, POSITION_PHRASES[attrs["position"]]),
-        a_bg=_article(str(attrs["background"])),
+        pos=pick(rng, POSITION_PHRASES[attrs["position"]]),
+        a_bg=article(str(attrs["background"])),
         bg=attrs["background"],
         be="are" if count > 1 else "is",
     )
@@ -214,7 +214,7 @@ def _layout(
     return boxes
 
 
-def _render(attrs: dict[str, str | int], size: int, rng: np.random.Generator) -> Image.Image:
+def render_image(attrs: dict[str, str | int], size: int, rng: np.random.Generator) -> Image.Image:
     image = Image.new("RGB", (size, size), BACKGROUNDS_RGB[str(attrs["background"])])
     draw = ImageDraw.Draw(image)
     for box in _layout(attrs, size, rng):
@@ -225,10 +225,10 @@ def _render(attrs: dict[str, str | int], size: int, rng: np.random.Generator) ->
 def _make_sample(config: DemoDataConfig, split: str, index: int, sample_id: str) -> tuple:
     """One sample dict and its image; depends only on (seed, split, index)."""
     rng = np.random.default_rng([config.seed, _SPLITS[split], index])
-    attrs = _sample_attributes(rng)
-    prompt = _pick(rng, PROMPTS)
+    attrs = sample_attributes(rng)
+    prompt = pick(rng, PROMPTS)
     caption = _caption(attrs, rng)
-    image = _render(attrs, config.image_size, rng)
+    image = render_image(attrs, config.image_size, rng)
     sample = {
         "id": sample_id,
         "image": f"images/{sample_id}.png",
@@ -246,7 +246,7 @@ def _id_width(total: int) -> int:
     return max(5, len(str(total - 1)))
 
 
-def _write_json_atomic(path: Path, payload: object) -> None:
+def write_json_atomic(path: Path, payload: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -273,10 +273,10 @@ def generate(config: DemoDataConfig, progress: bool = True) -> dict:
         samples[split].append(sample)
     # JSON goes last, so a data.json on disk always points at images that are already written.
     data_path, heldout_path = out / "data.json", out / "heldout.json"
-    _write_json_atomic(data_path, samples["train"])
-    _write_json_atomic(heldout_path, samples["heldout"])
+    write_json_atomic(data_path, samples["train"])
+    write_json_atomic(heldout_path, samples["heldout"])
     saved = {k: v for k, v in asdict(config).items() if k != "out"}  # keep the folder relocatable
-    _write_json_atomic(out / "demo_data.config.json", saved)
+    write_json_atomic(out / "demo_data.config.json", saved)
     return {
         "out": str(out),
         "data_json": str(data_path),
@@ -300,15 +300,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``bankd demo-data``; bad values raise ValueError."""
-    config = DemoDataConfig(
+def config_from_args(args: argparse.Namespace) -> DemoDataConfig:
+    return DemoDataConfig(
         out=Path(args.out),
         n=args.n,
         heldout=args.heldout,
         seed=args.seed,
         image_size=args.image_size,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The pretraining pairs of ``bankd demo-data``; bad values raise ValueError."""
+    config = config_from_args(args)
     summary = generate(config, progress=True)
     print(
         f"demo-data: wrote {summary['n_train']} training and {summary['n_heldout']} held-out "

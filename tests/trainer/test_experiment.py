@@ -16,13 +16,11 @@ from PIL import Image
 
 from tinyalign import experiment
 from tinyalign.experiment import (
-    PALETTE,
     ExperimentConfig,
     add_arguments,
     ensure_bank,
     final_loss,
     plan_runs,
-    plot_curves,
     reduction,
     run,
 )
@@ -118,7 +116,7 @@ def test_tiny_experiment_end_to_end(demo: Any, tmp_path: Path, monkeypatch, keep
         assert phase in summary["timings_s"]
 
     with Image.open(out / "loss_curves.png") as im:
-        assert im.size == (960, 600)
+        assert im.format == "PNG" and im.size[0] > 300
 
     # A second experiment on the same data reuses the bank instead of building it again.
     config = ExperimentConfig(data=str(demo.data), out=str(out), perceiver_steps=2, workers=0)
@@ -160,19 +158,38 @@ def test_missing_data_exits_2(tmp_path: Path, capsys, keep_threads) -> None:
     assert "tinyalign experiment: error" in capsys.readouterr().err
 
 
-def test_plot_draws_curves_in_the_plot_area(tmp_path: Path) -> None:
-    curves = {
-        "baseline": [2.0 - 0.01 * i for i in range(100)],
-        "tinyalign": [1.8 - 0.012 * i + 0.05 * (i % 3) for i in range(100)],
-    }
-    path = plot_curves(curves, tmp_path / "p.png", title="test")
+def test_plot_draws_mean_curves_and_seed_bands(tmp_path: Path) -> None:
+    from tinyalign.plots import plot_loss_curves
+
+    seeds = [[2.0 - 0.01 * i + 0.02 * s for i in range(100)] for s in range(3)]
+    path = plot_loss_curves(
+        {"stage 1": {"baseline": seeds, "tinyalign": [[1.8 - 0.012 * i for i in range(100)]]}},
+        tmp_path / "p.png",
+        title="test",
+    )
     with Image.open(path) as im:
         rgb = im.convert("RGB")
-    left, top, right, bottom = 75, 45, rgb.width - 25, rgb.height - 55  # inside the axes box
-    area = rgb.crop((left, top, right, bottom))
-    colours = {c for _, c in area.getcolors(maxcolors=1 << 20)}
-    assert PALETTE[0] in colours and PALETTE[1] in colours  # both smoothed curves
-    painted = sum(n for n, c in area.getcolors(maxcolors=1 << 20) if c not in {(255, 255, 255)})
-    assert painted > 0.005 * area.width * area.height
+    colours = {c for _, c in rgb.getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours  # matplotlib's C0, C1
     with pytest.raises(ValueError):
-        plot_curves({}, tmp_path / "empty.png")
+        plot_loss_curves({"stage 1": {}}, tmp_path / "empty.png", title="none")
+
+
+def test_seeds_are_distinct() -> None:
+    assert ExperimentConfig(data="d", out="o", seeds=(0, 1)).run_seeds == (0, 1)
+    assert ExperimentConfig(data="d", out="o", seed=4).run_seeds == (4,)
+    with pytest.raises(ValueError, match="distinct"):
+        ExperimentConfig(data="d", out="o", seeds=(1, 1))
+
+
+def test_numbers_are_means_over_seeds() -> None:
+    per_seed = {
+        0: {"final_loss": 1.0, "last_step_loss": 1.1, "heldout_loss": 2.0, "losses": [3.0, 1.0]},
+        1: {"final_loss": 3.0, "last_step_loss": 2.9, "heldout_loss": 4.0, "losses": [5.0, 3.0]},
+    }
+    for r in per_seed.values():
+        r["seconds"] = 1.0
+    mean = experiment._mean_over_seeds(per_seed)
+    assert mean["final_loss"] == 2.0 and mean["heldout_loss"] == 3.0
+    assert mean["losses"] == [4.0, 2.0] and set(mean["seeds"]) == {0, 1}
+    assert "losses" not in mean["seeds"][0]

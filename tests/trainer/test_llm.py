@@ -160,3 +160,27 @@ def test_related_texts_pick_the_most_word_sharing_others() -> None:
     # Chunked and unchunked scoring agree; k is capped at the number of other texts.
     assert (llm_mod.related_texts(texts, 2, chunk=2) == related).all()
     assert llm_mod.related_texts(texts[:2], 5).shape == (2, 1)
+
+
+def test_corpus_texts_join_the_captions(demo: Path, texts: list[str], tmp_path: Path) -> None:
+    from tinyalign.config import TrainConfig, resolve_config
+    from tinyalign.llm import TINY_CORPUS_FILE, corpus_texts, tiny_lm_texts
+
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps(["USER: Where? ASSISTANT: left", texts[0], " "]))
+    assert corpus_texts(corpus) == ["USER: Where? ASSISTANT: left", texts[0]]
+    both = tiny_lm_texts([demo / "data.json"], corpus)
+    assert both == texts + ["USER: Where? ASSISTANT: left"]  # captions first, no duplicates
+    (tmp_path / "bad.json").write_text(json.dumps({"texts": []}))
+    with pytest.raises(ValueError, match="list of strings"):
+        corpus_texts(tmp_path / "bad.json")
+    # stage 1 finds the demo's corpus next to the data by itself; absent, there is none
+    config = TrainConfig(data=str(demo / "data.json"), out=str(tmp_path / "run"))
+    assert resolve_config(config).tiny_llm_corpus is None
+    (demo / TINY_CORPUS_FILE).write_text(corpus.read_text())
+    try:
+        assert resolve_config(config).tiny_llm_corpus == str(demo / TINY_CORPUS_FILE)
+    finally:
+        (demo / TINY_CORPUS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="tiny-llm-corpus"):
+        resolve_config(TrainConfig(data=config.data, out=config.out, tiny_llm_corpus="none.json"))
