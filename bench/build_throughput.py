@@ -11,6 +11,8 @@ with random weights (throughput does not depend on them), saved with
 
 * ``tiny``: the offline default's configuration (``tiny_siglip_config``: 64 px images,
   8 px patches, width 128, 4 vision layers);
+* ``so400m`` (only when asked: ``--encoders so400m``): SigLIP-so400m-sized towers (384 px,
+  14 px patches, width 1152, 27 layers), the paper's vision tower;
 * ``base``: SigLIP-base-sized (224 px, 16 px patches, width 768, 12 layers per tower,
   as google/siglip-base-patch16-224), with the tiny byte-level tokenizer.
 
@@ -59,12 +61,17 @@ from bankd.models.encoders import (
 )
 from bankd.models.perceiver import PerceiverSpec, ValueCompressor, compress
 
-ENCODERS = ("tiny", "base")
+ENCODERS = ("tiny", "base", "so400m")
+# google/siglip-so400m-patch14-384's towers (text: its width and depth, the tiny vocabulary).
+SO400M_VISION = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27}
+SO400M_VISION |= {"num_attention_heads": 16, "image_size": 384, "patch_size": 14}
+SO400M_TEXT = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27}
+SO400M_TEXT |= {"num_attention_heads": 16, "max_position_embeddings": 64}
 
 
 @dataclass(frozen=True)
 class Config:
-    encoders: tuple[str, ...] = ENCODERS
+    encoders: tuple[str, ...] = ("tiny", "base")  # so400m on request (--encoders so400m)
     n: int = 4096
     image_size: int = 224
     batch_size: int = 64
@@ -90,12 +97,17 @@ def save_encoder(name: str, folder: Path, seed: int) -> Path:
     if name == "tiny":
         config = tiny_siglip_config(len(tok), tok.pad_token_id, tok.eos_token_id)
         processor = build_tiny_image_processor()
-    else:  # SigLIP-base-sized: transformers' SiglipConfig defaults are that model's
+    else:  # base: transformers' SiglipConfig defaults are SigLIP-base's
         text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id}
         text |= {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id}
-        config = transformers.SiglipConfig(text_config=text, vision_config={"image_size": 224})
+        vision: dict[str, Any] = {"image_size": 224}
+        if name == "so400m":
+            text |= SO400M_TEXT
+            vision = dict(SO400M_VISION)
+        config = transformers.SiglipConfig(text_config=text, vision_config=vision)
+        px = vision["image_size"]
         processor = type(build_tiny_image_processor())(
-            size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            size={"height": px, "width": px}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

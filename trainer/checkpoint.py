@@ -102,18 +102,23 @@ def save_checkpoint(
     model: TinyAlignVLM,
     tokenizer: Any,
     save_llm: bool,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     state: dict[str, Any],
     keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` (model, optimizer, schedule, RNG, ``state``); prune old ones."""
+    """Write checkpoint ``step`` (model, optimizer, schedule, RNG, ``state``); prune old ones.
+
+    ``optimizer`` None: no optimizer state (a sharded run, which cannot resume);
+    ``model_state``: a sharded model's gathered weights."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp, save_llm=save_llm)
-    optimizer_to_files(optimizer, tmp)
+    save_model(model, tokenizer, tmp, save_llm=save_llm, state=model_state)
+    if optimizer is not None:
+        optimizer_to_files(optimizer, tmp)
     _write_json(tmp / "scheduler.json", scheduler.state_dict())
     if scaler is not None and scaler.is_enabled():
         _write_json(tmp / "scaler.json", scaler.state_dict())

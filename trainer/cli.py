@@ -113,6 +113,39 @@ def _training_flags(p: argparse.ArgumentParser, stage: int) -> None:
             help="JSON list of more texts to build the tiny LLM from "
             "(default: lm_corpus.json next to --data, when present)",
         )
+    p.add_argument(
+        "--report-to",
+        default="auto",
+        help="tensorboard, wandb or none, comma-joined (auto: tensorboard when installed)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the LLM's layers in backward instead of keeping their activations",
+    )
+    if stage == 2:
+        p.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM (peft)")
+        p.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+        p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator")
+        p.add_argument("--lora-dropout", type=float, default=0.05)
+        p.add_argument(
+            "--lora-target-modules",
+            default="all-linear",
+            help="'all-linear' or comma-separated module names (q_proj,k_proj,v_proj,o_proj)",
+        )
+        p.add_argument(
+            "--lora-merge", action="store_true", help="save the LLM with the adapters folded in"
+        )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state over the torchrun ranks (torch FSDP)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first malformed sample (default: skip, count and name the first few)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -195,6 +228,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             "bank_tls_server_name",
             "bank_auth_token_file",
             "bank_lb_policy",
+            "strict",
+            "gradient_checkpointing",
+            "report_to",
+            "fsdp",
         )
     }
     if stage == 1:
@@ -211,7 +248,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             progress=not args.no_progress,
             **shared,
         )
-    return TrainConfig(stage=2, init_from=args.init_from, progress=not args.no_progress, **shared)
+    lora = {
+        n: getattr(args, n)
+        for n in ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+    }
+    return TrainConfig(
+        stage=2,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        lora_merge=args.lora_merge,
+        **lora,
+        **shared,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -101,6 +101,7 @@ def build_vlm(
     tiny_llm_steps: int = DEFAULT_PRETRAIN_STEPS,
     progress: bool = True,
     vision: DualEncoder | None = None,
+    llm_dtype: torch.dtype | None = None,
 ) -> tuple[TinyAlignVLM, Any]:
     """A VLM with freshly initialised connectors (seeded by ``init_seed``) and its tokenizer.
 
@@ -108,7 +109,8 @@ def build_vlm(
     ``config.llm`` stays the recorded name. Two calls with the same ``init_seed`` give
     the same connector weights whether or not the model has a RAG connector, so a
     baseline and a retrieval run start from the same point. ``vision``: the tower, when
-    the caller loaded it already (``load_vision(config)``).
+    the caller loaded it already (``load_vision(config)``). ``llm_dtype``: the dtype the
+    LLM's weights are loaded in (``memory.llm_weight_dtype``; default fp32).
     """
     vision = vision if vision is not None else load_vision(config)
     source = str(llm_source) if llm_source is not None else config.llm
@@ -117,6 +119,7 @@ def build_vlm(
         pretrain_texts=pretrain_texts,
         pretrain_steps=tiny_llm_steps,
         progress=progress,
+        dtype=llm_dtype,
     )
     if config.llm == TINY_NAME and source == TINY_NAME:
         # "tiny" is a recipe, not an identity: remember which cached build was used.
@@ -168,6 +171,7 @@ def load_vlm(
     config: TinyAlignConfig | None = None,
     progress: bool = True,
     vision: DualEncoder | None = None,
+    llm_dtype: torch.dtype | None = None,
 ) -> LoadedVLM:
     """Load a saved TinyAlign model: config, base components, trained weights.
 
@@ -185,6 +189,7 @@ def load_vlm(
         tiny_llm_steps=int(config.extra.get(TINY_STEPS_KEY, DEFAULT_PRETRAIN_STEPS)),
         progress=progress,
         vision=vision,
+        llm_dtype=llm_dtype,
     )
     model.load_components(model_dir)
     model.eval()
@@ -192,10 +197,16 @@ def load_vlm(
 
 
 def save_model(
-    model: TinyAlignVLM, tokenizer: Any, directory: str | Path, *, save_llm: bool
+    model: TinyAlignVLM,
+    tokenizer: Any,
+    directory: str | Path,
+    *,
+    save_llm: bool,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """``save_pretrained`` plus the tokenizer next to a saved LLM (stage 2)."""
-    directory = model.save_pretrained(directory, save_llm=save_llm)
+    """``save_pretrained`` plus the tokenizer next to a saved LLM (stage 2); ``state``: a
+    sharded model's gathered weights."""
+    directory = model.save_pretrained(directory, save_llm=save_llm, state=state)
     if save_llm:
         tokenizer.save_pretrained(directory / LLM_SUBDIR)
     return directory

@@ -21,7 +21,10 @@ from bankd_client.credentials import connection_options
 from .components import read_config
 from .conversation import get_template
 from .llm import DEFAULT_PRETRAIN_STEPS, TINY_CORPUS_FILE, TINY_NAME
+from .lora import LoraSettings, parse_targets
+from .memory import MemoryConfig
 from .model import TinyAlignConfig, build_connector
+from .reporting import resolve_report_to
 from .retrieval import TOPK, RetrievalUnavailable, Retriever, check_mode, open_bank
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,17 @@ class TrainConfig:
     # lm_corpus.json of `bankd demo-data` next to `data`, when there is one.
     tiny_llm_corpus: str | None = None
     progress: bool = True
+    strict: bool = False  # a malformed sample stops the run (default: skipped and counted)
+    report_to: str = "auto"  # tensorboard (auto: when installed), wandb, none; comma-joined
+    # Memory (trainer/memory.py states the weight-precision policy)
+    gradient_checkpointing: bool = False
+    lora: bool = False  # stage 2: LoRA adapters on the LLM instead of training all of it
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"  # or comma-separated names: q_proj,v_proj
+    lora_merge: bool = False  # fold the adapters into the saved LLM
+    fsdp: bool = False  # shard the trained weights over torchrun ranks (trainer/fsdp.py)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_DEFAULTS:
@@ -110,11 +124,37 @@ class TrainConfig:
         for name in ("workers", "save_every", "keep_checkpoints", "eval_every", "bank_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        resolve_report_to(self.report_to)  # validates
+        if self.lora:
+            if self.stage != 2:
+                raise ValueError("--lora adapts the LLM in stage 2 (finetune); stage 1 freezes it")
+            self.lora_settings()  # validates
+        elif self.lora_merge:
+            raise ValueError("--lora-merge needs --lora")
+        if self.fsdp:
+            refused = {"lora": self.lora, "resume": self.resume, "eval_data": self.eval_data}
+            given = [f"--{k.replace('_', '-')}" for k, v in refused.items() if v]
+            if given:
+                raise ValueError(f"--fsdp does not combine with {', '.join(given)} yet")
         if self.stage == 2 and self.init_from is None:
             raise ValueError("stage 2 (finetune) starts from a stage-1 model: pass --from DIR")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def lora_settings(self) -> LoraSettings | None:
+        if not self.lora:
+            return None
+        return LoraSettings(
+            r=self.lora_r,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=parse_targets(self.lora_target_modules),
+            merge=self.lora_merge,
+        )
+
+    def memory(self) -> MemoryConfig:
+        return MemoryConfig(self.gradient_checkpointing, self.lora_settings())
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -239,6 +279,7 @@ def connect_retriever(
             allow_encoder_mismatch=config.allow_encoder_mismatch,
             retry_for_s=config.bank_patience,
             owns_bank=owned,
+            value_shape=model.value_shape,
             mode=model.retrieval_mode,
             seed=config.seed,
         )

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bankd.build.data import drop_leading_non_human
+
 IMAGE_TOKEN = "<image>"
 IMAGE_PLACEHOLDER_ID = -200
 IGNORE_INDEX = -100
@@ -101,9 +103,14 @@ def parse_turns(conversations: list[dict]) -> list[tuple[str, str]]:
     """(human, gpt) pairs with ``<image>`` removed from the human text; ValueError if malformed.
 
     Roles must alternate human, gpt, ... and end with gpt ("user"/"assistant" are accepted).
+    A leading turn that is not from the human is dropped first, as LLaVA's preprocessing
+    does (some samples of the released files open with a gpt turn).
     """
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("conversations must be a non-empty list of turns")
+    conversations = drop_leading_non_human(conversations)
+    if not conversations:
+        raise ValueError("conversations hold no human turn")
     if len(conversations) % 2:
         raise ValueError(f"{len(conversations)} turns: expected human/gpt pairs")
     texts: list[str] = []

@@ -4,8 +4,13 @@
                     encoder.preprocess, max_length=512, data_fraction=0.4)
     loader = DataLoader(ds, batch_size=8, collate_fn=partial(collate, pad_token_id=pad_id))
 
-Entries are checked when the file is loaded (malformed ones raise ValueError naming the
-file and index); tokenisation and image decoding happen per item. A sample without an
+Entries are checked when the file is loaded. The released LLaVA files hold a few
+malformed samples (turns that do not alternate, a missing id or conversation); these are
+skipped and counted, and the load logs how many with the first reasons (file, index, id,
+what is wrong), so one bad sample does not stop a 665K-sample run. ``strict=True``
+(``--strict``) raises on the first one instead. A leading non-human turn is dropped as
+LLaVA does (``conversation.parse_turns``). Tokenisation and image decoding happen per
+item. A sample without an
 ``"image"`` key is text-only: no placeholder, no pixels. ``collate`` stacks pixels only for
 the rows that have an image and says which rows those are (``image_rows``), which is
 what ``TinyAlignVLM.assemble`` expects. Each item carries its sample id (as the int a
@@ -36,6 +41,8 @@ from .conversation import (
 )
 
 log = logging.getLogger(__name__)
+
+SKIP_REASONS_SHOWN = 5  # malformed samples named in the load's summary
 
 ImageProcessorFn = Callable[[list[Image.Image]], torch.Tensor]  # list[PIL] -> (B, 3, H, W)
 
@@ -75,6 +82,7 @@ class VLMDataset(torch.utils.data.Dataset):
         max_length: int = 512,
         data_fraction: float = 1.0,
         seed: int = 0,
+        strict: bool = False,
     ) -> None:
         self.json_path = Path(json_path)
         self.image_folder = (
@@ -90,11 +98,32 @@ class VLMDataset(torch.utils.data.Dataset):
             raise ValueError(f"cannot read dataset {self.json_path}: {e}") from e
         if not isinstance(entries, list):
             raise ValueError(f"{self.json_path}: expected a JSON list of samples")
-        self.indices = _select(len(entries), data_fraction, seed)  # rows of the full file
+        valid: list[tuple[int, int]] = []  # (row of the file, sample id)
+        reasons: list[str] = []
+        for i, entry in enumerate(entries):
+            try:
+                valid.append((i, self._check(entry, i)))
+            except ValueError as e:
+                if strict:
+                    raise ValueError(f"{e} (--strict: a malformed sample stops the run)") from e
+                reasons.append(str(e))
+        self.skipped = len(reasons)
+        self.skip_reasons = reasons[:SKIP_REASONS_SHOWN]
+        if reasons:
+            log.warning(
+                "dataset %s: skipped %d malformed of %d samples (--strict to stop instead); "
+                "first reasons:\n  %s",
+                self.json_path,
+                len(reasons),
+                len(entries),
+                "\n  ".join(self.skip_reasons),
+            )
+        if not valid:
+            raise ValueError(f"{self.json_path}: none of its {len(entries)} samples is usable")
+        picked = _select(len(valid), data_fraction, seed)
+        self.indices = [valid[j][0] for j in picked]  # rows of the full file
         self.entries = [entries[i] for i in self.indices]
-        self.sample_ids = [
-            self._check(entry, i) for entry, i in zip(self.entries, self.indices, strict=True)
-        ]
+        self.sample_ids = [valid[j][1] for j in picked]
         n_images = sum(1 for e in self.entries if e.get("image") is not None)
         log.info(
             "dataset %s: %d of %d samples (fraction %g, seed %d), %d with images",

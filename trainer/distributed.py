@@ -39,8 +39,12 @@ def wrap_ddp(model: nn.Module, env: DistEnv, *, find_unused: bool = True) -> nn.
 
 @contextlib.contextmanager
 def no_sync_unless(model: nn.Module, sync: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on accumulation micro-batches (not the last one)."""
-    if sync or not hasattr(model, "no_sync"):
+    """Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on accumulation micro-batches
+    (not the last one)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP's switch
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif sync or not hasattr(model, "no_sync"):
         yield
     else:
         with model.no_sync():

@@ -51,6 +51,7 @@ from bankd_client import errors
 from bankd_client.credentials import add_connection_flags, connection_options
 
 from .inference import generate, load_vlm, open_retriever
+from .reporting import open_reporter, resolve_report_to
 from .scoring import SCORERS, ScorerRules, score_answers
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,11 @@ class EvalConfig:
     bank_tls_server_name: str | None = None
     bank_auth_token_file: str | None = None
     bank_lb_policy: str | None = None
+    # scores to TensorBoard / wandb in the model's run directory (reporting.py)
+    report_to: str = "auto"
 
     def __post_init__(self) -> None:
+        resolve_report_to(self.report_to)  # validates
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
         if self.limit is not None and self.limit < 1:
@@ -278,7 +282,33 @@ def run_eval(config: EvalConfig, bank: Any | None = None, progress: bool = True)
     summary = summarise(config, questions, gold, settings, len(todo))
     summary["seconds"] = time.perf_counter() - t0
     config.summary_path.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    report_scores(config, summary)
     return summary
+
+
+def report_scores(config: EvalConfig, summary: dict[str, Any]) -> None:
+    """Scores as ``eval/<group>/<metric>`` scalars in the model's run directory, at the
+    step the model was trained to (``train_result.json``), next to its training curves."""
+    scores = summary.get("scores")
+    if not scores or not resolve_report_to(config.report_to):
+        return
+    groups = {"overall": scores["overall"], **scores.get("by_category", {})}
+    values: dict[str, float] = {}
+
+    def add(prefix: str, metrics: dict[str, Any]) -> None:
+        for name, v in metrics.items():
+            if isinstance(v, dict):
+                add(f"{prefix}/{name}", v)  # e.g. POPE's precision / recall / F1
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                values[f"{prefix}/{name}"] = float(v)
+
+    for group, metrics in groups.items():
+        add(f"eval/{group}", metrics)
+    result = Path(config.model) / "train_result.json"
+    step = int(json.loads(result.read_text()).get("steps", 0)) if result.is_file() else 0
+    reporter = open_reporter(config.report_to, Path(config.model), hparams=asdict(config))
+    reporter.scalars(step, values)
+    reporter.close()
 
 
 def summarise(
@@ -352,6 +382,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-encoder-mismatch", action="store_true")
     p.add_argument("--bank-patience", type=float, default=30.0)
     add_connection_flags(p, prefix="bank-")
+    p.add_argument(
+        "--report-to",
+        default="auto",
+        help="scores to tensorboard / wandb in the model directory, or none "
+        "(auto: tensorboard when installed)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -405,6 +441,7 @@ def run(args: argparse.Namespace) -> int:
             allow_encoder_mismatch=args.allow_encoder_mismatch,
             bank_patience=args.bank_patience,
             scorer_map=_scorer_map(args.scorer),
+            report_to=args.report_to,
             **connection_options_fields(args),
         )
         log.info("eval config: %s", json.dumps(asdict(config), sort_keys=True))

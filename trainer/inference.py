@@ -32,7 +32,7 @@ from bankd_client import Bank
 
 from .components import LoadedVLM, load_vlm
 from .config import open_checked_bank
-from .conversation import build_prompt
+from .conversation import IMAGE_TOKEN, build_prompt
 from .pipeline import autocast, resolve_precision
 from .retrieval import Retriever
 
@@ -83,6 +83,7 @@ def _retriever(
             allow_encoder_mismatch=allow_mismatch,
             retry_for_s=patience,
             owns_bank=opened,
+            value_shape=vlm.model.config.value_shape,
             mode=vlm.model.config.retrieval_mode,  # the shuffled control answers shuffled
         )
     except Exception:
@@ -181,6 +182,11 @@ def generate(
             retriever.close()
 
 
+def query_of(prompt: str) -> str:
+    """A prompt as a bank's text key reads it: without ``<image>``, as the builder does."""
+    return prompt.replace(IMAGE_TOKEN, "").strip()
+
+
 def image_inputs(
     vlm: LoadedVLM,
     images: list[Image.Image],
@@ -188,20 +194,24 @@ def image_inputs(
     exclude_ids: list[int] | None,
     dev: torch.device,
     precision: str,
+    prompts: list[str] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(features (Bi, P, Dv), retrieved (Bi, k, 32, 96), mask (Bi, k)) of a batch's images.
 
-    All None without images; the retrieved ones None without a retriever."""
+    All None without images; the retrieved ones None without a retriever. ``prompts``:
+    each image's question (never an answer), for a bank whose keys have a text part."""
     if not images:
         return None, None, None
     model = vlm.model
     pixels = preprocess_images(model.vision.image_processor, images)
+    tower = retriever.feature_precision if retriever is not None else None  # the bank's
     with autocast(precision, dev):
-        features = model.image_features(pixels.to(dev))  # (Bi, P, Dv)
+        features = model.image_features(pixels.to(dev), precision=tower)  # (Bi, P, Dv)
     if retriever is None:
         return features, None, None
     own = [NO_EXCLUSION] * len(images) if exclude_ids is None else exclude_ids
-    got = retriever.submit(features, torch.tensor(own, dtype=torch.long)).result()
+    texts = None if prompts is None else [query_of(p) for p in prompts]
+    got = retriever.submit(features, torch.tensor(own, dtype=torch.long), texts).result()
     return features, got.values.to(dev), got.mask.to(dev)
 
 
@@ -230,7 +240,7 @@ def _generate_batch(
         input_ids[r, : len(x)], attention_mask[r, : len(x)] = torch.tensor(x), 1
     excl = None if exclude_ids is None else [exclude_ids[r] for r in rows]
     features, retrieved, retrieved_mask = image_inputs(
-        vlm, [pil[r] for r in rows], retriever, excl, dev, precision
+        vlm, [pil[r] for r in rows], retriever, excl, dev, precision, [prompts[r] for r in rows]
     )
     kwargs = {"do_sample": False, "num_beams": 1, **generate_kwargs}
     with autocast(precision, dev):

@@ -38,6 +38,7 @@ import transformers
 from tqdm import tqdm
 
 from .conversation import IGNORE_INDEX, IMAGE_TOKEN
+from .lora import ADAPTER_CONFIG, load_adapted
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,16 @@ def load_llm(
 def _load_pretrained(
     name: str, dtype: torch.dtype | None
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """The one loading path for real checkpoints and the cached tiny LM alike."""
+    """The one loading path for real checkpoints and the cached tiny LM alike (and an
+    unmerged LoRA stage 2: its adapters on the recorded base, ``lora.load_adapted``)."""
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype or torch.float32
-        )
+        if (Path(name) / ADAPTER_CONFIG).is_file():
+            model = load_adapted(name, dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype or torch.float32
+            )
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot load LLM {name!r}: {e}") from e
     if tokenizer.pad_token is None:

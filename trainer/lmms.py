@@ -162,6 +162,7 @@ class TinyAlignLMM(lmms):
                 None,
                 self.device,
                 self.precision,
+                [context] if image else None,
             )
             ids = torch.tensor([sample.input_ids], device=self.device)
             with autocast(self.precision, self.device):

@@ -105,9 +105,14 @@ class TinyAlignVLM(nn.Module):
     # -- features ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen patch features (Bi, P, Dv) of the configured layer."""
-        return self.vision.image_features(pixel_values).float()
+    def image_features(
+        self, pixel_values: torch.Tensor, precision: str | None = None
+    ) -> torch.Tensor:
+        """Frozen patch features (Bi, P, Dv) float32 of the configured layer.
+
+        ``precision``: the tower runs in exactly that (a bank's ``feature_precision``, so
+        query keys equal its stored keys); None: under the caller's autocast."""
+        return self.vision.image_features(pixel_values, precision=precision).float()
 
     # -- sequence assembly -------------------------------------------------------------
 
@@ -217,16 +222,38 @@ class TinyAlignVLM(nn.Module):
 
     # -- saving ------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, *, save_llm: bool) -> Path:
-        """config.json, connector.safetensors, rag_connector.safetensors, llm/ (stage 2)."""
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        save_llm: bool,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """config.json, connector.safetensors, rag_connector.safetensors, llm/ (stage 2).
+
+        ``state``: the whole model's gathered state dict (a sharded model's, ``fsdp.py``),
+        saved instead of the modules' own tensors."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+
+        def part(name: str) -> dict[str, torch.Tensor]:
+            if state is None:
+                return _cpu_state(getattr(self, name))
+            prefix = name + "."
+            return {
+                k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)
+            }
+
         (directory / "config.json").write_text(self.config.to_json())
-        save_file(_cpu_state(self.connector), directory / "connector.safetensors")
+        save_file(part("connector"), directory / "connector.safetensors")
         if self.rag_connector is not None:
-            save_file(_cpu_state(self.rag_connector), directory / "rag_connector.safetensors")
+            save_file(part("rag_connector"), directory / "rag_connector.safetensors")
         if save_llm:
-            self.llm.save_pretrained(directory / "llm", safe_serialization=True)
+            self.llm.save_pretrained(
+                directory / "llm",
+                safe_serialization=True,
+                state_dict=part("llm") if state is not None else None,
+            )
         return directory
 
     def load_components(self, directory: str | Path) -> None:

@@ -135,11 +135,18 @@ class Prefetcher:
             position=raw.get("position"),
         )
         if raw["pixel_values"] is not None and len(raw["image_rows"]):
+            # With retrieval the tower runs in the bank's key precision, not the run's.
+            tower = self.retriever.feature_precision if self.retriever is not None else None
             with autocast(self.precision, dev):
-                batch.features = self.model.image_features(raw["pixel_values"].to(dev))
+                batch.features = self.model.image_features(
+                    raw["pixel_values"].to(dev), precision=tower
+                )
             if self.retriever is not None:
                 own = raw["sample_ids"][raw["image_rows"]]  # self-exclusion: no label leakage
-                batch.pending = self.retriever.submit(batch.features, own)
+                texts = raw.get("query_texts")  # instructions only: never an answer
+                if texts is not None:
+                    texts = [texts[r] for r in raw["image_rows"].tolist()]
+                batch.pending = self.retriever.submit(batch.features, own, texts)
         return batch
 
     def take(self, batch: Batch) -> Batch:

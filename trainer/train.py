@@ -41,7 +41,10 @@ from .config import TrainConfig, connect_retriever, model_config, resolve_config
 from .conversation import get_template
 from .data import VLMDataset, collate
 from .distributed import DistEnv, init_distributed, no_sync_unless, wrap_ddp
+from .fsdp import full_state, shard
 from .llm import TINY_NAME, tiny_lm_texts
+from .lora import merge_lora
+from .memory import apply_memory, llm_weight_dtype
 from .model import TinyAlignConfig, TinyAlignVLM
 from .pipeline import (
     Prefetcher,
@@ -52,6 +55,7 @@ from .pipeline import (
     resolve_precision,
 )
 from .progress import ProgressLog
+from .reporting import open_reporter
 from .retrieval import Retriever
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "train"]
@@ -134,8 +138,14 @@ def _train(config: TrainConfig, env: DistEnv, bank: Bank | None) -> TrainResult:
     vision = load_vision(mcfg, env.device)
     retriever = connect_retriever(config, vision, mcfg, bank)
     try:
-        model, tokenizer = _model(config, env, mcfg, vision, ckpt)
+        model, tokenizer = _model(config, env, mcfg, vision, ckpt, precision)
         trainable = apply_stage(model, config.stage)
+        memory = config.memory()
+        trainable = (
+            apply_memory(model, memory, stage=config.stage, precision=precision) or trainable
+        )
+        if config.fsdp:
+            shard(model, env)  # before the optimizer: it must see the sharded parameters
         result = _loop(config, env, model, tokenizer, retriever, ckpt, precision)
         result.trainable, result.seconds = trainable, time.perf_counter() - t_start
         return result
@@ -145,16 +155,23 @@ def _train(config: TrainConfig, env: DistEnv, bank: Bank | None) -> TrainResult:
 
 
 def _model(
-    config: TrainConfig, env: DistEnv, mcfg: TinyAlignConfig, vision: DualEncoder, ckpt: Path | None
+    config: TrainConfig,
+    env: DistEnv,
+    mcfg: TinyAlignConfig,
+    vision: DualEncoder,
+    ckpt: Path | None,
+    precision: str,
 ) -> tuple[TinyAlignVLM, Any]:
-    """(model on the device, tokenizer): resumed, from ``init_from``, or fresh and seeded."""
+    """(model on the device, tokenizer): resumed, from ``init_from``, or fresh and seeded;
+    the LLM's weights loaded in the dtype ``memory.llm_weight_dtype`` decides."""
+    llm_dtype = llm_weight_dtype(precision, config.stage, config.lora)
     torch.manual_seed(config.seed)
     if env.distributed and not env.is_main:
         env.barrier()  # rank 0 builds caches (the tiny LM) first
     if ckpt is not None or config.init_from:
         directory = ckpt if ckpt is not None else config.init_from
         model, tokenizer, _ = load_vlm(
-            directory, env.device, config=mcfg, progress=False, vision=vision
+            directory, env.device, config=mcfg, progress=False, vision=vision, llm_dtype=llm_dtype
         )
     else:
         texts = None
@@ -167,6 +184,7 @@ def _model(
             tiny_llm_steps=config.tiny_llm_steps,
             progress=config.progress and env.is_main,
             vision=vision,
+            llm_dtype=llm_dtype,
         )
     if env.distributed and env.is_main:
         env.barrier()
@@ -184,6 +202,7 @@ def _datasets(
         image_processor_fn=partial(preprocess_images, model.vision.image_processor),
         max_length=config.max_length,
         seed=config.seed,  # the data_fraction subset: the same for every run with this seed
+        strict=config.strict,
     )
     train_ds = make(config.data, data_fraction=config.data_fraction)
     return train_ds, make(config.eval_data) if config.eval_data else None
@@ -241,6 +260,7 @@ def _loop(
         )
 
     def save() -> None:
+        whole = full_state(model) if config.fsdp else None  # a collective: every rank
         if env.is_main:
             save_checkpoint(
                 out,
@@ -248,11 +268,12 @@ def _loop(
                 model=model,
                 tokenizer=tokenizer,
                 save_llm=config.stage == 2,
-                optimizer=optimizer,
+                optimizer=None if config.fsdp else optimizer,
                 scheduler=scheduler,
                 scaler=scaler,
                 state={**identity, **asdict(state), "config": asdict(config)},
                 keep=config.keep_checkpoints,
+                model_state=whole,
             )
         env.barrier()
 
@@ -267,9 +288,11 @@ def _loop(
             batch_size=config.eval_batch_size or config.batch_size,
         )
         state.eval_history.append((state.step, loss))
+        reporter.scalars(state.step, {"eval/loss": loss})
         log.info("step %d: held-out loss %.4f", state.step, loss)
 
     samples_per_step = config.batch_size * config.grad_accum * env.world_size
+    reporter = open_reporter(config.report_to, out, hparams=asdict(config), enabled=env.is_main)
     progress = ProgressLog(
         out,
         start_step=state.step,
@@ -294,7 +317,7 @@ def _loop(
         )
     )
     text_only = any(e.get("image") is None for e in train_ds.entries)
-    ddp = wrap_ddp(model, env, find_unused=text_only)
+    ddp = model if config.fsdp else wrap_ddp(model, env, find_unused=text_only)
     while state.step < stop:
         t0, step_loss, wait = time.perf_counter(), 0.0, 0.0
         for micro in range(config.grad_accum):
@@ -309,8 +332,10 @@ def _loop(
                 (epoch, pos + 1) if pos + 1 < per_epoch else (epoch + 1, 0)
             )
         scaler.unscale_(optimizer)
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        # The norm before clipping (inf: measured, nothing clipped).
+        clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         scaler.step(optimizer)
         scaler.update()
         lr = scheduler.get_last_lr()[0]
@@ -319,7 +344,12 @@ def _loop(
         state.step += 1
         state.losses.append(env.mean(step_loss))
         wait_ms = 1000.0 * wait / config.grad_accum
-        progress.step(state.step, state.losses[-1], lr, time.perf_counter() - t0, wait_ms)
+        seconds = time.perf_counter() - t0
+        progress.step(state.step, state.losses[-1], lr, seconds, wait_ms)
+        train_scalars = {"train/loss": state.losses[-1], "train/lr": lr}
+        train_scalars |= {"train/grad_norm": grad_norm, "train/retrieval_wait_ms": wait_ms}
+        train_scalars["train/samples_per_s"] = samples_per_step / seconds
+        reporter.scalars(state.step, train_scalars)
         if eval_ds is not None and (
             state.step == total or (config.eval_every and state.step % config.eval_every == 0)
         ):
@@ -327,10 +357,16 @@ def _loop(
         if state.step == stop or (config.save_every and state.step % config.save_every == 0):
             save()
     progress.close()
+    final = {"final/loss": state.losses[-1]} if state.losses else {}
+    if state.eval_history:
+        final["final/eval_loss"] = state.eval_history[-1][1]
     if state.step == total and eval_ds is not None and not state.eval_history:
         run_eval()  # resumed a finished run that had no evaluation
+    if state.step == total and config.lora_merge:
+        merge_lora(model)  # the saved llm/ is then an ordinary checkpoint
+    whole = full_state(model) if config.fsdp and state.step == total else None
     if state.step == total and env.is_main:
-        save_model(model, tokenizer, out, save_llm=config.stage == 2)
+        save_model(model, tokenizer, out, save_llm=config.stage == 2, state=whole)
         summary = {
             "steps": state.step,
             "final_loss": state.losses[-1],
@@ -338,6 +374,7 @@ def _loop(
         }
         (out / "train_result.json").write_text(json.dumps(summary, indent=1) + "\n")
         log.info("saved the stage-%d model to %s", config.stage, out)
+    reporter.close(final)
     env.barrier()
     return TrainResult(
         out=out,

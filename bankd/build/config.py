@@ -8,11 +8,13 @@ entry point) is ``bankd.build.pipeline``.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 _FLAG_FIELDS = ("data", "image_folder", "out", "encoder", "seed", "entries", "batch_size")
 _FLAG_FIELDS += ("workers", "device", "perceiver_steps", "perceiver_lr", "text_weight")
+_FLAG_FIELDS += ("key_precision",)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,9 @@ class BuildConfig:
     recall_k: int = 5
     ef_construction: int | None = None  # HNSW build depth; None: FAISS's (40)
     batch_size: int = 64  # encoder batch
-    workers: int = 2  # DataLoader workers decoding images; 0 = in the main process
+    # DataLoader workers decoding images (0: in the main process); None: sized to the
+    # machine by ``resolve_workers``
+    workers: int | None = None
     device: str = "auto"  # cuda when available
     perceiver_steps: int = 1500  # values keep improving to 3000 (docs/format.md)
     perceiver_lr: float = 1e-3
@@ -40,10 +44,14 @@ class BuildConfig:
     max_text_tokens: int = 96  # caption tokens fed to the compressor (capped by the encoder)
     text_weight: float = 0.0  # weight of the question-text component of keys
     key_temperature: float = 1.0
+    # Precision of the towers' key features, recorded in the bank so that query sides
+    # follow it; auto: bf16 on CUDA, fp32 on the CPU.
+    key_precision: str = "auto"
     eval_fraction: float = 0.1  # pairs kept out of compressor training, for the report
     feature_cache_mb: int = 2048  # cache frozen features in memory up to this size
     threads: int | None = None  # torch CPU threads; None = cores minus max(1, workers)
     progress: bool = True
+    strict: bool = False  # a malformed sample stops the build (default: skipped, counted)
     keep_shards: bool = False  # under torchrun: rank r writes <out stem>-<r>-of-<W>.faiss
 
     def __post_init__(self) -> None:
@@ -70,6 +78,10 @@ class BuildConfig:
         from bankd.models.keys import KeyConfig  # torch: only once a build is configured
 
         KeyConfig(temperature=self.key_temperature, text_weight=self.text_weight)  # validates
+        if self.key_precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(
+                f"key_precision must be auto, fp32, bf16 or fp16, got {self.key_precision!r}"
+            )
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -112,6 +124,21 @@ def add_index_arguments(
     )
 
 
+def resolve_workers(workers: int | None, device_type: str, processes: int = 1) -> int:
+    """Image-decoding workers: as given, else sized to this process's share of the cores.
+
+    On a GPU the tower outruns any one decoder, so decoding gets every core but two (the
+    main process feeding the GPU and one spare), at most 16; on the CPU decoding and the
+    towers share the cores, and 2 workers with the rest as torch threads measured best.
+    """
+    if workers is not None:
+        return workers
+    if device_type == "cuda":
+        cores = (os.cpu_count() or 1) // max(1, processes)
+        return max(2, min(16, cores - 2))
+    return 2
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``bankd build``."""
     d = {k: f.default for k, f in BuildConfig.__dataclass_fields__.items()}
@@ -124,7 +151,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--entries", type=int, default=None, help="a seeded sample of this many pairs (all)")
     add_index_arguments(parser)
     add("--batch-size", type=int, default=d["batch_size"], help="encoder batch size")
-    add("--workers", type=int, default=d["workers"], help="image-decoding workers (0: inline)")
+    add(
+        "--workers",
+        type=int,
+        default=d["workers"],
+        help="image-decoding workers (0: inline; default: sized to the machine, up to 16 on a "
+        "GPU, 2 on the CPU)",
+    )
     add("--device", default=d["device"], help="auto (cuda when available), cpu, cuda, cuda:1")
     add("--threads", type=int, default=None, help="torch CPU threads (cores left by workers)")
     add("--perceiver-steps", type=int, default=d["perceiver_steps"])
@@ -134,6 +167,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=d["text_weight"],
         help="weight of the question text in keys, 0..1 (0: image only)",
+    )
+    add(
+        "--key-precision",
+        default=d["key_precision"],
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="precision the towers compute key features in, recorded in the bank; trainers "
+        "follow it (auto: bf16 on CUDA, fp32 on the CPU)",
+    )
+    add(
+        "--strict",
+        action="store_true",
+        help="stop at the first malformed sample (default: skip, count and name the first few)",
     )
     add("--no-progress", action="store_true", help="no progress bars")
     add(
@@ -163,4 +208,5 @@ def from_args(args: argparse.Namespace) -> BuildConfig:
         ef_construction=args.ef_construction,
         progress=not args.no_progress,
         keep_shards=args.keep_shards,
+        strict=args.strict,
     )

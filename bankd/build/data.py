@@ -7,7 +7,19 @@ LLaVA-Pretrain JSON is a list of samples::
                        {"from": "gpt", "value": "A red circle on the left."}],
      "attributes": {...}}                       # optional, kept for probes
 
-``load_llava_json`` turns it into ``Sample``s; ``select_entries``, ``entry_ids`` and
+``read_llava_json`` turns it into ``Sample``s, skipping and naming malformed entries
+(``load_llava_json`` raises on the first instead: ``bankd build --strict``). As LLaVA
+does, a leading turn that is not from the human is dropped before the caption and the
+prompt are read.
+
+Duplicate ids (the released instruction mix, llava_v1_5_mix665k, repeats some): the bank
+keeps the FIRST sample of each entry id in file order and skips the later ones
+(``first_of_each_id``; the build report counts them as ``skipped_duplicate_ids``). Two
+ids that map to the same int entry id (``sample_id_to_int``) count as duplicates too.
+A trainer excludes a sample's entry by its id, so a skipped duplicate trained on later
+still cannot retrieve the kept entry of its id: no leakage either way.
+
+``select_entries``, ``entry_ids`` and
 ``split_pairs`` pick, number and split them for a bank (caption = first gpt turn, prompt = first
 human turn without the ``<image>`` tag). ``ImageCaptionDataset`` opens, decodes and
 preprocesses images and tokenizes captions in ``__getitem__``, so a ``DataLoader``'s
@@ -26,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from bankd.models.embedder import QUERY_TEXT_TOKENS
 from bankd.models.encoders import preprocess_images, tokenize_texts
 from bankd_client.identity import sample_id_to_int
 
@@ -41,9 +54,20 @@ class Sample:
     attributes: dict | None = None
 
 
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def drop_leading_non_human(conversations: list) -> list:
+    """The turns without a first one that is not from the human (LLaVA drops it)."""
+    first = conversations[0] if conversations else None
+    if isinstance(first, dict) and _ROLES.get(str(first.get("from", "")).lower()) != "human":
+        return conversations[1:]
+    return conversations
+
+
 def _first_turn(conversations: list, speaker: str) -> str | None:
     for turn in conversations:
-        if turn.get("from") == speaker:
+        if _ROLES.get(str(turn.get("from", "")).lower()) == speaker:
             return turn.get("value")
     return None
 
@@ -60,6 +84,7 @@ def _parse(entry: object, where: str) -> Sample:
     conversations = entry.get("conversations")
     if not isinstance(conversations, list) or not all(isinstance(t, dict) for t in conversations):
         raise ValueError(f"{where}: 'conversations' must be a list of turns")
+    conversations = drop_leading_non_human(conversations)
     caption = _first_turn(conversations, "gpt")
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError(f"{where}: no non-empty 'gpt' turn to use as caption")
@@ -78,8 +103,11 @@ def _parse(entry: object, where: str) -> Sample:
     )
 
 
-def load_llava_json(path: str | os.PathLike) -> list[Sample]:
-    """Parse a LLaVA-format JSON list; malformed entries raise ValueError naming file + index."""
+def read_llava_json(
+    path: str | os.PathLike, strict: bool = False
+) -> tuple[list[Sample], list[str]]:
+    """(samples, reasons): a LLaVA-format JSON list with each malformed entry skipped and
+    its reason (file, index, problem) listed; ``strict`` raises on the first instead."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -87,7 +115,34 @@ def load_llava_json(path: str | os.PathLike) -> list[Sample]:
         raise ValueError(f"cannot read LLaVA JSON {path}: {e}") from e
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a JSON list of samples, got {type(raw).__name__}")
-    return [_parse(entry, f"{path} entry {i}") for i, entry in enumerate(raw)]
+    samples, reasons = [], []
+    for i, entry in enumerate(raw):
+        try:
+            samples.append(_parse(entry, f"{path} entry {i}"))
+        except ValueError as e:
+            if strict:
+                raise
+            reasons.append(str(e))
+    return samples, reasons
+
+
+def load_llava_json(path: str | os.PathLike) -> list[Sample]:
+    """Parse a LLaVA-format JSON list; malformed entries raise ValueError naming file + index."""
+    return read_llava_json(path, strict=True)[0]
+
+
+def first_of_each_id(samples: list[Sample]) -> tuple[list[Sample], list[str]]:
+    """(the first sample of each entry id in file order, the ids of the skipped repeats)."""
+    seen: set[int] = set()
+    kept, repeats = [], []
+    for s in samples:
+        key = sample_id_to_int(s.id)
+        if key in seen:
+            repeats.append(s.id)
+        else:
+            seen.add(key)
+            kept.append(s)
+    return kept, repeats
 
 
 def with_images(samples: list[Sample]) -> tuple[list[Sample], int]:
@@ -157,6 +212,7 @@ class ImageCaptionDataset(Dataset):
         self.image_processor = encoder.image_processor
         self.tokenizer = encoder.tokenizer
         self.max_text_tokens = min(max_text_tokens, encoder.max_text_tokens)
+        self.max_positions = encoder.max_text_tokens
         self.with_prompt = with_prompt
 
     def __len__(self) -> int:
@@ -178,7 +234,11 @@ class ImageCaptionDataset(Dataset):
             "attention_mask": mask,
         }
         if self.with_prompt:
-            item["prompt_ids"], item["prompt_mask"] = self._tokenize(sample.prompt)
+            # The query side's length (Embedder.tokenize_questions), so both truncate alike.
+            ids, mask = tokenize_texts(
+                self.tokenizer, [sample.prompt], min(QUERY_TEXT_TOKENS, self.max_positions)
+            )
+            item["prompt_ids"], item["prompt_mask"] = ids[0], mask[0]
         return item
 
 

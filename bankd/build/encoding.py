@@ -12,10 +12,15 @@ from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bankd.build.config import BuildConfig
+from bankd.build.config import BuildConfig, resolve_workers
 from bankd.build.data import ImageCaptionDataset, Sample, collate
 from bankd.models.embedder import Embedder
-from bankd.models.encoders import autocast_context, load_encoder, resolve_device
+from bankd.models.encoders import (
+    autocast_context,
+    default_feature_precision,
+    load_encoder,
+    resolve_device,
+)
 from bankd.models.keys import KeyConfig, KeyFunction
 from bankd.models.perceiver import FeatureBatch, PerceiverSpec, ValueCompressor, compress
 
@@ -34,7 +39,13 @@ class BuildPipeline:
         self.device = device or resolve_device(config.device)
         self.progress = config.progress if progress is None else progress
         self.encoder = load_encoder(config.encoder, seed=config.seed, device=self.device)
-        key_config = KeyConfig(temperature=config.key_temperature, text_weight=config.text_weight)
+        key_config = KeyConfig(
+            temperature=config.key_temperature,
+            text_weight=config.text_weight,
+            feature_precision=config.key_precision
+            if config.key_precision != "auto"
+            else default_feature_precision(self.device),
+        )
         key_function = KeyFunction(self.encoder.vision_dim, key_config, self.encoder.text_dim)
         self.embedder = Embedder(self.encoder, key_function)
         self.text_tokens = min(config.max_text_tokens, self.encoder.max_text_tokens)
@@ -66,7 +77,8 @@ class BuildPipeline:
     def encode(self, batch: dict) -> tuple[torch.Tensor, FeatureBatch]:
         """A loader batch -> (keys (B, D), features for the compressor), on the device."""
         q_ids, q_mask = batch.get("prompt_ids"), batch.get("prompt_mask")
-        keys, vision = self.embedder.keys_from_pixels(batch["pixel_values"], q_ids, q_mask)
+        pixels = batch["pixel_values"].to(self.device, non_blocking=True)
+        keys, vision = self.embedder.keys_from_pixels(pixels, q_ids, q_mask)
         with autocast_context(self.device):
             text = self.encoder.text_features(batch["input_ids"], batch["attention_mask"])
         mask, ids = (batch[k].to(self.device) for k in ("attention_mask", "input_ids"))
@@ -80,7 +92,14 @@ class BuildPipeline:
             subset, c.image_folder, self.encoder, self.text_tokens, uses_text
         )
         gen = None if seed is None else torch.Generator().manual_seed(seed)
-        kw = {"num_workers": c.workers, "collate_fn": collate, "generator": gen}
+        workers = resolve_workers(c.workers, self.device.type)
+        kw: dict = {"num_workers": workers, "collate_fn": collate, "generator": gen}
+        if self.device.type == "cuda":
+            # Page-locked batches copy to the GPU asynchronously (non_blocking in encode),
+            # and a deeper queue keeps decoding ahead of the towers.
+            kw["pin_memory"] = True
+            if workers > 0:
+                kw["prefetch_factor"] = 4
         return DataLoader(data, size or c.batch_size, shuffle=gen is not None, **kw)
 
     def batches(

@@ -52,11 +52,12 @@ import numpy as np
 import torch
 
 from bankd import __version__
-from bankd.build.config import BuildConfig, from_args
+from bankd.build.config import BuildConfig, from_args, resolve_workers
 from bankd.build.data import (
     Sample,
     entry_ids,
-    load_llava_json,
+    first_of_each_id,
+    read_llava_json,
     select_entries,
     split_pairs,
     with_images,
@@ -96,7 +97,8 @@ def build_environment(config: BuildConfig, processes: int = 1) -> Iterator[None]
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     cores = (os.cpu_count() or 1) // max(1, processes)
-    threads = config.threads or max(1, cores - max(1, config.workers))
+    workers = resolve_workers(config.workers, resolve_device(config.device).type, processes)
+    threads = config.threads or max(1, cores - max(1, workers))
     torch.set_num_threads(threads)
     try:
         yield
@@ -129,15 +131,33 @@ def _pass2(
             out.append(keys, values)
 
 
-def _load_entries(config: BuildConfig) -> tuple[list[Sample], int]:
-    """(the pairs the bank holds, how many samples had no image)."""
-    all_samples = load_llava_json(config.data)
+def _load_entries(config: BuildConfig) -> tuple[list[Sample], dict[str, int]]:
+    """(the pairs the bank holds, {report key: samples skipped for that reason})."""
+    all_samples, reasons = read_llava_json(config.data, strict=config.strict)
+    if reasons:
+        log.warning(
+            "skipping %d malformed samples (--strict to stop instead); first reasons:\n  %s",
+            len(reasons),
+            "\n  ".join(reasons[:5]),
+        )
     samples, n_no_image = with_images(all_samples)
     if n_no_image:
         log.warning("skipping %d of %d samples without an image", n_no_image, len(all_samples))
+    samples, repeats = first_of_each_id(samples)  # the rule: bankd.build.data's docstring
+    if repeats:
+        log.warning(
+            "skipping %d samples whose id an earlier sample has (first: %s)",
+            len(repeats),
+            repeats[:5],
+        )
     if not samples:
         raise ValueError(f"{config.data}: no sample has an image")
-    return select_entries(samples, config.entries, config.seed), n_no_image
+    skipped = {
+        "skipped_without_image": n_no_image,
+        "skipped_malformed": len(reasons),
+        "skipped_duplicate_ids": len(repeats),
+    }
+    return select_entries(samples, config.entries, config.seed), skipped
 
 
 def _rank_facts(config: BuildConfig, identity: dict, pipe: BuildPipeline, ids: np.ndarray) -> dict:
@@ -173,8 +193,8 @@ def build_bank(
     env = env or DistEnv(device=resolve_device(config.device))
     t_start = time.perf_counter()
     log.info("bankd build config: %s", json.dumps(config.to_dict(), sort_keys=True))
-    samples, n_no_image = _load_entries(config)
-    ids, n = entry_ids(samples), len(samples)  # duplicate ids raise before any work
+    samples, skipped = _load_entries(config)
+    ids, n = entry_ids(samples), len(samples)
     bounds = pass2_bounds(n, env.world_size, config.batch_size, shards=config.keep_shards)
     rows = bounds[env.rank], bounds[env.rank + 1]
 
@@ -210,7 +230,7 @@ def build_bank(
         stage = env.broadcast(stage)  # the other ranks wait here while rank 0 trains
         if not env.is_main:
             compressor = pipe.load_trained(stage["weights"])
-        built = _Built(pipe, compressor, stage, ids, n_no_image, t_start, env.world_size)
+        built = _Built(pipe, compressor, stage, ids, skipped, t_start, env.world_size)
 
         t = time.perf_counter()
         part = work
@@ -253,7 +273,7 @@ class _Built:
         compressor: ValueCompressor,
         stage: dict,
         ids: np.ndarray,
-        n_no_image: int,
+        skipped: dict[str, int],
         t_start: float,
         world_size: int,
     ) -> None:
@@ -261,7 +281,7 @@ class _Built:
         record = stage["record"]
         self.record = {k: v for k, v in record.items() if k != "timings"}  # state keeps its own
         self.timings = dict(record["timings"])
-        self.n_no_image, self.t_start, self.world_size = n_no_image, t_start, world_size
+        self.skipped, self.t_start, self.world_size = skipped, t_start, world_size
         self.key_dim = pipe.embedder.key_function.dim
         self.value_shape = (compressor.spec.num_latents, compressor.spec.d_latents)
 
@@ -306,7 +326,7 @@ class _Built:
             self.timings["total_s"] = time.perf_counter() - self.t_start
             report = {
                 "entries": n,
-                "skipped_without_image": self.n_no_image,
+                **self.skipped,
                 "perceiver": self.record,
                 "informativeness": self.info,
                 "timings": {k: round(v, 2) for k, v in self.timings.items()},

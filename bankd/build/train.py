@@ -19,7 +19,6 @@ import torch
 
 from bankd.build.encoding import BuildPipeline
 from bankd.build.workdir import BuildWorkDir
-from bankd.models.encoders import autocast_context
 from bankd.models.perceiver import (
     CachedFeatures,
     FeatureBatch,
@@ -118,8 +117,9 @@ def _train(pipe: BuildPipeline, train_rows: np.ndarray, eval_rows: np.ndarray) -
         pooled.append(kf.pool(feats.vision).cpu())
         if kf.uses_text:
             q_mask = batch["prompt_mask"].to(pipe.device)
-            with autocast_context(pipe.device):
-                q = enc.text_features(batch["prompt_ids"], q_mask)
+            q = enc.text_features(
+                batch["prompt_ids"], q_mask, precision=pipe.embedder.feature_precision
+            )
             text_pooled.append(kf.pool_text(q, q_mask).cpu())
         if use_cache:
             parts.append(FeatureBatch(*(x.cpu() for x in feats)))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .encoders import DualEncoder, autocast_context, load_encoder
+from .encoders import DualEncoder, load_encoder
 from .keys import KeyFunction
 
 if TYPE_CHECKING:
@@ -83,6 +83,11 @@ class Embedder:
     def uses_text(self) -> bool:
         return self.key_function.uses_text
 
+    @property
+    def feature_precision(self) -> str:
+        """The precision the towers run in for keys (recorded in the key config)."""
+        return self.key_function.config.feature_precision
+
     def tokenize_questions(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Question texts -> (ids, mask) (B, T) for the key's text component."""
         return self.encoder.tokenize(texts, QUERY_TEXT_TOKENS)
@@ -99,8 +104,9 @@ class Embedder:
         if self.uses_text:
             if question_ids is None or question_mask is None:
                 raise ValueError("this bank's keys have a text component: pass question texts")
-            with autocast_context(self.device):
-                text_feats = self.encoder.text_features(question_ids, question_mask)
+            text_feats = self.encoder.text_features(
+                question_ids, question_mask, precision=self.feature_precision
+            )
             question_mask = question_mask.to(self.device)
         return self.key_function(features, text_feats, question_mask)
 
@@ -115,8 +121,9 @@ class Embedder:
 
         The features come back so the builder can feed the same pass to the compressor.
         """
-        with autocast_context(self.device):
-            features = self.encoder.image_features(pixel_values.to(self.device))
+        features = self.encoder.image_features(
+            pixel_values.to(self.device), precision=self.feature_precision
+        )
         return self.keys_from_features(features, question_ids, question_mask), features
 
     def embed(self, images: list[Image.Image], texts: list[str] | None = None) -> np.ndarray:

@@ -7,7 +7,13 @@
   same weights (and fingerprint) on every machine.
 * a local directory written by ``DualEncoder.save_pretrained`` (or any saved SigLIP/CLIP
   dual encoder: model + tokenizer + image processor);
-* a Hugging Face hub id of a SigLIP or CLIP dual encoder (``google/siglip-base-patch16-224``).
+* a Hugging Face hub id of a SigLIP or CLIP dual encoder (``google/siglip-base-patch16-224``);
+* a vision-only checkpoint: a ``SiglipVisionModel`` or ``CLIPVisionModel`` saved with
+  ``save_pretrained`` next to its image processor (what LLaVA-style VLMs ship as their
+  vision tower). It serves as a VLM's vision tower and gives the same features and
+  fingerprint as the dual encoder it was cut from, so it queries that encoder's banks;
+  it has no text tower, so it cannot build a bank or query text-keyed keys
+  (``has_text`` is False and the text properties say so).
 
 Patch features are ``hidden_states[feature_layer]`` of the vision tower (the
 second-to-last layer by default, as LLaVA-style VLMs use), without CLIP's class token.
@@ -39,6 +45,10 @@ TINY_TEXT_POSITIONS = 128
 _SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
 
+_DUAL = (transformers.SiglipModel, transformers.CLIPModel)
+_VISION_ONLY = (transformers.SiglipVisionModel, transformers.CLIPVisionModel)
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Which encoder, its construction seed (``tiny`` only) and the patch-feature layer."""
@@ -60,6 +70,35 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# The precisions a frozen tower may compute key features in (recorded in the key config).
+FEATURE_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_feature_precision(device: torch.device) -> str:
+    """What a bank built on ``device`` computes its key features in: bf16 on CUDA, else fp32."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+@contextlib.contextmanager
+def precision_context(device: torch.device, precision: str):
+    """Run a tower in exactly ``precision``, whatever autocast the caller has open.
+
+    The caller's autocast (a trainer's ``--precision``) is switched off first, so the
+    features that keys come from are computed the same way by the builder and by every
+    trainer, whatever precision those train in.
+    """
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(
+            f"unknown feature precision {precision!r} (choose from {sorted(FEATURE_PRECISIONS)})"
+        )
+    with torch.autocast(device.type, enabled=False):
+        if precision == "fp32":
+            yield
+        else:
+            with torch.autocast(device.type, dtype=FEATURE_PRECISIONS[precision]):
+                yield
 
 
 def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -158,15 +197,19 @@ class DualEncoder(nn.Module):
         self, model: nn.Module, tokenizer, image_processor, model_id: str, feature_layer: int = -2
     ) -> None:
         super().__init__()
-        if not isinstance(model, (transformers.SiglipModel, transformers.CLIPModel)):
-            raise ValueError(f"{model_id!r} is a {type(model).__name__}, not SigLIP or CLIP")
+        if not isinstance(model, _DUAL + _VISION_ONLY):
+            raise ValueError(
+                f"{model_id!r} is a {type(model).__name__}, not a SigLIP or CLIP model or "
+                "vision model"
+            )
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.model_id = model_id
         self.feature_layer = feature_layer
         # CLIP prepends a class token to the patch sequence; LLaVA drops it ("patch" features).
-        self._skip_tokens = 1 if isinstance(model, transformers.CLIPModel) else 0
+        clip = (transformers.CLIPModel, transformers.CLIPVisionModel)
+        self._skip_tokens = 1 if isinstance(model, clip) else 0
         self._fingerprints: dict[str, EncoderFingerprint] = {}
 
     def train(self, mode: bool = True) -> DualEncoder:
@@ -174,11 +217,28 @@ class DualEncoder(nn.Module):
 
     @property
     def vision_model(self) -> nn.Module:
-        return self.model.vision_model
+        return self.model.vision_model if self.has_text else self.model
 
     @property
-    def text_model(self) -> nn.Module:
-        return self.model.text_model
+    def has_text(self) -> bool:
+        """False for a vision-only checkpoint."""
+        return isinstance(self.model, _DUAL)
+
+    @property
+    def text_model(self) -> nn.Module | None:
+        return self.model.text_model if self.has_text else None
+
+    @property
+    def _vision_config(self):
+        return self.model.config if not self.has_text else self.model.config.vision_config
+
+    def _text_config(self):
+        if not self.has_text:
+            raise ValueError(
+                f"{self.model_id!r} is a vision-only checkpoint: it has no text tower (a bank "
+                "build and text-keyed queries need the dual encoder)"
+            )
+        return self.model.config.text_config
 
     @property
     def device(self) -> torch.device:
@@ -186,24 +246,24 @@ class DualEncoder(nn.Module):
 
     @property
     def vision_dim(self) -> int:
-        return self.model.config.vision_config.hidden_size
+        return self._vision_config.hidden_size
 
     @property
     def text_dim(self) -> int:
-        return self.model.config.text_config.hidden_size
+        return self._text_config().hidden_size
 
     @property
     def num_patches(self) -> int:
-        vc = self.model.config.vision_config
+        vc = self._vision_config
         return (vc.image_size // vc.patch_size) ** 2
 
     @property
     def vocab_size(self) -> int:
-        return self.model.config.text_config.vocab_size
+        return self._text_config().vocab_size
 
     @property
     def max_text_tokens(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
+        return self._text_config().max_position_embeddings
 
     @property
     def pad_token_id(self) -> int:
@@ -219,19 +279,40 @@ class DualEncoder(nn.Module):
         return tokenize_texts(self.tokenizer, texts, min(max_length, self.max_text_tokens))
 
     @torch.no_grad()
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features (B, P, Dv) from ``hidden_states[feature_layer]``."""
-        out = self.vision_model(
-            pixel_values=pixel_values.to(self.device), output_hidden_states=True
+    def image_features(
+        self, pixel_values: torch.Tensor, precision: str | None = None
+    ) -> torch.Tensor:
+        """Patch features (B, P, Dv) from ``hidden_states[feature_layer]``.
+
+        ``precision`` (fp32, bf16, fp16): computed in exactly that, ignoring the caller's
+        autocast; None: under whatever autocast the caller has open."""
+        ctx = (
+            contextlib.nullcontext()
+            if precision is None
+            else precision_context(self.device, precision)
         )
+        with ctx:
+            out = self.vision_model(
+                pixel_values=pixel_values.to(self.device), output_hidden_states=True
+            )
         return out.hidden_states[self.feature_layer][:, self._skip_tokens :]
 
     @torch.no_grad()
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token features (B, T, Dt): the text tower's last hidden state."""
-        out = self.text_model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+    def text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, precision: str | None = None
+    ) -> torch.Tensor:
+        """Token features (B, T, Dt): the text tower's last hidden state (``precision`` as
+        in ``image_features``)."""
+        self._text_config()  # a vision-only checkpoint says so
+        ctx = (
+            contextlib.nullcontext()
+            if precision is None
+            else precision_context(self.device, precision)
         )
+        with ctx:
+            out = self.text_model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            )
         return out.last_hidden_state
 
     def vision_fingerprint(self) -> EncoderFingerprint:
@@ -245,6 +326,7 @@ class DualEncoder(nn.Module):
     def text_fingerprint(self) -> EncoderFingerprint:
         from bankd_client.identity import fingerprint_encoder
 
+        self._text_config()
         if "text" not in self._fingerprints:
             self._fingerprints["text"] = fingerprint_encoder(self.text_model, self.model_id)
         return self._fingerprints["text"]
@@ -254,7 +336,8 @@ class DualEncoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
         return directory
 
@@ -273,8 +356,11 @@ def _build_tiny(seed: int) -> DualEncoder:
 def _load_pretrained(name: str) -> DualEncoder:
     try:
         model = transformers.AutoModel.from_pretrained(name, dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        kind = "clip" if isinstance(model, transformers.CLIPModel) else "siglip"
+        # A vision-only checkpoint has no tokenizer; a dual encoder must have one.
+        vision_only = isinstance(model, _VISION_ONLY)
+        tokenizer = None if vision_only else transformers.AutoTokenizer.from_pretrained(name)
+        clip = (transformers.CLIPModel, transformers.CLIPVisionModel)
+        kind = "clip" if isinstance(model, clip) else "siglip"
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(name, backend="pil")
         except TypeError:  # transformers < 5 has no backend argument
@@ -299,7 +385,7 @@ def load_encoder(
     else:
         encoder = _load_pretrained(name)
     encoder.feature_layer = feature_layer
-    depth = encoder.model.config.vision_config.num_hidden_layers
+    depth = encoder._vision_config.num_hidden_layers
     if not -(depth + 1) <= feature_layer <= depth:
         raise ValueError(f"feature_layer {feature_layer} is outside the {depth}-layer vision tower")
     return encoder.to(resolve_device(device))

@@ -24,6 +24,14 @@ text (the human turn), never the caption or answer, both when building and at qu
 
 ``KeyConfig.feature_layer`` records which hidden state the features must come from
 (the second-to-last by default); the caller selects that layer.
+
+``KeyConfig.feature_precision`` records the precision the frozen towers computed the
+bank's key features in (fp32, or bf16 on a GPU build). Pooling and centering always run
+in fp32; the towers' precision is what differs between a bf16 and an fp32 forward, so
+every query side (trainer, eval, generate, the Embed rpc) runs its towers in the
+recorded precision, whatever precision it trains in. Query keys then equal the stored
+keys up to the kernels' float noise. A config written before this field existed reads
+as fp32.
 """
 
 from __future__ import annotations
@@ -46,8 +54,13 @@ class KeyConfig:
     feature_layer: int = -2
     temperature: float = 1.0
     text_weight: float = 0.0
+    feature_precision: str = "fp32"  # what the towers computed key features in
 
     def __post_init__(self) -> None:
+        if self.feature_precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(
+                f"feature_precision must be fp32, bf16 or fp16, got {self.feature_precision!r}"
+            )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.text_weight <= 1.0:
@@ -156,6 +169,7 @@ class KeyFunction(nn.Module):
                 f"unknown key function {config.get('name')!r}, expected {KEY_FUNCTION_NAME!r}"
             )
         fields = {k: config[k] for k in ("feature_layer", "temperature", "text_weight")}
+        fields["feature_precision"] = config.get("feature_precision", "fp32")
         dim = int(config["dim"])
         kf = cls(dim, KeyConfig(**fields), text_dim=dim)
         state = load_safetensors(weights)

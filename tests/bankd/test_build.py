@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bankd.build.config import BuildConfig, add_arguments
-from bankd.build.data import ImageCaptionDataset, load_llava_json
+from bankd.build.data import ImageCaptionDataset, entry_ids, first_of_each_id, load_llava_json
 from bankd.build.demo_data import DemoDataConfig, generate
 from bankd.build.pipeline import build_bank, run, select_entries
 from bankd.models.embedder import Embedder
@@ -140,10 +140,11 @@ def _write(path: Path, entries: list) -> Path:
 
 def test_duplicate_ids_and_bad_data(demo, tmp_path):
     raw = json.loads((demo / "data.json").read_text())[:10]
-    dup = _write(tmp_path / "dup.json", raw + [raw[0]])
+    samples = load_llava_json(_write(tmp_path / "dup.json", raw + [dict(raw[0], image="x.png")]))
+    kept, repeats = first_of_each_id(samples)  # the documented rule: the first one stays
+    assert kept == samples[:10] and repeats == [raw[0]["id"]]
     with pytest.raises(ValueError, match="duplicate"):
-        build_bank(_config(demo, tmp_path / "b.faiss", data=dup))
-    assert not (tmp_path / "b.faiss").exists()
+        entry_ids(samples)
     bad = _write(tmp_path / "bad.json", raw[:3] + [{"id": "x", "conversations": "nope"}])
     with pytest.raises(ValueError, match=r"bad\.json entry 3"):
         load_llava_json(bad)

@@ -149,7 +149,9 @@ def test_malformed_entries_name_file_and_index(entry, tokenizer, preprocess, tmp
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([TEXT_ONLY, entry]))
     with pytest.raises(ValueError, match=r"bad\.json sample 1"):
-        VLMDataset(path, tmp_path, tokenizer, get_template("vicuna"), preprocess)
+        VLMDataset(path, tmp_path, tokenizer, get_template("vicuna"), preprocess, strict=True)
+    ds = VLMDataset(path, tmp_path, tokenizer, get_template("vicuna"), preprocess)
+    assert (len(ds), ds.skipped) == (1, 1) and "bad.json sample 1" in ds.skip_reasons[0]
 
 
 def test_not_a_list_raises(tokenizer, preprocess, tmp_path) -> None:

@@ -151,7 +151,11 @@ def test_retrieval_is_prefetched_one_batch_ahead(demo: Any) -> None:
     submitted: list[list[int]] = []
 
     class CountingRetriever:
-        def submit(self, features: torch.Tensor, sample_ids: torch.Tensor) -> Future:
+        feature_precision = "fp32"
+
+        def submit(
+            self, features: torch.Tensor, sample_ids: torch.Tensor, texts: list[str] | None = None
+        ) -> Future:
             submitted.append(sample_ids.tolist())
             n = len(sample_ids)
             done: Future = Future()
