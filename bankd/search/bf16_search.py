@@ -252,9 +252,4 @@ class Bf16Search:
         return out
 
 
-def describe_bound(d: int) -> str:
-    """The margin's relative part for logs, e.g. "1.18% of |q| max|k| at d=768"."""
-    return f"{100 * error_coefficient(d):.3g}% of |q| max|k| at d={d}"
-
-
 __all__ = ["Bf16Search", "available", "error_coefficient"]
