@@ -223,6 +223,9 @@ class Searcher:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             faiss.omp_set_num_threads(threads)
         self.threads = faiss.omp_get_max_threads()
+        # OpenMP's thread count is per calling thread: the searching threads (handlers,
+        # the merge thread) set it again before each FAISS search (_faiss_search).
+        self._set_threads = threads is not None
         self.ids = ids
         self.n, self.d = index.ntotal, index.d
         self.is_flat = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
@@ -274,7 +277,7 @@ class Searcher:
         self.max_k = min(MAX_K_GPU if self.device != "cpu" else MAX_K_CPU, self.n)
 
     def _flat_engines(self) -> dict[str, Any]:
-        engines = {"faiss": lambda q, k: self._index.search(np.ascontiguousarray(q, "f4"), k)}
+        engines = {"faiss": self._faiss_search}
         if self.kernel is not None:
             engines["kernel"] = self.kernel.search
         if self.kernel512 is not None:
@@ -332,6 +335,14 @@ class Searcher:
         if self.kernel is not None and fetch <= flat_kernel.MAX_K:
             return self.kernel.search(queries, fetch)
         sp = search_parameters(self._index, params) if params else None
+        return self._faiss_search(queries, fetch, sp)
+
+    def _faiss_search(
+        self, queries: np.ndarray, fetch: int, sp: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's search on this thread, with the threads this searcher was given."""
+        if self._set_threads:
+            faiss.omp_set_num_threads(self.threads)
         return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch, params=sp)
 
     def select(

@@ -3,6 +3,7 @@ bankd's flat kernel's), and answer as with the default."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,27 @@ def test_faiss_search_on_the_set_threads(
     srv = server_factory(bank.path, threads=2, flat_search="faiss")
     engine = srv.servicer.service.searcher.engine()
     assert engine == "cpu, FAISS IndexFlatIP on 2 threads"
+
+
+def test_faiss_threads_hold_in_the_thread_that_searches(
+    bank: Any, server_factory: Any, keep_omp_threads: None
+) -> None:
+    """OpenMP's thread count is per calling thread: a search from another thread (as the
+    server's handlers and merge thread are) runs FAISS on the threads asked for too."""
+    faiss.omp_set_num_threads(2)
+    srv = server_factory(bank.path, threads=1, flat_search="faiss")
+    searcher = srv.servicer.service.searcher
+    faiss.omp_set_num_threads(2)  # this thread's count, not the searcher's
+    seen: list[int] = []
+
+    def search() -> None:
+        searcher.raw_search(bank.queries(4, seed=13), 5)
+        seen.append(faiss.omp_get_max_threads())
+
+    worker = threading.Thread(target=search)
+    worker.start()
+    worker.join()
+    assert seen == [1]
 
 
 def test_bankd_serve_threads_flag(bank: Any, serve: Any, helpers: Any) -> None:
